@@ -1,0 +1,51 @@
+"""Shared filesystem helpers for perturbscope's Kedro datasets.
+
+Writes are atomic: the payload goes to a temporary file beside the target and is
+moved into place only once complete, so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+from kedro.io.core import get_protocol_and_path
+
+
+def filesystem(filepath: str, credentials: dict[str, Any] | None, fs_args: dict[str, Any] | None):
+    """Return ``(protocol, path, fs)`` for an fsspec path."""
+    protocol, path = get_protocol_and_path(filepath)
+    if protocol == "file":
+        fs_args = {"auto_mkdir": True, **(fs_args or {})}
+    fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
+    return protocol, PurePosixPath(path), fs
+
+
+def write_via_local_file(
+    protocol: str, fs, target: str, suffix: str, write: Callable[[str], None]
+) -> None:
+    """Call ``write(local_path)`` and move the finished file to ``target``.
+
+    Local targets get a temporary file in the same folder and an atomic
+    ``os.replace``; remote targets are written locally and uploaded with ``fs.put``.
+    """
+    if protocol == "file":
+        folder = os.path.dirname(target) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".tmp-", dir=folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with tempfile.TemporaryDirectory() as tmpdir:
+        local = str(Path(tmpdir) / f"payload{suffix}")
+        write(local)
+        fs.put(local, target)

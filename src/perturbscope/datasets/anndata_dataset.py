@@ -1,0 +1,136 @@
+"""A versioned Kedro dataset for AnnData ``.h5ad`` files."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+import anndata as ad
+import pandas as pd
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
+from kedro_datasets._typing import TablePreview
+
+from perturbscope.datasets._io import filesystem, write_via_local_file
+
+
+class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
+    """Load and save an :class:`anndata.AnnData` as ``.h5ad`` on any fsspec filesystem.
+
+    Example catalog entry::
+
+        processed_screen:
+          type: perturbscope.datasets.AnnDataDataset
+          filepath: data/03_primary/${globals:screen}/processed_screen.h5ad
+          versioned: true
+          metadata:
+            kedro-viz:
+              layer: primary
+              preview_args: {nrows: 10}
+
+    Parameters
+    ----------
+    filepath
+        Path or fsspec URL of the ``.h5ad`` file.
+    load_args
+        Passed to :func:`anndata.read_h5ad` (for example ``backed: r``).
+    save_args
+        Passed to :meth:`anndata.AnnData.write_h5ad` (default ``compression: gzip``).
+    version, credentials, fs_args, metadata
+        As for every Kedro versioned dataset.
+    """
+
+    DEFAULT_SAVE_ARGS: dict[str, Any] = {"compression": "gzip"}
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        load_args: dict[str, Any] | None = None,
+        save_args: dict[str, Any] | None = None,
+        version: Version | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        protocol, path, fs = filesystem(filepath, credentials, fs_args)
+        self._protocol = protocol
+        self._fs = fs
+        self._load_args = dict(load_args or {})
+        self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
+        self.metadata = metadata
+        super().__init__(
+            filepath=path,
+            version=version,
+            exists_function=fs.exists,
+            glob_function=fs.glob,
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "filepath": self._filepath,
+            "protocol": self._protocol,
+            "version": self._version,
+            "load_args": self._load_args,
+            "save_args": self._save_args,
+        }
+
+    def load(self) -> ad.AnnData:
+        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        if not self._fs.exists(load_path):
+            raise DatasetError(
+                f"No screen file at '{load_path}'. Put the .h5ad there, or run another "
+                "screen with `kedro run --params screen=<name>` (reads data/01_raw/<name>.h5ad)."
+            )
+        try:
+            if self._protocol == "file" or self._load_args.get("backed"):
+                return ad.read_h5ad(load_path, **self._load_args)
+            with self._fs.open(load_path, mode="rb") as handle:
+                return ad.read_h5ad(handle, **self._load_args)
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise DatasetError(
+                f"'{load_path}' is not a readable .h5ad file ({type(err).__name__}: {err}). "
+                "Check that the file was copied completely and was written by anndata "
+                "(`adata.write_h5ad(path)`)."
+            ) from err
+
+    def save(self, data: ad.AnnData) -> None:
+        if not isinstance(data, ad.AnnData):
+            raise DatasetError(
+                f"AnnDataDataset can only save an AnnData object, got {type(data).__name__}."
+            )
+        save_path = get_filepath_str(self._get_save_path(), self._protocol)
+        write_via_local_file(
+            self._protocol,
+            self._fs,
+            save_path,
+            ".h5ad",
+            lambda local: data.write_h5ad(local, **self._save_args),
+        )
+        self._invalidate_cache()
+
+    def _exists(self) -> bool:
+        try:
+            load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._fs.exists(load_path)
+
+    def _release(self) -> None:
+        super()._release()
+        self._invalidate_cache()
+
+    def _invalidate_cache(self) -> None:
+        filepath = get_filepath_str(self._filepath, self._protocol)
+        self._fs.invalidate_cache(filepath)
+
+    def preview(self, nrows: int = 10) -> TablePreview:
+        """The first ``nrows`` rows of ``obs`` (for kedro-viz), read without loading ``X``."""
+        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        if self._protocol == "file":
+            adata = ad.read_h5ad(load_path, backed="r")
+            obs = adata.obs.head(nrows).copy()
+            adata.file.close()
+        else:
+            obs = self.load().obs.head(nrows)
+        frame = pd.DataFrame(obs).reset_index(names="cell")
+        return TablePreview(deepcopy(frame.astype(str).to_dict(orient="split")))

@@ -1,0 +1,1 @@
+"""perturbscope pipelines: one sub-package each, discovered by ``find_pipelines``."""

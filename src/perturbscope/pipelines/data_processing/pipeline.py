@@ -1,0 +1,62 @@
+"""The data_processing pipeline: raw screen → processed screen + summary tables."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from perturbscope.pipelines.data_processing import nodes
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                nodes.validate_screen,
+                inputs=["raw_screen", "params:schema", "params:screen"],
+                outputs="validated_screen",
+                name="validate_screen",
+            ),
+            Node(
+                nodes.count_cells_per_perturbation,
+                inputs="validated_screen",
+                outputs="cells_per_perturbation_raw",
+                name="count_cells_per_perturbation",
+            ),
+            Node(
+                nodes.quality_control,
+                inputs=["validated_screen", "params:data_processing.qc"],
+                outputs=["qc_screen", "qc_steps"],
+                name="quality_control",
+            ),
+            Node(
+                nodes.normalise,
+                inputs=["qc_screen", "params:data_processing.normalisation"],
+                outputs="normalised_screen",
+                name="normalise",
+            ),
+            Node(
+                nodes.score_cell_cycle,
+                inputs=["normalised_screen", "params:data_processing.cell_cycle"],
+                outputs="phased_screen",
+                name="score_cell_cycle",
+            ),
+            Node(
+                nodes.select_highly_variable_genes,
+                inputs=["phased_screen", "params:data_processing.hvg", "params:schema.batch_key"],
+                outputs="hvg_screen",
+                name="select_highly_variable_genes",
+            ),
+            Node(
+                nodes.label_cells,
+                inputs=["hvg_screen", "params:schema", "params:data_processing.split"],
+                outputs="processed_screen",
+                name="label_cells",
+            ),
+            Node(
+                nodes.summarise_screen,
+                inputs=["cells_per_perturbation_raw", "processed_screen", "qc_steps"],
+                outputs=["screen_summary", "qc_summary"],
+                name="summarise_screen",
+            ),
+        ]
+    )

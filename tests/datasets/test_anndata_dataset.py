@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from kedro.io import DataCatalog
+from kedro.io.core import DatasetError, Version
+
+from perturbscope.datasets import AnnDataDataset
+
+
+def _adata(seed: int = 0, n_obs: int = 20) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(rng.poisson(1.0, size=(n_obs, 8)).astype(np.float32)),
+        obs=pd.DataFrame(
+            {"perturbation": rng.choice(["control", "A", "A+B"], n_obs)},
+            index=[f"cell{i}" for i in range(n_obs)],
+        ),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(8)]),
+    )
+    adata.obsm["X_test"] = rng.normal(size=(n_obs, 2))
+    adata.uns["note"] = {"seed": seed}
+    return adata
+
+
+def test_round_trip_keeps_matrix_obs_obsm_uns(tmp_path: Path) -> None:
+    data = _adata()
+    dataset = AnnDataDataset(filepath=str(tmp_path / "screen.h5ad"))
+    dataset.save(data)
+    loaded = dataset.load()
+    assert (loaded.X != data.X).nnz == 0
+    pd.testing.assert_frame_equal(loaded.obs, data.obs)
+    np.testing.assert_array_equal(loaded.obsm["X_test"], data.obsm["X_test"])
+    assert loaded.uns["note"]["seed"] == 0
+    assert dataset.exists()
+
+
+def test_versioned_saves_are_kept_and_loadable(tmp_path: Path) -> None:
+    path = str(tmp_path / "screen.h5ad")
+    AnnDataDataset(filepath=path, version=Version(None, "v1")).save(_adata(seed=1))
+    AnnDataDataset(filepath=path, version=Version(None, "v2")).save(_adata(seed=2, n_obs=30))
+    assert sorted(p.name for p in Path(path).iterdir()) == ["v1", "v2"]
+    assert AnnDataDataset(filepath=path, version=Version("v1", None)).load().n_obs == 20
+    latest = AnnDataDataset(filepath=path, version=Version(None, None)).load()
+    assert latest.n_obs == 30
+
+
+def test_catalog_versioned_entry(tmp_path: Path) -> None:
+    catalog = DataCatalog.from_config(
+        {
+            "screen": {
+                "type": "perturbscope.datasets.AnnDataDataset",
+                "filepath": str(tmp_path / "s.h5ad"),
+                "versioned": True,
+            }
+        }
+    )
+    catalog.save("screen", _adata())
+    assert catalog.load("screen").n_obs == 20
+
+
+def test_failed_save_leaves_no_file(tmp_path: Path) -> None:
+    data = _adata()
+    data.uns["bad"] = object()  # h5py cannot write this
+    dataset = AnnDataDataset(filepath=str(tmp_path / "screen.h5ad"))
+    with pytest.raises(Exception):
+        dataset.save(data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "half_copied.h5ad"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(DatasetError, match="not a readable .h5ad"):
+        AnnDataDataset(filepath=str(path)).load()
+
+
+def test_missing_file_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="--params screen="):
+        AnnDataDataset(filepath=str(tmp_path / "nope.h5ad")).load()
+
+
+def test_preview_is_obs_head(tmp_path: Path) -> None:
+    dataset = AnnDataDataset(filepath=str(tmp_path / "screen.h5ad"))
+    dataset.save(_adata())
+    preview = dataset.preview(nrows=5)
+    assert preview["columns"] == ["cell", "perturbation"]
+    assert len(preview["data"]) == 5
+    assert preview["data"][0][0] == "cell0"

@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from perturbscope.pipelines.data_processing import nodes
+from perturbscope.schema import ScreenSchema, ScreenValidationError, parse_perturbation
+
+SCHEMA = {"perturbation_key": "guide", "control_labels": ["non-targeting", "ctrl"]}
+QC = {"min_genes_per_cell": 1, "min_cells_per_gene": 1, "max_mito_fraction": 0.2, "mito_prefix": "MT-"}
+
+
+def _screen(n_obs: int = 60, n_vars: int = 30, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    counts = rng.negative_binomial(2, 0.3, size=(n_obs, n_vars)).astype(np.float32)
+    guides = np.array(["non-targeting", "KLF1", "KLF1+CEBPA", "CEBPA+ctrl"])[np.arange(n_obs) % 4]
+    return ad.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame({"guide": guides, "lane": "L1"}, index=[f"c{i}" for i in range(n_obs)]),
+        var=pd.DataFrame(index=[f"G{j}" for j in range(n_vars)]),
+    )
+
+
+def _assert_same(a: ad.AnnData, b: ad.AnnData) -> None:
+    assert a.shape == b.shape
+    assert (sp.csr_matrix(a.X) != sp.csr_matrix(b.X)).nnz == 0
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    assert set(a.layers) == set(b.layers)
+
+
+# ------------------------------------------------------------------ bad input
+def test_missing_perturbation_column_lists_columns() -> None:
+    with pytest.raises(ScreenValidationError, match=r"no obs column 'gene'.*\['guide', 'lane'\]"):
+        nodes.validate_screen(_screen(), {**SCHEMA, "perturbation_key": "gene"}, "s")
+
+
+def test_no_control_cells_lists_labels_present() -> None:
+    with pytest.raises(ScreenValidationError, match=r"No cell matches.*'KLF1' \(15\)"):
+        nodes.validate_screen(_screen(), {**SCHEMA, "control_labels": ["NTC"]}, "s")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1.0, "negative"), (0.5, "non-integer"), (np.nan, "NaN"), (np.inf, "infinite")],
+)
+def test_bad_counts(value: float, message: str) -> None:
+    screen = _screen()
+    dense = screen.X.toarray()
+    dense[3, 4] = value
+    screen.X = sp.csr_matrix(dense)
+    with pytest.raises(ScreenValidationError, match=message):
+        nodes.validate_screen(screen, SCHEMA, "s")
+
+
+def test_bad_counts_in_dense_layer() -> None:
+    screen = _screen()
+    screen.layers["raw"] = screen.X.toarray() + 0.25
+    with pytest.raises(ScreenValidationError, match=r"layers\['raw'\].*non-integer"):
+        nodes.validate_screen(screen, {**SCHEMA, "counts_layer": "raw"}, "s")
+
+
+def test_missing_counts_layer_lists_layers() -> None:
+    with pytest.raises(ScreenValidationError, match=r"counts_layer is 'raw'.*\[\]"):
+        nodes.validate_screen(_screen(), {**SCHEMA, "counts_layer": "raw"}, "s")
+
+
+@pytest.mark.parametrize("axis", ["obs", "var"])
+def test_duplicate_names(axis: str) -> None:
+    screen = _screen()
+    names = list(getattr(screen, f"{axis}_names"))
+    names[1] = names[0]
+    setattr(screen, f"{axis}_names", names)
+    what = "cell" if axis == "obs" else "gene"
+    with pytest.raises(ScreenValidationError, match=rf"1 duplicate {what} name\(s\), e.g. {names[0]}"):
+        nodes.validate_screen(screen, SCHEMA, "s")
+
+
+def test_missing_labels_are_reported() -> None:
+    screen = _screen()
+    screen.obs.loc["c5", "guide"] = None
+    with pytest.raises(ScreenValidationError, match=r"1 cell\(s\) have no label.*c5"):
+        nodes.validate_screen(screen, SCHEMA, "s")
+
+
+def test_unknown_optional_column() -> None:
+    with pytest.raises(ScreenValidationError, match=r"schema.batch_key is 'batch'"):
+        nodes.validate_screen(_screen(), {**SCHEMA, "batch_key": "batch"}, "s")
+
+
+def test_empty_after_qc_names_thresholds() -> None:
+    validated = nodes.validate_screen(_screen(), SCHEMA, "s")
+    with pytest.raises(ScreenValidationError, match=r"empty after QC.*min_genes_per_cell=1000"):
+        nodes.quality_control(validated, {**QC, "min_genes_per_cell": 1000})
+
+
+# ------------------------------------------------------------------ behaviour
+def test_validate_standardises_labels_and_counts() -> None:
+    screen = _screen()
+    screen.X = screen.X.toarray()  # dense input becomes CSR
+    out = nodes.validate_screen(screen, SCHEMA, "s")
+    assert sp.isspmatrix_csr(out.X) and out.X.dtype == np.float32
+    assert set(out.obs["perturbation"]) == {"control", "KLF1", "KLF1+CEBPA", "CEBPA+ctrl"}
+    assert out.uns["perturbscope"]["screen"] == "s"
+
+
+def test_qc_removes_mito_heavy_cells_and_records_steps() -> None:
+    screen = _screen()
+    screen.var_names = ["MT-CO1"] + list(screen.var_names[1:])
+    dense = screen.X.toarray()
+    dense[:5, 0] = 10_000  # five cells almost entirely mitochondrial
+    screen.X = sp.csr_matrix(dense)
+    validated = nodes.validate_screen(screen, SCHEMA, "s")
+    out, table = nodes.quality_control(validated, QC)
+    assert out.n_obs == screen.n_obs - 5
+    mito_row = table[table["step"].str.startswith("max_mito_fraction")].iloc[0]
+    assert mito_row["cells_removed"] == 5
+    assert table["cells_left"].iloc[-1] == out.n_obs
+
+
+def test_normalise_keeps_counts_layer() -> None:
+    validated = nodes.validate_screen(_screen(), SCHEMA, "s")
+    out = nodes.normalise(validated, {"target_sum": 1e4})
+    assert (out.layers["counts"] != validated.X).nnz == 0
+    expected = np.log1p(validated.X.toarray() / validated.X.toarray().sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(out.X.toarray(), expected, rtol=1e-5)
+
+
+def test_hvg_keeps_all_genes_when_fewer_than_n_top() -> None:
+    validated = nodes.validate_screen(_screen(), SCHEMA, "s")
+    normalised = nodes.normalise(validated, {"target_sum": 1e4})
+    out = nodes.select_highly_variable_genes(normalised, {"n_top_genes": 100})
+    assert out.n_vars == normalised.n_vars and out.var["highly_variable"].all()
+    fewer = nodes.select_highly_variable_genes(normalised, {"n_top_genes": 10})
+    assert fewer.n_vars == 10 and "counts" in fewer.layers
+
+
+def test_cell_cycle_unknown_when_genes_missing(caplog: pytest.LogCaptureFixture) -> None:
+    validated = nodes.validate_screen(_screen(), SCHEMA, "s")
+    out = nodes.score_cell_cycle(nodes.normalise(validated, {"target_sum": 1e4}), {"min_genes_per_phase": 5})
+    assert set(out.obs["phase"]) == {"unknown"}
+    assert out.obs["S_score"].isna().all()
+    assert "cell-cycle phase is marked 'unknown'" in caplog.text
+
+
+def test_labels_and_split() -> None:
+    validated = nodes.validate_screen(_screen(n_obs=200), SCHEMA, "s")
+    out = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 3})
+    obs = out.obs
+    assert obs.loc[obs["perturbation"] == "CEBPA+ctrl", "n_perturbed_genes"].eq(1).all()
+    assert obs.loc[obs["perturbation"] == "KLF1+CEBPA", "perturbed_genes"].eq("CEBPA+KLF1").all()
+    assert obs.loc[obs["is_control"], "n_perturbed_genes"].eq(0).all()
+    shares = obs.groupby("perturbation", observed=True)["split"].apply(lambda s: (s == "validation").mean())
+    np.testing.assert_allclose(shares.to_numpy(), 0.2)
+    again = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 3})
+    assert (again.obs["split"] == obs["split"]).all()
+    other = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 4})
+    assert (other.obs["split"] != obs["split"]).any()
+
+
+def test_nodes_do_not_mutate_inputs() -> None:
+    screen = _screen()
+    before = screen.copy()
+    validated = nodes.validate_screen(screen, SCHEMA, "s")
+    _assert_same(screen, before)
+    for step in (
+        lambda a: nodes.quality_control(a, QC)[0],
+        lambda a: nodes.normalise(a, {"target_sum": 1e4}),
+    ):
+        snapshot = validated.copy()
+        result = step(validated)
+        _assert_same(validated, snapshot)
+        validated = result
+    snapshot = validated.copy()
+    nodes.score_cell_cycle(validated, {"min_genes_per_phase": 5})
+    nodes.select_highly_variable_genes(validated, {"n_top_genes": 10})
+    nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    _assert_same(validated, snapshot)
+
+
+def test_parse_perturbation() -> None:
+    assert parse_perturbation("B+A") == ("A", "B")
+    assert parse_perturbation("KLF1+ctrl", "+", ["ctrl"]) == ("KLF1",)
+    assert parse_perturbation("control") == ()
+    assert ScreenSchema.from_params({"control_labels": "NTC"}).is_control_label("ntc")
+    with pytest.raises(ScreenValidationError, match="Unknown schema parameter"):
+        ScreenSchema.from_params({"perturbation_column": "x"})
