@@ -27,7 +27,8 @@ class ScreenSchema:
     Attributes
     ----------
     perturbation_key
-        ``obs`` column holding each cell's perturbation label.
+        ``obs`` column holding each cell's perturbation label; ``None`` for a plain
+        count matrix without perturbations (every cell is labelled ``unperturbed``).
     control_labels
         Labels that mark non-targeting control cells (matched case-insensitively).
     counts_layer
@@ -41,7 +42,7 @@ class ScreenSchema:
         Separator of combinatorial labels, ``+`` for ``A+B``.
     """
 
-    perturbation_key: str = "perturbation"
+    perturbation_key: str | None = "perturbation"
     control_labels: tuple[str, ...] = ("control",)
     counts_layer: str | None = None
     program_key: str | None = None

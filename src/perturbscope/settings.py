@@ -14,4 +14,6 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # ``oc.env`` lets the ``test`` environment point outputs at a temporary folder.
     "custom_resolvers": {"oc.env": oc.env},
+    # an environment (local, test) overrides single nested knobs, not whole sections
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }

@@ -188,3 +188,23 @@ def test_parse_perturbation() -> None:
     assert ScreenSchema.from_params({"control_labels": "NTC"}).is_control_label("ntc")
     with pytest.raises(ScreenValidationError, match="Unknown schema parameter"):
         ScreenSchema.from_params({"perturbation_column": "x"})
+
+
+def test_plain_count_matrix_without_perturbations() -> None:
+    """The 10x PBMC 1k counts (no perturbation column) process with perturbation_key null."""
+    from tests.conftest import PROJECT
+
+    pbmc = ad.read_h5ad(PROJECT / "tests" / "data" / "pbmc1k_v3.h5ad")
+    schema = {"perturbation_key": None, "control_labels": ["control"]}
+    validated = nodes.validate_screen(pbmc, schema, "pbmc")
+    assert set(validated.obs["perturbation"]) == {"unperturbed"}
+    qc, table = nodes.quality_control(
+        validated, {"min_genes_per_cell": 200, "min_cells_per_gene": 3, "max_mito_fraction": 0.2}
+    )
+    assert table.loc[table["step"] == "max_mito_fraction=0.2", "cells_removed"].iloc[0] > 0
+    phased = nodes.score_cell_cycle(nodes.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5})
+    assert {"G1", "S", "G2M"} >= set(phased.obs["phase"]) and phased.obs["S_score"].notna().all()
+    hvg = nodes.select_highly_variable_genes(phased, {"n_top_genes": 500})
+    out = nodes.label_cells(hvg, schema, {"validation_fraction": 0.1, "seed": 0})
+    assert out.n_vars == 500 and not out.obs["is_control"].any()
+    assert out.obs["n_perturbed_genes"].eq(0).all()

@@ -21,6 +21,8 @@ from perturbscope.schema import CONTROL, ScreenSchema, ScreenValidationError
 logger = logging.getLogger(__name__)
 
 UNKNOWN_PHASE = "unknown"
+UNPERTURBED = "unperturbed"
+"""The label of every cell of a plain count matrix (``schema.perturbation_key: null``)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -73,34 +75,9 @@ def _check_unique(index: pd.Index, what: str, fix: str) -> None:
     )
 
 
-def validate_screen(
-    adata: ad.AnnData, schema_params: dict[str, Any], screen: str
-) -> ad.AnnData:
-    """Check a screen against its schema and return a standardised copy.
-
-    The copy has raw counts (float32 CSR) in ``X``, the perturbation label in
-    ``obs["perturbation"]`` with every control label rewritten as ``control``, and
-    the schema in ``uns["perturbscope"]``.
-
-    Raises
-    ------
-    ScreenValidationError
-        Missing perturbation column (the columns that exist are listed), no control
-        cells (the labels present are listed), cells without a label, counts that are
-        negative, non-integer, NaN or infinite, duplicate cell or gene names.
-    """
-    schema = ScreenSchema.from_params(schema_params)
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ScreenValidationError(
-            f"Screen '{screen}' is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
-        )
+def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Series, pd.Series]:
+    """The cleaned labels and the control mask; errors for missing labels and no controls."""
     key = schema.perturbation_key
-    if key not in adata.obs.columns:
-        raise ScreenValidationError(
-            f"Screen '{screen}' has no obs column '{key}' (schema.perturbation_key). "
-            f"Columns present: {list(map(str, adata.obs.columns))}. Set "
-            "schema.perturbation_key to the column that holds each cell's perturbation."
-        )
     labels = adata.obs[key]
     missing = labels.isna()
     if missing.any():
@@ -124,6 +101,44 @@ def validate_screen(
             f"Every cell in obs['{key}'] is a control {list(schema.control_labels)}: the "
             "screen has no perturbed cells."
         )
+    return labels, is_control
+
+
+def validate_screen(
+    adata: ad.AnnData, schema_params: dict[str, Any], screen: str
+) -> ad.AnnData:
+    """Check a screen against its schema and return a standardised copy.
+
+    The copy has raw counts (float32 CSR) in ``X``, the perturbation label in
+    ``obs["perturbation"]`` with every control label rewritten as ``control``, and
+    the schema in ``uns["perturbscope"]``.
+
+    Raises
+    ------
+    ScreenValidationError
+        Missing perturbation column (the columns that exist are listed), no control
+        cells (the labels present are listed), cells without a label, counts that are
+        negative, non-integer, NaN or infinite, duplicate cell or gene names.
+    """
+    schema = ScreenSchema.from_params(schema_params)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ScreenValidationError(
+            f"Screen '{screen}' is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
+        )
+    key = schema.perturbation_key
+    if key is None:
+        # a plain scRNA count matrix (no perturbations): every cell is "unperturbed"
+        logger.info("schema.perturbation_key is null: treating '%s' as a plain count matrix.", screen)
+        labels = pd.Series(UNPERTURBED, index=adata.obs_names)
+        is_control = pd.Series(False, index=adata.obs_names)
+    elif key not in adata.obs.columns:
+        raise ScreenValidationError(
+            f"Screen '{screen}' has no obs column '{key}' (schema.perturbation_key). "
+            f"Columns present: {list(map(str, adata.obs.columns))}. Set "
+            "schema.perturbation_key to the column that holds each cell's perturbation."
+        )
+    else:
+        labels, is_control = _perturbation_labels(adata, schema)
     for optional in ("program_key", "batch_key"):
         column = getattr(schema, optional)
         if column is not None and column not in adata.obs.columns:
@@ -216,7 +231,8 @@ def quality_control(
             f"min_cells_per_gene={qc_params['min_cells_per_gene']}, "
             f"max_mito_fraction={max_mito})."
         )
-    if not (out.obs["perturbation"] == CONTROL).any():
+    perturbation = out.obs["perturbation"]
+    if (perturbation != UNPERTURBED).any() and not (perturbation == CONTROL).any():
         raise ScreenValidationError(
             "QC removed every control cell. Relax data_processing.qc: without controls "
             "there is nothing to compare perturbations to."
@@ -315,7 +331,7 @@ def label_cells(
     schema = ScreenSchema.from_params(schema_params)
     out = adata.copy()
     labels = out.obs["perturbation"].astype(str)
-    genes = labels.map(lambda label: schema.parse(label))
+    genes = labels.map(lambda label: () if label == UNPERTURBED else schema.parse(label))
     out.obs["is_control"] = (labels == CONTROL).to_numpy()
     out.obs["cell_group"] = pd.Categorical(
         np.where(out.obs["is_control"], "control", "target"), categories=["control", "target"]
