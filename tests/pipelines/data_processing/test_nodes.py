@@ -208,3 +208,17 @@ def test_plain_count_matrix_without_perturbations() -> None:
     out = nodes.label_cells(hvg, schema, {"validation_fraction": 0.1, "seed": 0})
     assert out.n_vars == 500 and not out.obs["is_control"].any()
     assert out.obs["n_perturbed_genes"].eq(0).all()
+
+
+def test_cell_cycle_phase_recovers_simulated_truth() -> None:
+    """On a simulated screen with the real Tirosh genes, called phases match the truth."""
+    from perturbscope.simulation import simulate_screen
+
+    screen = simulate_screen(n_cells=1500, n_genes=1000, seed=1)
+    schema = {"perturbation_key": "perturbation", "control_labels": ["control"]}
+    normalised = nodes.normalise(nodes.validate_screen(screen, schema, "sim"), {"target_sum": 1e4})
+    out = nodes.score_cell_cycle(normalised, {"min_genes_per_phase": 5})
+    assert (out.obs["phase_original"] == screen.obs["phase"]).all()
+    agreement = (out.obs["phase"].astype(str) == out.obs["phase_original"].astype(str)).mean()
+    assert agreement > 0.7, agreement
+    assert out.uns["perturbscope"]["cell_cycle_genes_used"] == {"S": 43, "G2M": 54}

@@ -266,9 +266,14 @@ def score_cell_cycle(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
 
     Gene symbols are matched case-insensitively (so mouse symbols work). When fewer
     than ``min_genes_per_phase`` genes of either list are in the screen, a warning is
-    logged and ``phase`` is ``unknown`` with NaN scores.
+    logged and ``phase`` is ``unknown`` with NaN scores. A ``phase`` column the screen
+    already had is kept as ``phase_original``.
     """
     out = adata.copy()
+    if "phase" in out.obs:
+        # keep a phase the screen already carried (e.g. a simulator's ground truth)
+        logger.info("obs['phase'] exists; it is kept as obs['phase_original'].")
+        out.obs["phase_original"] = out.obs["phase"].copy()
     s_genes, g2m_genes = tirosh_cell_cycle_genes()
     by_upper = {name.upper(): name for name in out.var_names}
     s_present = [by_upper[g.upper()] for g in s_genes if g.upper() in by_upper]
