@@ -1,0 +1,318 @@
+"""contrastiveVI: background / salient latent spaces for perturbation screens.
+
+Implements the model of Weinberger, Lin & Lee, "Isolating salient variations
+of interest in single-cell data with contrastiveVI", Nature Methods (2023),
+in plain PyTorch on the shared perturbscope blocks.
+
+Every cell has a background latent ``z`` (variation shared by controls and
+perturbed cells, e.g. cell cycle); perturbed (target) cells also have a
+salient latent ``s`` (perturbation-specific variation), which is fixed at 0
+for control (background) cells. One decoder maps ``[z, s]`` to NB/ZINB
+parameters for both groups. To keep ``s`` free of shared variation, the
+control cells' salient posterior is additionally pulled to a point mass at 0
+with a 2-Wasserstein penalty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import BaseModel
+from .data import CellData, concat_batches
+from .likelihoods import batch_log_likelihood, check_likelihood
+from .modules import (
+    CountDecoder,
+    GaussianEncoder,
+    LibraryEncoder,
+    kl_normal,
+    kl_standard_normal,
+    one_hot,
+    reparameterize,
+    wasserstein_to_origin,
+)
+
+__all__ = ["ContrastiveVAE"]
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+    return int(value)
+
+
+class ContrastiveVAE(BaseModel):
+    """contrastiveVI with a shared decoder over background and salient latents.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes (columns of the count matrix).
+    n_background
+        Dimension of the background latent ``z``.
+    n_salient
+        Dimension of the salient latent ``s``.
+    n_hidden
+        Width of the hidden layers of encoders and decoder.
+    n_layers
+        Hidden layers per encoder / decoder.
+    dropout
+        Dropout rate in the encoders.
+    likelihood
+        ``"zinb"`` (default) or ``"nb"``.
+    n_batch
+        Number of batch categories; 0 = no batch covariate. If > 0 the
+        batches must carry ``batch_key`` integer codes, one-hot encoded into
+        encoders and decoder.
+    batch_key
+        Name of the batch-code entry in the batch dicts (``CellData.obs``).
+    library
+        ``"observed"`` (log total counts, default) or ``"learned"`` (a
+        library encoder with a log-normal prior; needs
+        ``library_log_mean`` / ``library_log_var``).
+    library_log_mean, library_log_var
+        Prior mean / variance of the log library per batch category (length
+        ``max(n_batch, 1)``), e.g. from :meth:`CellData.library_prior`.
+    wasserstein_penalty
+        Weight of the squared 2-Wasserstein distance between the control
+        cells' salient posterior and a point mass at 0. 0 disables it.
+
+    Notes
+    -----
+    ``loss`` expects a paired batch ``{"background": ..., "target": ...}``
+    as yielded by :class:`~perturbscope.models.data.PairedSampler`.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: str = "zinb",
+        n_batch: int = 0,
+        batch_key: str = "batch",
+        library: str = "observed",
+        library_log_mean: list[float] | None = None,
+        library_log_var: list[float] | None = None,
+        wasserstein_penalty: float = 1.0,
+    ) -> None:
+        super().__init__()
+        n_genes = _check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
+        n_background = _check_int("n_background", n_background, 1, "the background latent needs at least one dimension")
+        n_salient = _check_int("n_salient", n_salient, 1, "the salient latent needs at least one dimension")
+        n_hidden = _check_int("n_hidden", n_hidden, 1, "use e.g. 128")
+        n_layers = _check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
+        n_batch = _check_int("n_batch", n_batch, 0, "use 0 for no batch covariate")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_likelihood(likelihood)
+        if library not in ("observed", "learned"):
+            raise ValueError(f"library={library!r} is not supported; use 'observed' (log total counts) or 'learned'")
+        if not (isinstance(wasserstein_penalty, (int, float)) and wasserstein_penalty >= 0):
+            raise ValueError(f"wasserstein_penalty must be a number >= 0 (0 disables it), got {wasserstein_penalty!r}")
+        n_lib = max(n_batch, 1)
+        if library == "learned":
+            if library_log_mean is None or library_log_var is None:
+                raise ValueError(
+                    "library='learned' needs library_log_mean and library_log_var (prior of the log library "
+                    "per batch), e.g. `mean, var = data.library_prior(train_idx, batch_key, n_batch)`; "
+                    "or use library='observed'"
+                )
+            library_log_mean = [float(v) for v in library_log_mean]
+            library_log_var = [float(v) for v in library_log_var]
+            if len(library_log_mean) != n_lib or len(library_log_var) != n_lib:
+                raise ValueError(
+                    f"library_log_mean/library_log_var need max(n_batch, 1) = {n_lib} entries, "
+                    f"got {len(library_log_mean)} and {len(library_log_var)}"
+                )
+            if min(library_log_var) <= 0:
+                raise ValueError("library_log_var entries must be > 0")
+        self._set_hparams(
+            n_genes=n_genes,
+            n_background=n_background,
+            n_salient=n_salient,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=float(dropout),
+            likelihood=likelihood,
+            n_batch=n_batch,
+            batch_key=batch_key,
+            library=library,
+            library_log_mean=library_log_mean,
+            library_log_var=library_log_var,
+            wasserstein_penalty=float(wasserstein_penalty),
+        )
+        self.n_genes = n_genes
+        self.n_background = n_background
+        self.n_salient = n_salient
+        self.likelihood = likelihood
+        self.n_batch = n_batch
+        self.batch_key = batch_key
+        self.library = library
+        self.wasserstein_penalty = float(wasserstein_penalty)
+
+        enc = dict(n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, n_cov=n_batch)
+        self.background_encoder = GaussianEncoder(n_genes, n_background, **enc)
+        self.salient_encoder = GaussianEncoder(n_genes, n_salient, **enc)
+        self.library_encoder = LibraryEncoder(n_genes, **enc) if library == "learned" else None
+        self.decoder = CountDecoder(
+            n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch, likelihood=likelihood
+        )
+        if library == "learned":
+            self.register_buffer("library_log_mean", torch.tensor(library_log_mean))
+            self.register_buffer("library_log_var", torch.tensor(library_log_var))
+
+    # ------------------------------------------------------------------
+    def _cov(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if not self.n_batch:
+            return None
+        if self.batch_key not in batch:
+            raise KeyError(
+                f"n_batch={self.n_batch} but the batch has no {self.batch_key!r} entry; "
+                f"build CellData with obs={{{self.batch_key!r}: integer batch codes}}"
+            )
+        return one_hot(batch[self.batch_key], self.n_batch)
+
+    def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        """Negative ELBO (+ Wasserstein penalty) of a paired batch.
+
+        Parameters
+        ----------
+        batch
+            ``{"background": CellData.batch, "target": CellData.batch}``.
+        kl_weight
+            Weight of the KL terms (warm-up). The Wasserstein penalty is not
+            warmed up.
+
+        Returns
+        -------
+        dict[str, Tensor]
+            ``loss`` = ``(mean_bg[recon + kl_weight*kl_z + penalty*w2] +
+            mean_tg[recon + kl_weight*(kl_z + kl_s)]) / 2`` (equals the mean
+            over cells, as batches are paired); ``reconstruction`` (mean
+            negative log-likelihood over all cells), ``kl_background`` (mean
+            over all cells), ``kl_salient`` (mean over targets),
+            ``wasserstein`` (mean over controls, unweighted) and, for a
+            learned library, ``kl_library``.
+        """
+        bg, tg = batch["background"], batch["target"]
+        n_bg = bg["x"].shape[0]
+        both = concat_batches([bg, tg])
+        h = torch.log1p(both["x"])
+        cov = self._cov(both)
+
+        z_mean, z_var = self.background_encoder(h, cov)
+        s_mean, s_var = self.salient_encoder(h, cov)
+        z = reparameterize(z_mean, z_var)
+        s = reparameterize(s_mean, s_var)
+        # salient code is 0 for background (control) cells
+        s = torch.cat([torch.zeros_like(s[:n_bg]), s[n_bg:]])
+
+        kl_lib = None
+        if self.library_encoder is not None:
+            l_mean, l_var = self.library_encoder(h, cov)
+            log_library = reparameterize(l_mean, l_var)
+            codes = both[self.batch_key] if self.n_batch else torch.zeros_like(both["idx"])
+            kl_lib = kl_normal(
+                l_mean.unsqueeze(-1),
+                l_var.unsqueeze(-1),
+                self.library_log_mean[codes].unsqueeze(-1),
+                self.library_log_var[codes].unsqueeze(-1),
+            )
+        else:
+            log_library = both["log_library"]
+
+        p = self.decoder(torch.cat([z, s], dim=-1), log_library, cov)
+        recon = -batch_log_likelihood(self.likelihood, both, p.log_mu, p.log_theta, p.zi_logits)
+        kl_z = kl_standard_normal(z_mean, z_var)
+        kl_s = kl_standard_normal(s_mean[n_bg:], s_var[n_bg:])
+        w2 = wasserstein_to_origin(s_mean[:n_bg], s_var[:n_bg])
+
+        kl_all = kl_z if kl_lib is None else kl_z + kl_lib
+        per_cell = recon + kl_weight * kl_all
+        bg_term = per_cell[:n_bg].mean() + self.wasserstein_penalty * w2.mean()
+        tg_term = per_cell[n_bg:].mean() + kl_weight * kl_s.mean()
+        out = {
+            "loss": 0.5 * (bg_term + tg_term),
+            "reconstruction": recon.mean(),
+            "kl_background": kl_z.mean(),
+            "kl_salient": kl_s.mean(),
+            "wasserstein": w2.mean(),
+        }
+        if kl_lib is not None:
+            out["kl_library"] = kl_lib.mean()
+        return out
+
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, data: CellData, idx: Any = None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means of the background and salient latents.
+
+        No sampling (deterministic). The salient mean is returned for every
+        cell, controls included (it is *not* forced to 0; a trained model
+        places controls near 0).
+
+        Parameters
+        ----------
+        data
+            Cells to embed (same genes as training).
+        idx
+            Cell positions or boolean mask (default all).
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            ``(n, n_background)`` and ``(n, n_salient)`` float32 arrays.
+        """
+        was_training = self.training
+        self.eval()
+        zs, ss = [], []
+        for b in self.iter_batches(data, idx, batch_size):
+            h = torch.log1p(b["x"])
+            cov = self._cov(b)
+            zs.append(self.background_encoder(h, cov)[0])
+            ss.append(self.salient_encoder(h, cov)[0])
+        self.train(was_training)
+        return self._to_numpy(zs, self.n_background), self._to_numpy(ss, self.n_salient)
+
+    @torch.no_grad()
+    def salient_expression(
+        self, data: CellData, idx: Any = None, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised expression decoded with and without each cell's salient code.
+
+        Both use the posterior means; ``with_salient`` decodes ``[z, s]``,
+        ``without_salient`` decodes ``[z, 0]`` (same ``z``, same batch). The
+        difference (e.g. of log values, averaged over the cells of one
+        perturbation) shows which genes the perturbation moves.
+
+        Parameters
+        ----------
+        data, idx, batch_size
+            As in :meth:`embed`.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            ``(n, n_genes)`` decoder proportions (rows sum to 1).
+        """
+        was_training = self.training
+        self.eval()
+        with_s, without_s = [], []
+        for b in self.iter_batches(data, idx, batch_size):
+            h = torch.log1p(b["x"])
+            cov = self._cov(b)
+            z = self.background_encoder(h, cov)[0]
+            s = self.salient_encoder(h, cov)[0]
+            with_s.append(self.decoder.log_proportions(torch.cat([z, s], -1), cov).exp())
+            without_s.append(self.decoder.log_proportions(torch.cat([z, torch.zeros_like(s)], -1), cov).exp())
+        self.train(was_training)
+        return self._to_numpy(with_s, self.n_genes), self._to_numpy(without_s, self.n_genes)

@@ -1,0 +1,495 @@
+"""Device-resident cell data and minibatch samplers.
+
+:class:`CellData` moves a (sparse) count matrix to the device once, as CSR
+tensors, and gathers minibatches with vectorised torch ops. Samplers are
+plain iterables of batch dicts:
+
+* :class:`MinibatchSampler` -- random (or sequential) minibatches over an
+  index set; yields ``CellData.batch`` dicts.
+* :class:`PairedSampler` -- contrastive training: every target cell once per
+  epoch, each paired with a control cell; yields
+  ``{"background": batch, "target": batch}``.
+
+Both take a ``seed`` and own a CPU :class:`torch.Generator`;
+:func:`perturbscope.models.training.fit` re-seeds them from
+``TrainConfig.seed`` through :meth:`manual_seed`, so a fit is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CellData",
+    "MinibatchSampler",
+    "PairedSampler",
+    "concat_batches",
+    "batch_to",
+    "batch_size_of",
+    "as_index",
+    "RESERVED_KEYS",
+]
+
+Batch = dict[str, Tensor]
+
+#: Keys produced by :meth:`CellData.batch`; per-cell extras may not use them.
+RESERVED_KEYS: frozenset[str] = frozenset(
+    {"x", "nz_row", "nz_col", "nz_val", "nz_lgamma", "log_library", "idx"}
+)
+
+
+def as_index(idx: Any, n: int, name: str = "idx") -> Tensor:
+    """Convert an index set (ints, boolean mask, tensor, None = all) to a CPU int64 tensor.
+
+    Parameters
+    ----------
+    idx
+        ``None`` (all ``n`` items), a boolean mask of length ``n``, or
+        integer positions (array-like or tensor).
+    n
+        Number of items indexed.
+    name
+        Argument name for error messages.
+
+    Returns
+    -------
+    Tensor
+        1-D int64 CPU tensor of positions.
+    """
+    if idx is None:
+        return torch.arange(n, dtype=torch.long)
+    if isinstance(idx, Tensor):
+        arr = idx.detach().cpu().numpy()
+    else:
+        arr = np.asarray(idx)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"{name}: boolean mask has shape {arr.shape}, expected ({n},)")
+        arr = np.flatnonzero(arr)
+    arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer positions or a boolean mask, got dtype {arr.dtype}")
+    out = torch.as_tensor(arr.astype(np.int64, copy=False))
+    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= n):
+        raise ValueError(f"{name}: positions must lie in [0, {n}); got range [{int(out.min())}, {int(out.max())}]")
+    return out
+
+
+class CellData:
+    """A count matrix (plus per-cell covariates) resident on one device.
+
+    The counts are stored as CSR tensors (``indptr``, ``indices``, ``values``)
+    and never densified as a whole; :meth:`batch` densifies one minibatch.
+    ``lgamma(x + 1)`` of every nonzero and each cell's log library size are
+    precomputed once.
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` raw counts, scipy.sparse (any format) or a
+        dense numpy array. Must be finite and non-negative.
+    obs
+        Optional per-cell arrays, ``name -> array`` of length ``n_cells``
+        (1-D, e.g. integer batch codes, or 2-D, e.g. a condition multi-hot).
+        Integer arrays become int64 tensors, float/bool arrays float32.
+        Names may not clash with :data:`RESERVED_KEYS`.
+    device
+        Torch device for all tensors.
+    dtype
+        Floating dtype of counts and float extras.
+
+    Attributes
+    ----------
+    n_cells, n_genes : int
+    indptr, indices, values, lgamma_values : Tensor
+        CSR storage on ``device`` (``lgamma_values = lgamma(values + 1)``).
+    log_library : Tensor
+        ``(n_cells,)`` log total counts (library sizes < 1 are clamped to 1).
+    obs : dict[str, Tensor]
+        Per-cell extras on ``device``.
+    row_nnz : numpy.ndarray
+        CPU copy of nonzeros per row (lets :meth:`batch` size its outputs
+        without a device synchronisation).
+    """
+
+    def __init__(
+        self,
+        counts: sp.spmatrix | sp.sparray | np.ndarray,
+        obs: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if sp.issparse(counts):
+            csr = sp.csr_matrix(counts)
+        else:
+            arr = np.asarray(counts)
+            if arr.ndim != 2:
+                raise ValueError(f"counts must be 2-D (cells x genes), got shape {arr.shape}")
+            csr = sp.csr_matrix(arr)
+        csr = csr.astype(np.float64, copy=True)
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
+        csr.sort_indices()
+        if csr.nnz and not np.all(np.isfinite(csr.data)):
+            raise ValueError("counts contain NaN or inf; clean the matrix before building CellData")
+        if csr.nnz and csr.data.min() < 0:
+            raise ValueError("counts contain negative values; the count models need raw (non-negative) counts")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.n_cells, self.n_genes = (int(s) for s in csr.shape)
+        self.row_nnz: np.ndarray = np.diff(csr.indptr).astype(np.int64)
+        from scipy.special import gammaln
+
+        dev = self.device
+        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64)).to(dev)
+        self.indices = torch.as_tensor(csr.indices.astype(np.int64)).to(dev)
+        self.values = torch.as_tensor(csr.data).to(device=dev, dtype=dtype)
+        self.lgamma_values = torch.as_tensor(gammaln(csr.data + 1.0)).to(device=dev, dtype=dtype)
+        lib = np.asarray(csr.sum(axis=1)).reshape(-1)
+        self.library = lib
+        self.log_library = torch.as_tensor(np.log(np.maximum(lib, 1.0))).to(device=dev, dtype=dtype)
+        self.obs: dict[str, Tensor] = {}
+        for key, val in (obs or {}).items():
+            self.obs[key] = self._convert_obs(key, val)
+
+    def _convert_obs(self, key: str, val: Any) -> Tensor:
+        if key in RESERVED_KEYS:
+            raise ValueError(f"obs key {key!r} is reserved (reserved: {sorted(RESERVED_KEYS)}); rename it")
+        arr = val.detach().cpu().numpy() if isinstance(val, Tensor) else np.asarray(val)
+        if arr.shape[:1] != (self.n_cells,):
+            raise ValueError(f"obs[{key!r}] has shape {arr.shape}; its first dimension must be n_cells={self.n_cells}")
+        if np.issubdtype(arr.dtype, np.integer):
+            return torch.as_tensor(arr.astype(np.int64)).to(self.device)
+        if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
+            return torch.as_tensor(arr.astype(np.float32)).to(device=self.device, dtype=self.dtype)
+        raise ValueError(
+            f"obs[{key!r}] has dtype {arr.dtype}; encode categories as integer codes "
+            "(e.g. pandas.Categorical(...).codes) or floats first"
+        )
+
+    # ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def __repr__(self) -> str:
+        return (
+            f"CellData(n_cells={self.n_cells}, n_genes={self.n_genes}, nnz={int(self.row_nnz.sum())}, "
+            f"obs={list(self.obs)}, device={self.device})"
+        )
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored nonzero counts."""
+        return int(self.row_nnz.sum())
+
+    def to(self, device: str | torch.device) -> "CellData":
+        """Move all tensors to ``device`` in place (no-op if already there); returns ``self``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        for name in ("indptr", "indices", "values", "lgamma_values", "log_library"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.obs = {k: v.to(device) for k, v in self.obs.items()}
+        self.device = device
+        return self
+
+    def batch(self, idx: Tensor | np.ndarray | Sequence[int]) -> Batch:
+        """Gather cells ``idx`` into a minibatch dict.
+
+        Vectorised: the rows' CSR segments are expanded with
+        ``repeat_interleave``; only the minibatch is densified. If ``idx`` is
+        a CPU tensor (samplers produce those) the output size is computed on
+        the CPU, so no device synchronisation happens.
+
+        Parameters
+        ----------
+        idx
+            Cell positions (int64), length ``B >= 1``.
+
+        Returns
+        -------
+        dict[str, Tensor]
+            ``x`` (B, G) dense counts; ``nz_row``, ``nz_col`` (nnz,) int64
+            coordinates of the nonzeros (row = position in the batch);
+            ``nz_val`` (nnz,) values; ``nz_lgamma`` (nnz,) ``lgamma(val+1)``;
+            ``log_library`` (B,); ``idx`` (B,) int64 positions in the data;
+            plus every ``obs`` entry gathered to ``(B, ...)``.
+        """
+        if not isinstance(idx, Tensor):
+            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        if idx.device.type == "cpu":
+            nnz = int(self.row_nnz[idx.numpy()].sum())
+            idx = idx.to(self.device, non_blocking=True)
+        else:
+            idx = idx.to(self.device)
+            nnz = None
+        n = idx.shape[0]
+        starts = self.indptr.index_select(0, idx)
+        counts = self.indptr.index_select(0, idx + 1) - starts
+        if nnz is None:
+            nnz = int(counts.sum())  # syncs; pass CPU indices to avoid
+        rows = torch.arange(n, device=self.device)
+        nz_row = torch.repeat_interleave(rows, counts, output_size=nnz)
+        # position in the CSR arrays: start of the row + offset within the row
+        seg_start_out = torch.cumsum(counts, 0) - counts
+        src = torch.arange(nnz, device=self.device) + torch.repeat_interleave(
+            starts - seg_start_out, counts, output_size=nnz
+        )
+        nz_col = self.indices.index_select(0, src)
+        nz_val = self.values.index_select(0, src)
+        x = torch.zeros(n * self.n_genes, device=self.device, dtype=self.dtype)
+        x.index_copy_(0, nz_row * self.n_genes + nz_col, nz_val)
+        out: Batch = {
+            "x": x.view(n, self.n_genes),
+            "nz_row": nz_row,
+            "nz_col": nz_col,
+            "nz_val": nz_val,
+            "nz_lgamma": self.lgamma_values.index_select(0, src),
+            "log_library": self.log_library.index_select(0, idx),
+            "idx": idx,
+        }
+        for key, val in self.obs.items():
+            out[key] = val.index_select(0, idx)
+        return out
+
+    def library_prior(self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0) -> tuple[list[float], list[float]]:
+        """Empirical mean and variance of log library size (prior for a learned library).
+
+        Parameters
+        ----------
+        idx
+            Cells to use (default all).
+        batch_key
+            Optional ``obs`` key of integer batch codes; statistics are then
+            per batch category.
+        n_batch
+            Number of batch categories (needed with ``batch_key``).
+
+        Returns
+        -------
+        (list[float], list[float])
+            Means and variances, one entry per batch category (one entry if
+            ``batch_key`` is None). Variances are floored at 1e-4.
+        """
+        pos = as_index(idx, self.n_cells).numpy()
+        loglib = np.log(np.maximum(self.library[pos], 1.0))
+        if batch_key is None:
+            groups = [loglib]
+        else:
+            codes = self.obs[batch_key].cpu().numpy()[pos]
+            groups = [loglib[codes == b] for b in range(max(n_batch, 1))]
+        means, vars_ = [], []
+        for g in groups:
+            means.append(float(g.mean()) if g.size else float(loglib.mean()))
+            vars_.append(max(float(g.var()) if g.size > 1 else 1.0, 1e-4))
+        return means, vars_
+
+
+# --------------------------------------------------------------------------
+# batch helpers
+# --------------------------------------------------------------------------
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Concatenate ``CellData.batch`` dicts along the cell axis.
+
+    ``nz_row`` is offset so that it indexes rows of the concatenated ``x``.
+    Only keys present in every batch are kept.
+
+    Parameters
+    ----------
+    batches
+        Batch dicts (same genes, same device).
+
+    Returns
+    -------
+    dict[str, Tensor]
+    """
+    keys = [k for k in batches[0] if all(k in b for b in batches)]
+    out: Batch = {}
+    offset = 0
+    rows = []
+    for b in batches:
+        rows.append(b["nz_row"] + offset if offset else b["nz_row"])
+        offset += b["x"].shape[0]
+    for k in keys:
+        out[k] = torch.cat(rows) if k == "nz_row" else torch.cat([b[k] for b in batches])
+    return out
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """Move a (possibly nested) batch dict to ``device``; tensors already there are untouched."""
+    if isinstance(batch, Tensor):
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    """Number of cells in a (possibly nested) batch dict (sum over nested groups)."""
+    if "x" in batch:
+        return int(batch["x"].shape[0])
+    return sum(batch_size_of(v) for v in batch.values() if isinstance(v, Mapping))
+
+
+# --------------------------------------------------------------------------
+# samplers
+# --------------------------------------------------------------------------
+class MinibatchSampler:
+    """Minibatches of ``CellData.batch`` dicts over an index set.
+
+    Parameters
+    ----------
+    data
+        The cells.
+    idx
+        Cells to iterate (positions or boolean mask; default all).
+    batch_size
+        Cells per batch. The last batch may be smaller (even one cell)
+        unless ``drop_last``.
+    shuffle
+        Shuffle the order every epoch (training) or iterate in order.
+    seed
+        Seed of the sampler's own CPU generator.
+    drop_last
+        Drop a final incomplete batch.
+    """
+
+    def __init__(
+        self,
+        data: CellData,
+        idx: Any = None,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.idx = as_index(idx, data.n_cells)
+        if self.idx.numel() == 0:
+            raise ValueError("MinibatchSampler got an empty index set")
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator()
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> None:
+        """Reset the sampler's random state."""
+        self.generator.manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        n = self.idx.numel()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.idx
+        if self.shuffle:
+            order = order[torch.randperm(order.numel(), generator=self.generator)]
+        for i in range(len(self)):
+            yield self.data.batch(order[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+class PairedSampler:
+    """Target/control paired minibatches for contrastive training.
+
+    One epoch visits every target cell exactly once (in ``ceil(n_target /
+    batch_size)`` batches; the last may hold a single cell). Each target cell
+    is paired with a control cell drawn by cycling through a shuffled
+    permutation of the controls; when the permutation is exhausted a fresh
+    one is drawn (controls are sampled with replacement across epochs, and
+    the control stream continues across epochs, so all controls are used
+    evenly). With ``shuffle=False`` (validation) target order is fixed and
+    the control stream restarts at the same fixed order each epoch, so the
+    batches are identical every epoch.
+
+    Parameters
+    ----------
+    data
+        All cells (controls and targets).
+    background_idx
+        Control (background) cells: positions or boolean mask.
+    target_idx
+        Target (perturbed) cells: positions or boolean mask.
+    batch_size
+        Target cells per batch (each batch also holds as many controls).
+    shuffle
+        Random order (training) or fixed order (validation).
+    seed
+        Seed of the sampler's CPU generator.
+
+    Yields
+    ------
+    dict
+        ``{"background": CellData.batch(...), "target": CellData.batch(...)}``
+        with the same number of cells in both.
+    """
+
+    def __init__(
+        self,
+        data: CellData,
+        background_idx: Any,
+        target_idx: Any,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.background_idx = as_index(background_idx, data.n_cells, "background_idx")
+        self.target_idx = as_index(target_idx, data.n_cells, "target_idx")
+        if self.background_idx.numel() == 0:
+            raise ValueError("PairedSampler needs at least one background (control) cell")
+        if self.target_idx.numel() == 0:
+            raise ValueError("PairedSampler needs at least one target cell")
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.generator = torch.Generator()
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> None:
+        """Reset the random state (target order and the control stream)."""
+        self.generator.manual_seed(int(seed))
+        self._bg_perm = torch.empty(0, dtype=torch.long)
+        self._bg_pos = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.target_idx.numel() / self.batch_size)
+
+    def _new_bg_perm(self) -> Tensor:
+        n = self.background_idx.numel()
+        if self.shuffle:
+            return self.background_idx[torch.randperm(n, generator=self.generator)]
+        return self.background_idx
+
+    def _take_background(self, k: int) -> Tensor:
+        parts = []
+        while k > 0:
+            if self._bg_pos >= self._bg_perm.numel():
+                self._bg_perm = self._new_bg_perm()
+                self._bg_pos = 0
+            take = self._bg_perm[self._bg_pos : self._bg_pos + k]
+            self._bg_pos += take.numel()
+            k -= take.numel()
+            parts.append(take)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def __iter__(self) -> Iterator[dict[str, Batch]]:
+        targets = self.target_idx
+        if self.shuffle:
+            targets = targets[torch.randperm(targets.numel(), generator=self.generator)]
+        else:
+            self._bg_perm = torch.empty(0, dtype=torch.long)
+            self._bg_pos = 0
+        for i in range(len(self)):
+            tg = targets[i * self.batch_size : (i + 1) * self.batch_size]
+            bg = self._take_background(tg.numel())
+            yield {"background": self.data.batch(bg), "target": self.data.batch(tg)}

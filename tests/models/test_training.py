@@ -1,0 +1,182 @@
+"""The shared training loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from perturbscope.models.contrastive import ContrastiveVAE
+from perturbscope.models.data import CellData, PairedSampler
+from perturbscope.models.training import History, TrainConfig, TrainingError, fit, kl_weight_at, seeded
+
+from .synthetic import random_counts
+
+
+class _Quadratic(nn.Module):
+    """Toy model: loss = (w - target)^2; records the kl_weight it was called with."""
+
+    def __init__(self, nan_at: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.calls = 0
+        self.nan_at = nan_at  # (call number, term) -> make "penalty" NaN
+        self.kl_weights: list[float] = []
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float) -> dict[str, Tensor]:
+        self.calls += 1
+        if self.training:
+            self.kl_weights.append(kl_weight)
+        err = ((self.w - batch["t"]) ** 2).mean()
+        penalty = torch.zeros(())
+        if self.nan_at is not None and self.calls >= self.nan_at[0]:
+            penalty = penalty + float("nan")
+        return {"loss": err + penalty, "mse": err, "penalty": penalty}
+
+
+class _ListSampler:
+    def __init__(self, target: float, n_batches: int = 2, n: int = 4) -> None:
+        self.batches = [{"x": torch.zeros(n, 1), "t": torch.full((n, 1), target)} for _ in range(n_batches)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _contrastive_setup(seed: int = 0):
+    d = CellData(random_counts(90, 30, seed=2))
+    train = PairedSampler(d, np.arange(0, 25), np.arange(30, 77), batch_size=16)  # last batch: 15
+    val = PairedSampler(d, np.arange(25, 30), np.arange(77, 90), batch_size=16, shuffle=False)
+    with seeded(seed):
+        model = ContrastiveVAE(30, n_hidden=16, n_background=3, n_salient=2)
+    return d, model, train, val
+
+
+def test_fit_is_deterministic_and_history_format() -> None:
+    cfg = TrainConfig(max_epochs=4, lr=1e-2, progress=False, seed=7, kl_warmup_epochs=2)
+    states, hists = [], []
+    for _ in range(2):
+        _, model, train, val = _contrastive_setup()
+        hists.append(fit(model, train, val, cfg))
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    h = hists[0]
+    assert h.train_loss == hists[1].train_loss and h.val_loss == hists[1].val_loss
+    assert h.epoch == [0, 1, 2, 3] and h.kl_weight == [0.5, 1.0, 1.0, 1.0]
+    df = h.to_frame()
+    for col in ("epoch", "train_loss", "val_loss", "seconds", "train_reconstruction", "val_kl_salient", "val_wasserstein"):
+        assert col in df.columns, col
+    assert len(df) == 4 and np.isfinite(df.to_numpy(dtype=float)).all()
+    assert h.train_loss[-1] < h.train_loss[0]
+    # a different seed gives different weights
+    _, model, train, val = _contrastive_setup()
+    fit(model, train, val, TrainConfig(max_epochs=4, lr=1e-2, progress=False, seed=8, kl_warmup_epochs=2))
+    assert not torch.equal(model.state_dict()["decoder.log_theta"], states[0]["decoder.log_theta"])
+
+
+def test_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    _, model, train, val = _contrastive_setup()
+    fit(model, train, val, TrainConfig(max_epochs=1, progress=True))
+    assert "val=" in capsys.readouterr().err
+
+
+def test_nan_raises_training_error_naming_epoch_and_term() -> None:
+    model = _Quadratic(nan_at=(5, 1))  # 2 train batches per epoch -> call 5 is epoch 2 (with val calls counted)
+    with pytest.raises(TrainingError) as err:
+        fit(model, _ListSampler(1.0), None, TrainConfig(max_epochs=10, progress=False))
+    msg = str(err.value)
+    assert "epoch 2" in msg and "['penalty']" in msg and "learning rate" in msg
+    assert isinstance(err.value, ValueError)
+
+
+def test_divergent_learning_rate_raises_training_error() -> None:
+    _, model, train, val = _contrastive_setup()
+    with pytest.raises(TrainingError, match=r"epoch 0 .*reconstruction.*lower learning rate"):
+        fit(model, train, val, TrainConfig(max_epochs=3, lr=1e6, progress=False))
+
+
+def test_early_stopping_stops_and_restores_best() -> None:
+    # training pulls w toward +1 while the validation target is -1:
+    # validation loss only gets worse after the first epoch
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=0.05, patience=3, progress=False))
+    assert hist.stopped_early
+    assert len(hist) == 4 and hist.best_epoch == 0
+    w = float(model.w.detach())
+    assert w == pytest.approx(0.1, abs=1e-3)  # two Adam steps of ~lr from 0 (4 epochs would give ~0.4)
+    assert hist.val_loss[0] == pytest.approx((w + 1) ** 2, rel=1e-6)
+    assert hist.val_loss[3] > hist.val_loss[0] + 0.5
+    assert not model.training
+    # without early stopping it runs to max_epochs but still restores the best epoch
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=6, lr=0.05, early_stopping=False, progress=False))
+    assert len(hist) == 6 and not hist.stopped_early and float(model.w.detach()) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_min_delta_and_warmup_gate_early_stopping() -> None:
+    # val improves every epoch but by less than min_delta -> stops after patience
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(-1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=1e-3, patience=2, min_delta=1.0, progress=False))
+    assert hist.stopped_early and len(hist) == 3
+    # epochs inside the KL warm-up are not eligible for early stopping / best epoch
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=0.05, patience=2, kl_warmup_epochs=4, progress=False))
+    assert hist.best_epoch == 3 and len(hist) == 6
+    assert model.kl_weights[:8] == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+
+
+def test_kl_weight_schedule() -> None:
+    assert [kl_weight_at(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kl_weight_at(0, 0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": math.inf}, "lr"),
+        ({"patience": 0}, "patience"),
+        ({"kl_warmup_epochs": -1}, "kl_warmup_epochs"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_train_config_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_cuda_unavailable_is_clear() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA available")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        fit(_Quadratic(), _ListSampler(1.0), None, TrainConfig(device="cuda", progress=False))
+
+
+def test_grad_clip_and_no_validation() -> None:
+    _, model, train, _ = _contrastive_setup()
+    hist = fit(model, train, None, TrainConfig(max_epochs=2, grad_clip=1.0, progress=False))
+    assert isinstance(hist, History) and math.isnan(hist.val_loss[0]) and hist.best_epoch == 1
+    assert hist.to_dict()["train_terms"]["loss"] == hist.train_loss
+
+
+def test_num_threads_is_scoped() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    class _Spy(_Quadratic):
+        def loss(self, batch, kl_weight):  # type: ignore[override]
+            seen.append(torch.get_num_threads())
+            return super().loss(batch, kl_weight)
+
+    fit(_Spy(), _ListSampler(1.0), None, TrainConfig(max_epochs=1, progress=False, num_threads=2))
+    assert set(seen) == {2} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads"):
+        TrainConfig(num_threads=0)
