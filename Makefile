@@ -10,13 +10,15 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test viz mlflow-ui bench clean help
+.PHONY: setup run test viz mlflow-ui bench retrain airflow-dag clean help
 
 help:
 	@echo "make run     set up .venv and run every pipeline on the demo screen (SCREEN=$(SCREEN))"
 	@echo "make test    set up .venv and run the test suite"
 	@echo "make viz     open kedro-viz;  make mlflow-ui  open the MLflow UI"
 	@echo "make bench   install the bench extra (scvi-tools) and run the side-by-side benchmarks"
+	@echo "make retrain retrain every registered screen whose file is new or changed"
+	@echo "make airflow-dag  regenerate airflow_dags/ from conf/airflow/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,7 @@ setup: $(STAMP)
 
 run: setup
 	$(BIN)/kedro run --params screen=$(SCREEN)
+	@echo "Report: data/08_reporting/$(SCREEN)/report.html"
 
 test: setup
 	$(BIN)/python -m pytest
@@ -45,6 +48,12 @@ bench: setup
 	$(BIN)/python -m pip install -e ".[test,bench]"
 	$(BIN)/python bench/contrastive_vs_scvi.py
 	$(BIN)/python bench/linear_vs_scvi.py
+
+retrain: setup
+	$(BIN)/python -m perturbscope.retrain
+
+airflow-dag: setup
+	$(BIN)/kedro airflow create --env airflow --jinja-file conf/airflow/retrain_dag.j2
 
 clean:
 	rm -rf $(VENV) .viz mlruns mlflow.db build

@@ -5,8 +5,9 @@ from omegaconf.resolvers import oc
 from kedro.config import OmegaConfigLoader
 
 from perturbscope.hooks import ScreenTagHook
+from perturbscope.pipelines.reporting.run_info import RunInfoHook
 
-HOOKS = (ScreenTagHook(),)
+HOOKS = (ScreenTagHook(), RunInfoHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -14,6 +15,9 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # ``oc.env`` lets the ``test`` environment point outputs at a temporary folder.
     "custom_resolvers": {"oc.env": oc.env},
+    # the screens registry (conf/<env>/screens.yml) is read as globals, so the catalog
+    # (raw_screen's file) and the parameters (schema overrides) both see it
+    "config_patterns": {"globals": ["globals.yml", "screens.yml"]},
     # an environment (local, test) overrides single nested knobs, not whole sections
     "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }

@@ -18,6 +18,14 @@ Modules
     :class:`History`, :class:`TrainingError`.
 ``contrastive``
     :class:`ContrastiveVAE` (contrastiveVI).
+``cvae``
+    :class:`ConditionalVAE`: perturbation prediction conditioned on a
+    multi-hot over perturbed genes (Gaussian or NB likelihood); Mode A
+    (``sample_prior``) and Mode B (``transfer_controls``) generation.
+``linear``
+    :class:`LinearVAE` (LDVAE): linear decoder with BatchNorm folded into
+    genes x factors ``loadings()``; ``init_intercepts``, ``orient``
+    (promax / varimax factors), ``embed``, ``reconstruction_log_likelihood``.
 ``io``
     Checkpoints: :func:`to_checkpoint`, :func:`from_checkpoint`,
     :func:`save_model`, :func:`load_model`.
@@ -163,8 +171,10 @@ Checkpoints
 
 from .base import BaseModel
 from .contrastive import ContrastiveVAE
+from .cvae import ConditionalVAE, UnknownPerturbationError
 from .data import CellData, MinibatchSampler, PairedSampler, batch_size_of, batch_to, concat_batches
 from .io import from_checkpoint, load_model, save_model, to_checkpoint
+from .linear import LinearVAE
 from .likelihoods import (
     batch_log_likelihood,
     check_likelihood,
@@ -191,17 +201,20 @@ from .training import History, TrainConfig, TrainingError, fit, resolve_device, 
 __all__ = [
     "BaseModel",
     "CellData",
+    "ConditionalVAE",
     "ContrastiveVAE",
     "CountDecoder",
     "CountParams",
     "GaussianEncoder",
     "History",
     "LibraryEncoder",
+    "LinearVAE",
     "MLP",
     "MinibatchSampler",
     "PairedSampler",
     "TrainConfig",
     "TrainingError",
+    "UnknownPerturbationError",
     "batch_log_likelihood",
     "batch_size_of",
     "batch_to",

@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .base import BaseModel
 from .data import CellData, concat_batches
 from .likelihoods import batch_log_likelihood, check_likelihood
 from .modules import (
     CountDecoder,
+    CountParams,
     GaussianEncoder,
     LibraryEncoder,
     kl_normal,
@@ -35,13 +37,60 @@ from .modules import (
     wasserstein_to_origin,
 )
 
-__all__ = ["ContrastiveVAE"]
+__all__ = ["ContrastiveVAE", "AdditiveSalientDecoder", "DECODERS"]
+
+DECODERS = ("joint", "additive")
+"""``ContrastiveVAE(decoder=...)`` choices."""
 
 
 def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
     return int(value)
+
+
+class AdditiveSalientDecoder(nn.Module):
+    """Decoder whose salient code acts additively on log expression.
+
+    ``logits = expression(MLP(z)) + W s`` (``W``: ``n_salient -> n_genes``,
+    no bias), then ``log_softmax`` as in :class:`CountDecoder`; dispersion
+    and zero-inflation come from the background part alone. The salient
+    code thus moves genes by the same log-fold change (up to the softmax
+    renormalisation) whatever the cell's background state, so it cannot
+    profit from encoding shared variation such as the cell-cycle phase.
+    Drop-in for :class:`CountDecoder` with input ``[z, s]``.
+    """
+
+    def __init__(
+        self,
+        n_background: int,
+        n_salient: int,
+        n_genes: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cov: int = 0,
+        likelihood: str = "zinb",
+    ) -> None:
+        super().__init__()
+        self.n_background = n_background
+        self.background = CountDecoder(
+            n_background, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_cov, likelihood=likelihood
+        )
+        self.salient = nn.Linear(n_salient, n_genes, bias=False)
+
+    def _hidden_logits(self, zs: Tensor, cov: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = self.background.net(zs[:, : self.n_background], cov)
+        return h, self.background.expression(h) + self.salient(zs[:, self.n_background :])
+
+    def log_proportions(self, zs: Tensor, cov: Tensor | None = None) -> Tensor:
+        """Log normalised expression ``(B, G)`` of ``[z, s]``."""
+        return F.log_softmax(self._hidden_logits(zs, cov)[1], dim=-1)
+
+    def forward(self, zs: Tensor, log_library: Tensor, cov: Tensor | None = None) -> CountParams:
+        h, logits = self._hidden_logits(zs, cov)
+        log_rho = F.log_softmax(logits, dim=-1)
+        zi = self.background.zi(h) if self.background.zi is not None else None
+        return CountParams(log_rho, log_rho + log_library.unsqueeze(-1), self.background.log_theta, zi)
 
 
 class ContrastiveVAE(BaseModel):
@@ -79,6 +128,12 @@ class ContrastiveVAE(BaseModel):
     wasserstein_penalty
         Weight of the squared 2-Wasserstein distance between the control
         cells' salient posterior and a point mass at 0. 0 disables it.
+    decoder
+        ``"joint"`` (default, as in the paper): one MLP decodes ``[z, s]``.
+        ``"additive"``: an MLP decodes ``z`` and ``s`` adds a linear
+        log-expression effect (:class:`AdditiveSalientDecoder`); on
+        simulated screens this keeps the cell-cycle phase out of the
+        salient space at the same program separation.
 
     Notes
     -----
@@ -101,6 +156,7 @@ class ContrastiveVAE(BaseModel):
         library_log_mean: list[float] | None = None,
         library_log_var: list[float] | None = None,
         wasserstein_penalty: float = 1.0,
+        decoder: str = "joint",
     ) -> None:
         super().__init__()
         n_genes = _check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
@@ -116,6 +172,8 @@ class ContrastiveVAE(BaseModel):
             raise ValueError(f"library={library!r} is not supported; use 'observed' (log total counts) or 'learned'")
         if not (isinstance(wasserstein_penalty, (int, float)) and wasserstein_penalty >= 0):
             raise ValueError(f"wasserstein_penalty must be a number >= 0 (0 disables it), got {wasserstein_penalty!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r} is not supported; use one of {list(DECODERS)}")
         n_lib = max(n_batch, 1)
         if library == "learned":
             if library_log_mean is None or library_log_var is None:
@@ -147,6 +205,7 @@ class ContrastiveVAE(BaseModel):
             library_log_mean=library_log_mean,
             library_log_var=library_log_var,
             wasserstein_penalty=float(wasserstein_penalty),
+            decoder=decoder,
         )
         self.n_genes = n_genes
         self.n_background = n_background
@@ -161,9 +220,17 @@ class ContrastiveVAE(BaseModel):
         self.background_encoder = GaussianEncoder(n_genes, n_background, **enc)
         self.salient_encoder = GaussianEncoder(n_genes, n_salient, **enc)
         self.library_encoder = LibraryEncoder(n_genes, **enc) if library == "learned" else None
-        self.decoder = CountDecoder(
-            n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch, likelihood=likelihood
-        )
+        self.decoder: nn.Module
+        if decoder == "additive":
+            self.decoder = AdditiveSalientDecoder(
+                n_background, n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
+                likelihood=likelihood,
+            )
+        else:
+            self.decoder = CountDecoder(
+                n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
+                likelihood=likelihood,
+            )
         if library == "learned":
             self.register_buffer("library_log_mean", torch.tensor(library_log_mean))
             self.register_buffer("library_log_var", torch.tensor(library_log_var))

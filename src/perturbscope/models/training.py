@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -293,6 +293,7 @@ def fit(
     train_sampler: Iterable[Mapping[str, Any]],
     val_sampler: Iterable[Mapping[str, Any]] | None = None,
     config: TrainConfig | None = None,
+    callback: Callable[[int, History, nn.Module], bool | None] | None = None,
 ) -> History:
     """Train ``model`` with Adam; the one training loop of all perturbscope models.
 
@@ -311,6 +312,15 @@ def fit(
         comparable). Required for early stopping and best-weight restoring.
     config
         :class:`TrainConfig` (default settings if None).
+    callback
+        Optional ``callback(epoch, history, model)`` called at the end of
+        every epoch (after validation; ``history`` already holds the epoch,
+        the model holds the epoch's weights, in eval mode if there is a
+        validation sampler). Returning ``True`` stops training
+        (``history.stopped_early`` stays False). It runs under a
+        forked RNG and outside the timed part of the epoch
+        (``history.seconds``), so it changes neither the fit nor its timings,
+        e.g. to evaluate embeddings every few epochs.
 
     Returns
     -------
@@ -326,11 +336,11 @@ def fit(
     """
     config = config or TrainConfig()
     if config.num_threads is None:
-        return _fit(model, train_sampler, val_sampler, config)
+        return _fit(model, train_sampler, val_sampler, config, callback)
     previous = torch.get_num_threads()
     torch.set_num_threads(int(config.num_threads))
     try:
-        return _fit(model, train_sampler, val_sampler, config)
+        return _fit(model, train_sampler, val_sampler, config, callback)
     finally:
         torch.set_num_threads(previous)
 
@@ -340,6 +350,7 @@ def _fit(
     train_sampler: Iterable[Mapping[str, Any]],
     val_sampler: Iterable[Mapping[str, Any]] | None,
     config: TrainConfig,
+    callback: Callable[[int, History, nn.Module], bool | None] | None = None,
 ) -> History:
     device = resolve_device(config.device)
     model.to(device)
@@ -403,6 +414,10 @@ def _fit(
             if val_means:
                 postfix["val"] = f"{val_means['loss']:.4g}"
             bar.set_postfix(postfix, refresh=False)
+            if callback is not None:
+                with torch.random.fork_rng(devices=rng_devices):
+                    if callback(epoch, history, model):
+                        break
             if stop:
                 history.stopped_early = True
                 break

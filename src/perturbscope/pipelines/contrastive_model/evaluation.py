@@ -1,0 +1,320 @@
+"""How well an embedding separates perturbation programs and removes shared confounders.
+
+Pure functions on numpy arrays and AnnData (no Kedro, no torch), used by the
+``evaluate_embeddings`` node and by ``bench/contrastive_vs_scvi.py``.
+
+Scores (higher is better unless noted):
+
+* ``ari`` / ``nmi`` -- adjusted Rand index / normalised mutual information of
+  Leiden clusters of the kNN graph against the annotation. By default the
+  Leiden resolution is searched so that the number of clusters equals the
+  number of annotation classes (it uses the *count* of classes only, never
+  the labels), which makes spaces comparable.
+* ``silhouette`` -- silhouette width of the annotation classes (-1..1).
+* ``knn_accuracy`` -- cross-validated accuracy of a kNN classifier
+  predicting the annotation; its chance level is the majority-class share.
+* ``leakage_knn_accuracy`` -- the same for a confounder (cell-cycle phase,
+  batch) over all perturbed cells: *lower* is better in the salient space,
+  where chance level means the confounder was removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "chance_accuracy",
+    "knn_accuracy",
+    "leiden_clusters",
+    "program_scores",
+    "evaluate_spaces",
+    "metrics_for_mlflow",
+]
+
+TABLE_COLUMNS = ["metric", "key", "space", "value", "chance_level", "n_cells", "n_classes", "note"]
+"""Columns of the evaluation table (one row per metric x space; a skipped check has one row, a note)."""
+
+_MISSING = {"", "nan", "none", "null", "unknown", "na", "n/a"}
+
+
+def _usable_labels(values: pd.Series, ignore: Iterable[str]) -> np.ndarray:
+    """Boolean mask of cells whose label is present and not in ``ignore`` (case-insensitive)."""
+    ignored = {str(v).strip().lower() for v in ignore} | {""}
+    text = values.astype("string").str.strip().str.lower()
+    return (values.notna() & ~text.isin(ignored).fillna(True)).to_numpy()
+
+
+def chance_accuracy(labels: Sequence[Any]) -> float:
+    """Accuracy of always predicting the most frequent class (the kNN chance level)."""
+    counts = pd.Series(np.asarray(labels)).value_counts()
+    return float(counts.iloc[0] / counts.sum()) if len(counts) else float("nan")
+
+
+def _subsample(n: int, max_cells: int | None, seed: int) -> np.ndarray:
+    if max_cells is None or n <= max_cells:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(max_cells), replace=False))
+
+
+def knn_accuracy(
+    embedding: np.ndarray, labels: Sequence[Any], n_neighbors: int = 15, folds: int = 5, seed: int = 0
+) -> float:
+    """Cross-validated accuracy of a kNN classifier predicting ``labels`` from ``embedding``.
+
+    Stratified folds when every class has at least two cells, plain shuffled
+    folds otherwise; ``n_neighbors`` is capped by the training fold size.
+    """
+    y = np.asarray(labels).astype(str)
+    n = y.size
+    folds = max(2, min(int(folds), n))
+    min_class = int(pd.Series(y).value_counts().min())
+    if min_class >= 2:
+        cv: Any = StratifiedKFold(n_splits=min(folds, min_class), shuffle=True, random_state=seed)
+    else:
+        cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    k = max(1, min(int(n_neighbors), n - n // cv.get_n_splits() - 1))
+    predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=k), np.asarray(embedding), y, cv=cv)
+    return float(np.mean(predicted == y))
+
+
+def _neighbors(embedding: np.ndarray, n_neighbors: int, seed: int) -> ad.AnnData:
+    holder = ad.AnnData(np.zeros((embedding.shape[0], 0), dtype=np.float32))
+    holder.obsm["X_space"] = np.asarray(embedding, dtype=np.float32)
+    k = max(2, min(int(n_neighbors), embedding.shape[0] - 1))
+    sc.pp.neighbors(holder, n_neighbors=k, use_rep="X_space", random_state=seed)
+    return holder
+
+
+def leiden_clusters(
+    embedding: np.ndarray,
+    n_clusters: int | None = None,
+    resolution: float | None = None,
+    n_neighbors: int = 15,
+    seed: int = 0,
+    max_iterations: int = 20,
+) -> np.ndarray:
+    """Leiden clusters of the kNN graph of ``embedding``.
+
+    With a fixed ``resolution`` it is used as is. Otherwise the resolution is
+    bisected (in log space, 0.001..10) until the partition has ``n_clusters``
+    clusters (the closest count found is kept).
+    """
+    holder = _neighbors(embedding, n_neighbors, seed)
+
+    def run(res: float) -> np.ndarray:
+        sc.tl.leiden(
+            holder, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed
+        )
+        return holder.obs["leiden"].to_numpy().astype(str)
+
+    if resolution is not None:
+        return run(float(resolution))
+    if n_clusters is None:
+        raise ValueError("leiden_clusters needs n_clusters or a resolution")
+    low, high = np.log(1e-3), np.log(10.0)
+    best, best_gap = None, np.inf
+    for _ in range(max_iterations):
+        mid = 0.5 * (low + high)
+        labels = run(float(np.exp(mid)))
+        found = len(np.unique(labels))
+        gap = abs(found - n_clusters)
+        if gap < best_gap:
+            best, best_gap = labels, gap
+        if found == n_clusters:
+            break
+        if found < n_clusters:
+            low = mid
+        else:
+            high = mid
+    assert best is not None
+    return best
+
+
+def program_scores(
+    embedding: np.ndarray,
+    labels: Sequence[Any],
+    resolution: float | str | None = "auto",
+    n_neighbors: int = 15,
+    folds: int = 5,
+    max_cells: int | None = 20000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ARI, NMI (Leiden vs labels), silhouette and kNN accuracy of one embedding.
+
+    Parameters
+    ----------
+    embedding
+        ``(n, d)`` coordinates of the annotated cells.
+    labels
+        Their annotation (``n`` labels, at least two classes).
+    resolution
+        Leiden resolution, or ``"auto"``/None to match the number of classes.
+    n_neighbors, folds
+        kNN graph / classifier size and cross-validation folds.
+    max_cells
+        Cells subsampled (with ``seed``) for all scores; None = all.
+    seed
+        Seeds the subsample, the kNN graph, Leiden and the folds.
+    """
+    y = np.asarray(labels).astype(str)
+    keep = _subsample(y.size, max_cells, seed)
+    emb, y = np.asarray(embedding)[keep], y[keep]
+    n_classes = len(np.unique(y))
+    res = None if resolution in (None, "auto") else float(resolution)
+    clusters = leiden_clusters(emb, n_clusters=n_classes, resolution=res, n_neighbors=n_neighbors, seed=seed)
+    return {
+        "ari": float(adjusted_rand_score(y, clusters)),
+        "nmi": float(normalized_mutual_info_score(y, clusters)),
+        "silhouette": float(silhouette_score(emb, y)) if 1 < n_classes < y.size else float("nan"),
+        "knn_accuracy": knn_accuracy(emb, y, n_neighbors, folds, seed),
+    }
+
+
+def _row(metric: str, key: str, space: str, value: float, chance: float = float("nan"),
+         n_cells: int = 0, n_classes: int = 0, note: str = "") -> dict[str, Any]:
+    return {"metric": metric, "key": key, "space": space, "value": value, "chance_level": chance,
+            "n_cells": n_cells, "n_classes": n_classes, "note": note}
+
+
+def evaluate_spaces(
+    adata: ad.AnnData,
+    spaces: Mapping[str, str],
+    target_mask: np.ndarray,
+    annotation_key: str | None,
+    confounder_keys: Sequence[str] = ("phase",),
+    ignore_labels: Iterable[str] = ("unassigned", "none", "unknown", "control"),
+    resolution: float | str | None = "auto",
+    n_neighbors: int = 15,
+    folds: int = 5,
+    max_cells: int | None = 20000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The evaluation table of several embeddings of the same cells.
+
+    Parameters
+    ----------
+    adata
+        Cells with the embeddings in ``obsm``.
+    spaces
+        ``{space name: obsm key}``, e.g. ``{"salient": "X_salient", ...}``.
+    target_mask
+        Boolean mask of the perturbed cells (all scores use only those).
+    annotation_key
+        ``obs`` column annotating perturbations (a gene program); None or a
+        missing column skips the program scores with a note.
+    confounder_keys
+        ``obs`` columns of shared confounders; one that is absent, has only
+        missing / ``unknown`` values or a single category is skipped with a
+        note.
+    ignore_labels
+        Annotation labels that do not count as an annotation.
+    resolution, n_neighbors, folds, max_cells, seed
+        See :func:`program_scores`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`TABLE_COLUMNS`; ``metric`` is ``ari``, ``nmi``, ``silhouette``,
+        ``knn_accuracy`` (key = the annotation) or ``leakage_knn_accuracy``
+        (key = the confounder), ``chance_level`` is filled for the kNN rows.
+    """
+    target_mask = np.asarray(target_mask, dtype=bool)
+    rows: list[dict[str, Any]] = []
+
+    # --- program separation -------------------------------------------------------
+    if annotation_key is None:
+        note = "no annotation: set schema.program_key (or contrastive_model.evaluation.annotation_key)"
+        logger.info("Program scores skipped: %s.", note)
+        rows.append(_row("ari", "", "", float("nan"), note=note))
+    elif annotation_key not in adata.obs.columns:
+        note = f"obs has no column '{annotation_key}'"
+        logger.info("Program scores skipped: %s.", note)
+        rows.append(_row("ari", annotation_key, "", float("nan"), note=note))
+    else:
+        mask = target_mask & _usable_labels(adata.obs[annotation_key], ignore_labels)
+        labels = adata.obs[annotation_key].astype(str).to_numpy()[mask]
+        n_classes = len(np.unique(labels))
+        if n_classes < 2:
+            note = (f"fewer than two annotated classes among perturbed cells in '{annotation_key}' "
+                    f"(ignoring {sorted(set(ignore_labels))})")
+            logger.info("Program scores skipped: %s.", note)
+            rows.append(_row("ari", annotation_key, "", float("nan"), n_cells=int(mask.sum()),
+                             n_classes=n_classes, note=note))
+        else:
+            chance = chance_accuracy(labels)
+            for space, obsm_key in spaces.items():
+                scores = program_scores(adata.obsm[obsm_key][mask], labels, resolution, n_neighbors,
+                                        folds, max_cells, seed)
+                for metric, value in scores.items():
+                    rows.append(_row(metric, annotation_key, space, value,
+                                     chance if metric == "knn_accuracy" else float("nan"),
+                                     int(mask.sum()), n_classes))
+
+    # --- confounder leakage -------------------------------------------------------
+    for key in confounder_keys:
+        if key is None:
+            continue
+        if key not in adata.obs.columns:
+            note = f"obs has no column '{key}'"
+        else:
+            values = adata.obs[key]
+            usable = target_mask & _usable_labels(values, _MISSING)
+            labels = values.astype(str).to_numpy()[usable]
+            n_classes = len(np.unique(labels))
+            note = "" if n_classes >= 2 else (
+                f"'{key}' is unknown/missing or has a single category among perturbed cells")
+        if note:
+            logger.info("Confounder '%s' skipped: %s.", key, note)
+            rows.append(_row("leakage_knn_accuracy", key, "", float("nan"), note=note))
+            continue
+        keep = np.flatnonzero(usable)[_subsample(int(usable.sum()), max_cells, seed)]
+        labels = values.astype(str).to_numpy()[keep]
+        chance = chance_accuracy(labels)
+        for space, obsm_key in spaces.items():
+            acc = knn_accuracy(adata.obsm[obsm_key][keep], labels, n_neighbors, folds, seed)
+            rows.append(_row("leakage_knn_accuracy", key, space, acc, chance, keep.size,
+                             len(np.unique(labels))))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _metric_name(*parts: str) -> str:
+    clean = []
+    for part in parts:
+        text = "".join(ch if (ch.isalnum() or ch in "_-") else "_" for ch in str(part))
+        if text:
+            clean.append(text)
+    return ".".join(clean)
+
+
+def metrics_for_mlflow(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
+    """``{name: {"value", "step": 0}}`` for ``MlflowMetricsHistoryDataset``.
+
+    Names are ``<metric>.<space>`` for program scores (``ari.salient``) and
+    ``<metric>.<key>.<space>`` for leakage (``leakage_knn_accuracy.phase.salient``)
+    plus ``...<key>.chance``; skipped checks (NaN values) are left out.
+    """
+    out: dict[str, dict[str, float | int]] = {}
+    for row in table.itertuples(index=False):
+        if not np.isfinite(row.value):
+            continue
+        if row.metric == "leakage_knn_accuracy":
+            out[_metric_name(row.metric, row.key, row.space)] = {"value": float(row.value), "step": 0}
+            out[_metric_name(row.metric, row.key, "chance")] = {"value": float(row.chance_level), "step": 0}
+        else:
+            out[_metric_name(row.metric, row.space)] = {"value": float(row.value), "step": 0}
+            if row.metric == "knn_accuracy":
+                out[_metric_name(row.metric, "chance")] = {"value": float(row.chance_level), "step": 0}
+    return out

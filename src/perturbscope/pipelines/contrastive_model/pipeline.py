@@ -1,0 +1,73 @@
+"""The contrastive_model pipeline: processed screen → contrastiveVI model, embeddings, evaluation."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from perturbscope.pipelines.contrastive_model import nodes
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                nodes.train_contrastive_model,
+                inputs=[
+                    "processed_screen",
+                    "params:contrastive_model.model",
+                    "params:contrastive_model.training",
+                    "params:schema",
+                    "params:seed",
+                ],
+                outputs=["contrastive_model", "contrastive_training_history"],
+                name="train_contrastive_model",
+            ),
+            Node(
+                nodes.model_artifact,
+                inputs="contrastive_model",
+                outputs="contrastive_model_mlflow",
+                name="log_contrastive_model",
+            ),
+            Node(
+                nodes.training_history_metrics,
+                inputs="contrastive_training_history",
+                outputs="contrastive_training_metrics",
+                name="log_contrastive_training_history",
+            ),
+            Node(
+                nodes.embed_cells,
+                inputs=["processed_screen", "contrastive_model", "params:contrastive_model.embedding", "params:seed"],
+                outputs="contrastive_embedded_screen",
+                name="embed_cells",
+            ),
+            Node(
+                nodes.evaluate_embeddings,
+                inputs=[
+                    "contrastive_embedded_screen",
+                    "params:contrastive_model.evaluation",
+                    "params:schema",
+                    "params:seed",
+                ],
+                outputs="contrastive_evaluation",
+                name="evaluate_embeddings",
+            ),
+            Node(
+                nodes.evaluation_metrics,
+                inputs="contrastive_evaluation",
+                outputs="contrastive_evaluation_metrics",
+                name="log_contrastive_evaluation",
+            ),
+            Node(
+                nodes.rank_salient_genes,
+                inputs=["processed_screen", "contrastive_model", "params:contrastive_model.salient_expression"],
+                outputs="contrastive_salient_genes",
+                name="rank_salient_genes",
+            ),
+            Node(
+                nodes.plot_embeddings,
+                inputs=["contrastive_embedded_screen", "params:contrastive_model.evaluation", "params:schema"],
+                outputs="contrastive_umaps",
+                name="plot_contrastive_umaps",
+            ),
+        ]
+    )

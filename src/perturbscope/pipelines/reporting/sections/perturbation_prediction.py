@@ -1,0 +1,139 @@
+"""Report section of ``perturbation_prediction``: the summary panel across methods, the
+summary table, and the cVAE training curves of each split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kedro.pipeline import Node, Pipeline
+from matplotlib.figure import Figure
+
+from perturbscope.pipelines.reporting.figures import plot_training_curves
+from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
+from perturbscope.pipelines.reporting.sections.base import Section, section_result
+
+PIPELINE = "perturbation_prediction"
+FIGURES = ("prediction_summary_panel", "prediction_training_curves")
+HEADLINE_SCORE = "pearson_delta"
+"""Score used for the 'best method' facts (higher is better)."""
+
+
+def _splits() -> tuple[str, ...]:
+    from perturbscope.pipelines.perturbation_prediction.pipeline import SPLITS
+
+    return tuple(SPLITS)
+
+
+def summary_table(summary: pd.DataFrame, scores: list[str]) -> pd.DataFrame:
+    """One row per split and method with ``mean ± sd`` of each score."""
+    table = summary[["evaluation", "method", "n_perturbations"]].copy()
+    for score in scores:
+        mean, sd = f"{score}_mean", f"{score}_sd"
+        if mean not in summary:
+            continue
+        table[score] = [
+            "n/a" if pd.isna(m) else (f"{m:.3g}" if pd.isna(s) else f"{m:.3g} ± {s:.2g}")
+            for m, s in zip(summary[mean], summary.get(sd, pd.Series(np.nan, index=summary.index)))
+        ]
+    return table
+
+
+def best_methods(summary: pd.DataFrame, score: str = HEADLINE_SCORE) -> dict[str, str]:
+    """Per split, the method with the highest mean ``score``."""
+    column = f"{score}_mean"
+    if column not in summary:
+        return {}
+    out = {}
+    for evaluation, rows in summary.groupby("evaluation", sort=False):
+        rows = rows.dropna(subset=[column])
+        if len(rows):
+            best = rows.loc[rows[column].idxmax()]
+            out[f"best method by {score} ({evaluation})"] = f"{best['method']} ({best[column]:.3f})"
+    return out
+
+
+def plot_summary_panel(
+    summary: pd.DataFrame, metrics: pd.DataFrame, figure_params: dict[str, Any], dpi: int
+) -> Figure:
+    """The pipeline's own summary panel across methods (its ``plot_summary`` node), at ``dpi``."""
+    from perturbscope.pipelines.perturbation_prediction.nodes import plot_summary
+
+    panel = plot_summary(summary, metrics, figure_params)
+    panel.set_dpi(dpi)
+    return panel
+
+
+def report_perturbation_prediction(
+    summary: pd.DataFrame,
+    metrics: pd.DataFrame,
+    figure_params: dict[str, Any],
+    params: dict[str, Any],
+    *histories: pd.DataFrame,
+) -> dict[str, Any]:
+    """The perturbation_prediction section: the summary panel, the table, training curves."""
+    dpi = int(params["figure_dpi"])
+    splits = _splits()
+    if len(histories) != len(splits):
+        raise ValueError(f"Expected one training history per split {list(splits)}, got {len(histories)}.")
+    panel = plot_summary_panel(summary, metrics, figure_params, dpi)
+    scores = [s for s in figure_params.get("summary_scores", []) if f"{s}_mean" in summary]
+    figures = {
+        "prediction_summary_panel": FigureSpec(
+            panel, "Perturbation prediction: scores per method",
+            "Every method on the test perturbations of each split (rows): dots are perturbations, "
+            "the marker is mean ± sd. cVAE (prior / encoded controls) against the baselines.",
+        ),
+        "prediction_training_curves": FigureSpec(
+            plot_training_curves({f"cVAE, {s}": h for s, h in zip(splits, histories)}, dpi=dpi),
+            "Training curves: conditional VAE",
+            "Train and validation loss per epoch of the cVAE of each split; the dotted line marks "
+            "the epoch whose weights were kept.",
+        ),
+    }
+    facts: dict[str, Any] = {
+        "methods": ", ".join(dict.fromkeys(metrics["method"].astype(str))),
+        **{
+            f"test perturbations ({evaluation})": int(rows["perturbation"].nunique())
+            for evaluation, rows in metrics.groupby("evaluation", sort=False)
+        },
+        **best_methods(summary),
+    }
+    section = make_section(
+        PIPELINE,
+        "Perturbation prediction",
+        intro=(
+            "A conditional VAE predicts the expression of perturbed cells, scored against baselines "
+            "on held-out cells and held-out (unseen) perturbations."
+        ),
+        facts=facts,
+        tables=[
+            ReportTable(
+                "prediction_summary", "Summary across methods (mean ± sd over test perturbations)",
+                summary_table(summary, scores),
+            ),
+        ],
+        figures=figures,
+    )
+    return section_result(section, figures)
+
+
+def create_pipeline() -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                report_perturbation_prediction,
+                inputs=[
+                    "prediction_summary", "prediction_metrics",
+                    "params:perturbation_prediction.figures", "params:reporting",
+                    *(f"{split}.cvae_training_history" for split in _splits()),
+                ],
+                outputs=SECTION.node_outputs(),
+                name="report_perturbation_prediction",
+            )
+        ]
+    )
+
+
+SECTION = Section(pipeline=PIPELINE, figures=FIGURES, create_pipeline=create_pipeline)

@@ -1,0 +1,132 @@
+"""Bad parameters, embedding new screens, checkpoints through the catalog dataset."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from kedro.io.core import Version
+
+from perturbscope.datasets import TorchModelDataset
+from perturbscope.pipelines.contrastive_model import ContrastiveModelError, embed_screen, nodes
+
+from .conftest import MODEL, SCHEMA, TRAINING, Trained
+
+FAST = {**TRAINING, "max_epochs": 1, "kl_warmup_epochs": 0}
+
+
+# ------------------------------------------------------------------ bad parameters
+@pytest.mark.parametrize(
+    ("model", "training", "match"),
+    [
+        ({"n_salient": 0}, {}, r"contrastive_model\.model\.n_salient must be a positive integer"),
+        ({"n_background": 0}, {}, r"contrastive_model\.model\.n_background must be a positive integer"),
+        ({"n_salient": 2.5}, {}, r"n_salient"),
+        ({"n_latent": 10}, {}, r"Unknown contrastive_model\.model parameter\(s\) \['n_latent'\]"),
+        ({"likelihood": "poisson"}, {}, r"contrastive_model\.model: likelihood='poisson'"),
+        ({}, {"lr": -1.0}, r"contrastive_model\.training: lr must be a positive"),
+        ({}, {"batch_size": 0}, r"batch_size must be a positive integer"),
+        ({}, {"epochs": 3}, r"Unknown contrastive_model\.training parameter\(s\) \['epochs'\]"),
+    ],
+)
+def test_bad_parameters_fail_with_clear_messages(sim_screen: ad.AnnData, model: dict, training: dict, match: str) -> None:
+    with pytest.raises(ContrastiveModelError, match=match):
+        nodes.train_contrastive_model(sim_screen, {**MODEL, **model}, {**FAST, **training}, SCHEMA, 0)
+
+
+def test_no_target_cells(sim_screen: ad.AnnData) -> None:
+    controls = sim_screen[sim_screen.obs["is_control"].to_numpy()].copy()
+    with pytest.raises(ContrastiveModelError, match="no target \\(perturbed\\) cells"):
+        nodes.train_contrastive_model(controls, MODEL, FAST, SCHEMA, 0)
+
+
+def test_no_control_cells(sim_screen: ad.AnnData) -> None:
+    targets = sim_screen[~sim_screen.obs["is_control"].to_numpy()].copy()
+    with pytest.raises(ContrastiveModelError, match="no control cells.*schema.control_labels"):
+        nodes.train_contrastive_model(targets, MODEL, FAST, SCHEMA, 0)
+
+
+def test_no_training_targets(sim_screen: ad.AnnData) -> None:
+    screen = sim_screen.copy()
+    screen.obs["split"] = np.where(screen.obs["is_control"], "train", "validation")
+    with pytest.raises(ContrastiveModelError, match="No target cells in the training split"):
+        nodes.train_contrastive_model(screen, MODEL, FAST, SCHEMA, 0)
+
+
+# ------------------------------------------------------------ embedding new screens
+def test_same_seed_same_model(sim_screen: ad.AnnData) -> None:
+    small = sim_screen[:400].copy()
+    first, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, SCHEMA, 3)
+    second, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, SCHEMA, 3)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch_equal(a, b), name
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_save_load_through_catalog_dataset_reproduces_embeddings(trained: Trained, tmp_path) -> None:
+    dataset = TorchModelDataset(filepath=str(tmp_path / "contrastive_model.pt"), version=Version(None, None))
+    dataset.save(trained.model)
+    loaded = dataset.load()
+    assert loaded.hparams == trained.model.hparams and loaded.metadata == trained.model.metadata
+    before = embed_screen(trained.model, trained.screen)
+    after = embed_screen(loaded, trained.screen)
+    for key in ("X_salient", "X_background"):
+        np.testing.assert_array_equal(before.obsm[key], after.obsm[key])
+        np.testing.assert_array_equal(before.obsm[key], trained.embedded.obsm[key])
+    with_a, without_a = trained.model.salient_expression(nodes._cell_data(trained.model, trained.screen, None, False), np.arange(50))
+    with_b, without_b = loaded.salient_expression(nodes._cell_data(loaded, trained.screen, None, False), np.arange(50))
+    np.testing.assert_array_equal(with_a, with_b)
+    np.testing.assert_array_equal(without_a, without_b)
+
+
+def test_embed_new_screen_aligns_genes_by_name(trained: Trained) -> None:
+    screen = trained.screen[:300].copy()
+    reference = embed_screen(trained.model, screen)
+    # a "new" screen: raw counts in X only, genes shuffled, two extra genes
+    rng = np.random.default_rng(0)
+    order = rng.permutation(screen.n_vars)
+    counts = sp.csr_matrix(screen.layers["counts"])[:, order]
+    extra = sp.csr_matrix(rng.poisson(1.0, size=(screen.n_obs, 2)).astype(np.float32))
+    new = ad.AnnData(
+        X=sp.hstack([counts, extra], format="csr"),
+        obs=screen.obs[["perturbation"]].copy(),
+        var={"gene": list(screen.var_names[order]) + ["EXTRA1", "EXTRA2"]},
+    )
+    new.var_names = new.var["gene"].astype(str).to_numpy()
+    embedded = embed_screen(trained.model, new, umap=True)
+    for key in ("X_salient", "X_background"):
+        np.testing.assert_allclose(embedded.obsm[key], reference.obsm[key], rtol=1e-5, atol=1e-6)
+    assert embedded.obsm["X_umap_salient"].shape == (new.n_obs, 2)
+    assert embedded.n_vars == new.n_vars and "X_salient" not in new.obsm  # a copy, input untouched
+
+
+def test_missing_genes_are_named(trained: Trained) -> None:
+    screen = trained.screen[:50].copy()
+    dropped = list(screen.var_names[[3, 10, 42]])
+    keep = ~screen.var_names.isin(dropped)
+    with pytest.raises(ContrastiveModelError, match="3 of the model's 300 genes are missing") as err:
+        embed_screen(trained.model, screen[:, keep].copy())
+    for gene in dropped:
+        assert gene in str(err.value)
+    filled = embed_screen(trained.model, screen[:, keep].copy(), fill_missing=True)
+    assert np.isfinite(filled.obsm["X_salient"]).all()
+
+
+def test_normalised_matrix_without_counts_is_rejected(trained: Trained) -> None:
+    screen = trained.screen[:50].copy()
+    del screen.layers["counts"]  # X is log-normalised
+    with pytest.raises(ContrastiveModelError, match="does not hold raw UMI counts"):
+        embed_screen(trained.model, screen)
+
+
+def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
+    screen = trained.screen[:200].copy()
+    before_obs, before_obsm = screen.obs.copy(), set(screen.obsm)
+    nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
+    nodes.rank_salient_genes(screen, trained.model, {"top_genes": 5})
+    assert set(screen.obsm) == before_obsm
+    assert screen.obs.equals(before_obs)
