@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scvi-wasserstein", type=float, default=0.0, help="scvi-tools' default is 0")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both tools (default: torch's, i.e. the cores)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="contrastive_vs_scvi")
     args = parser.parse_args(argv)
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("scvi").setLevel(logging.WARNING)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_start = load_average()
     raw, screen = make_screen(args)
     scorer = Scorer(screen, args.seed)

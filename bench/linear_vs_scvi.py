@@ -262,7 +262,8 @@ def main() -> None:
     lines += [
         "",
         "The machine (2 cores) is shared with other jobs: wall-clock times are noisy; CPU seconds per epoch "
-        "(one thread) are the steadier number. Load averages are 1 / 5 / 15 minutes.",
+        "(one thread) are the steadier number. Load averages are 1 / 5 / 15 minutes. "
+        + '"s/epoch (wall)" and "CPU s/epoch" are the whole training call divided by the epochs (the headline numbers); "median epoch s" times single epochs (our History; for scvi a Lightning callback between epoch start and end, which leaves out scvi\'s epoch-end metric aggregation, so it understates scvi).',
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())

@@ -60,7 +60,7 @@ def test_salient_genes_recover_each_programs_genes(trained: Trained, sim_pair) -
     assert set(table["perturbation"]) == set(screen.obs.loc[~screen.obs["is_control"], "perturbation"].astype(str))
     assert (table.groupby("perturbation")["rank"].max() == 20).all()
     program = raw.uns["perturbation_truth"]["program"]
-    effects, nulls = [], []
+    effects, nulls, precision = [], [], []
     for perturbation, genes in table.groupby("perturbation"):
         true = truth.loc[genes["gene"], perturbation].to_numpy()
         if program[perturbation] == "none":
@@ -68,10 +68,13 @@ def test_salient_genes_recover_each_programs_genes(trained: Trained, sim_pair) -
             continue
         effects.append(genes["mean_log2fc"].abs().mean())
         moved = true != 0
-        # the top genes are the program's genes, moved in the true direction, in most cells
-        assert moved.mean() >= 0.8, (perturbation, genes)
+        precision.append(moved.mean())
+        # the strongest genes are the program's genes, every one moved in its true direction
+        assert moved[:5].all(), (perturbation, genes)
         assert (np.sign(genes["mean_log2fc"].to_numpy()[moved]) == np.sign(true[moved])).mean() >= 0.95
         assert genes["fraction_same_direction"].to_numpy()[moved].mean() >= 0.8
+    # most of each top 20 are its program's genes (a program has 30: 15 up, 15 down)
+    assert np.mean(precision) >= 0.75 and min(precision) >= 0.6, precision
     # a perturbation without an effect moves nothing much
     assert max(nulls) < 0.3 * min(effects), (nulls, effects)
 

@@ -36,6 +36,7 @@ from perturbscope.models import (  # noqa: E402
     PairedSampler,
     TrainConfig,
     fit,
+    resolve_device,
     seeded,
 )
 from perturbscope.pipelines.contrastive_model.evaluation import (  # noqa: E402
@@ -371,7 +372,8 @@ def train_contrastive_model(
             raise ContrastiveModelError(f"schema.batch_key is '{batch_key}' but the screen's obs has no such column.")
         categories = sorted(map(str, screen.obs[batch_key].astype(str).unique()))
         obs[BATCH_OBS_KEY] = _batch_codes(screen.obs, batch_key, categories)
-    data = CellData(_counts(screen, None), obs=obs)
+    # the counts go to the training device once (CUDA when available with device: auto)
+    data = CellData(_counts(screen, None), obs=obs, device=resolve_device(config.device))
 
     train_bg, train_tg = np.flatnonzero(is_control & ~is_val), np.flatnonzero(is_target & ~is_val)
     val_bg, val_tg = np.flatnonzero(is_control & is_val), np.flatnonzero(is_target & is_val)
