@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -78,3 +79,37 @@ class BaseModel(nn.Module):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"
+
+
+def check_library_prior(
+    library: str,
+    library_log_mean: Sequence[float] | None,
+    library_log_var: Sequence[float] | None,
+    n_batch: int,
+) -> tuple[list[float] | None, list[float] | None]:
+    """Validate a model's library-size setting; return the prior as plain float lists.
+
+    ``library="learned"`` needs a prior of the log library per batch
+    (``max(n_batch, 1)`` entries each, variances > 0).
+    """
+    if library not in ("observed", "learned"):
+        raise ValueError(f"library={library!r} is not supported; use 'observed' (log total counts) or 'learned'")
+    if library != "learned":
+        return library_log_mean, library_log_var
+    n_lib = max(n_batch, 1)
+    if library_log_mean is None or library_log_var is None:
+        raise ValueError(
+            "library='learned' needs library_log_mean and library_log_var (prior of the log library "
+            "per batch), e.g. `mean, var = data.library_prior(train_idx, batch_key, n_batch)`; "
+            "or use library='observed'"
+        )
+    means = [float(v) for v in library_log_mean]
+    variances = [float(v) for v in library_log_var]
+    if len(means) != n_lib or len(variances) != n_lib:
+        raise ValueError(
+            f"library_log_mean/library_log_var need max(n_batch, 1) = {n_lib} entries, "
+            f"got {len(means)} and {len(variances)}"
+        )
+    if min(variances) <= 0:
+        raise ValueError("library_log_var entries must be > 0")
+    return means, variances

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseModel
+from .base import BaseModel, check_library_prior
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, check_likelihood
 from .modules import (
@@ -305,25 +305,9 @@ class LinearVAE(BaseModel):
                 f"gene_norm={gene_norm!r} is not supported; use 'batch' (BatchNorm after the linear decoder, "
                 "as LDVAE) or 'none' (plain linear decoder)"
             )
-        if library not in ("observed", "learned"):
-            raise ValueError(f"library={library!r} is not supported; use 'observed' (log total counts) or 'learned'")
-        n_lib = max(n_batch, 1)
-        if library == "learned":
-            if library_log_mean is None or library_log_var is None:
-                raise ValueError(
-                    "library='learned' needs library_log_mean and library_log_var (prior of the log library "
-                    "per batch), e.g. `mean, var = data.library_prior(train_idx, batch_key, n_batch)`; "
-                    "or use library='observed'"
-                )
-            library_log_mean = [float(v) for v in library_log_mean]
-            library_log_var = [float(v) for v in library_log_var]
-            if len(library_log_mean) != n_lib or len(library_log_var) != n_lib:
-                raise ValueError(
-                    f"library_log_mean/library_log_var need max(n_batch, 1) = {n_lib} entries, "
-                    f"got {len(library_log_mean)} and {len(library_log_var)}"
-                )
-            if min(library_log_var) <= 0:
-                raise ValueError("library_log_var entries must be > 0")
+        library_log_mean, library_log_var = check_library_prior(
+            library, library_log_mean, library_log_var, n_batch
+        )
         self._set_hparams(
             n_genes=n_genes,
             n_latent=n_latent,

@@ -30,6 +30,7 @@ import scanpy as sc  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from perturbscope.pipelines._counts import raw_counts
 from perturbscope.models import (  # noqa: E402
     CellData,
     ContrastiveVAE,
@@ -80,25 +81,10 @@ class ContrastiveModelError(ValueError):
 # ------------------------------------------------------------------------- helpers
 def _counts(adata: ad.AnnData, counts_layer: str | None) -> sp.csr_matrix:
     """The raw count matrix (``layers[counts_layer]``, else ``layers["counts"]``, else ``X``)."""
-    if counts_layer is not None:
-        if counts_layer not in adata.layers:
-            raise ContrastiveModelError(
-                f"The screen has no layer '{counts_layer}' (layers: {list(adata.layers)}). "
-                "Pass the layer holding raw UMI counts, or None to use layers['counts'] / X."
-            )
-        matrix, where = adata.layers[counts_layer], f"layers['{counts_layer}']"
-    elif "counts" in adata.layers:
-        matrix, where = adata.layers["counts"], "layers['counts']"
-    else:
-        matrix, where = adata.X, "X"
-    csr = sp.csr_matrix(matrix, dtype=np.float32)
-    values = csr.data
-    if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values))):
-        raise ContrastiveModelError(
-            f"{where} does not hold raw UMI counts (negative, non-integer or non-finite values). "
-            "contrastiveVI models counts: pass counts_layer= the layer with raw counts."
-        )
-    return csr
+    return raw_counts(
+        adata, counts_layer, ContrastiveModelError,
+        "contrastiveVI models counts: pass counts_layer= the layer with raw counts.",
+    )
 
 
 def align_counts(

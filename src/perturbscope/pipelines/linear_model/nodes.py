@@ -44,6 +44,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from perturbscope.pipelines._counts import raw_counts
 from perturbscope.models import CellData, MinibatchSampler, TrainConfig, fit, seeded  # noqa: E402
 from perturbscope.models.linear import ROTATIONS, LinearVAE  # noqa: E402
 from perturbscope.schema import CONTROL  # noqa: E402
@@ -112,18 +113,10 @@ class LinearModelError(ValueError):
 # ------------------------------------------------------------------------- helpers
 def _counts(adata: ad.AnnData) -> sp.csr_matrix:
     """Raw counts: ``layers["counts"]`` (the processed screen), else ``X``; checked."""
-    if "counts" in adata.layers:
-        matrix, where = adata.layers["counts"], "layers['counts']"
-    else:
-        matrix, where = adata.X, "X"
-    csr = sp.csr_matrix(matrix, dtype=np.float32)
-    values = csr.data
-    if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values))):
-        raise LinearModelError(
-            f"{where} does not hold raw UMI counts (negative, non-integer or non-finite values). The LDVAE "
-            "models counts: run the data_processing pipeline (it keeps raw counts in layers['counts'])."
-        )
-    return csr
+    return raw_counts(
+        adata, None, LinearModelError,
+        "The LDVAE models counts: run the data_processing pipeline (it keeps raw counts in layers['counts']).",
+    )
 
 
 def _aligned_counts(model: LinearVAE, adata: ad.AnnData) -> sp.csr_matrix:
