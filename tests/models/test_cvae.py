@@ -170,7 +170,7 @@ def test_nb_generation_matches_the_processed_scale(adata: ad.AnnData) -> None:
     pred = ad.concat([
         model.sample_prior(["control"], n_cells=300, library=lib[ctrl], scale=scales[ctrl], seed=0),
         model.sample_prior(["A"], n_cells=300, library=lib[a_cells], scale=scales[a_cells], seed=0),
-    ])
+    ], index_unique="-")
     assert (pred.X >= 0).all()
     c = np.asarray(adata.X[ctrl].mean(axis=0)).ravel()
     assert np.abs(_delta(pred, "control", c)).mean() < 0.1

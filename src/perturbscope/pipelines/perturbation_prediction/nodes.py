@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from perturbscope.models.cvae import ConditionalVAE, scale_factors
 from perturbscope.models.data import MinibatchSampler
 from perturbscope.models.training import TrainConfig, fit, seeded
+from perturbscope.pipelines._counts import raw_counts
 
 from . import figures
 from .baselines import BASELINES, baseline_cells
@@ -211,7 +212,7 @@ def predict_cvae(
     lib = sc_ = None
     scale_ctrl = None
     if model.likelihood == "nb":
-        counts = adata.layers["counts"]
+        counts = raw_counts(adata, error=SplitError, hint="The NB cVAE draws counts with real cells' library sizes.")
         scales = scale_factors(adata)
         lib = np.asarray(counts[train].sum(axis=1)).reshape(-1)
         sc_ = scales[train]
