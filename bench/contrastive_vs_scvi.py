@@ -61,6 +61,14 @@ def load_average() -> float:
 
 
 # ------------------------------------------------------------------------------- data
+def pipeline_parameters() -> dict[str, Any]:
+    """The contrastive_model parameters of ``conf/base`` (read as YAML: no Kedro in the bench env)."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_contrastive_model.yml"
+    return yaml.safe_load(path.read_text())["contrastive_model"]
+
+
 def make_screen(args: argparse.Namespace):
     raw = simulate_screen(
         n_cells=args.n_cells, n_genes=args.n_genes, n_programs=args.n_programs,
@@ -183,11 +191,16 @@ def scvi_targets_per_epoch(n_target: int, n_background: int, batch_size: int) ->
 
 # ------------------------------------------------------------------------------- ours
 def run_ours(screen, args: argparse.Namespace, scorer: Scorer, target_ari: float | None) -> dict[str, Any]:
-    model_params = {"n_background": 10, "n_salient": 10, "n_hidden": 128, "n_layers": 1, "dropout": 0.1,
-                    "likelihood": "zinb", "library": "observed"}
+    # what `kedro run` uses (conf/base), with the knobs both tools share set to the same values
+    defaults = pipeline_parameters()
+    model_params = {**defaults["model"], "n_background": 10, "n_salient": 10, "n_hidden": 128, "n_layers": 1,
+                    "dropout": 0.1, "likelihood": "zinb", "library": "observed"}
     if args.wasserstein_penalty is not None:
         model_params["wasserstein_penalty"] = args.wasserstein_penalty
-    training = {"batch_size": args.batch_size, "max_epochs": args.epochs, "kl_warmup_epochs": args.kl_warmup,
+    if args.decoder is not None:
+        model_params["decoder"] = args.decoder
+    training = {"lr": defaults["training"]["lr"], "weight_decay": defaults["training"]["weight_decay"],
+                "batch_size": args.batch_size, "max_epochs": args.epochs, "kl_warmup_epochs": args.kl_warmup,
                 "early_stopping": False, "restore_best": False, "progress": False, "device": "cpu"}
     if args.lr is not None:
         training["lr"] = args.lr
@@ -256,7 +269,7 @@ def markdown(table: pd.DataFrame, extra: dict[str, Any], args: argparse.Namespac
         "targets_per_s": "{:.0f}", "train_seconds_total": "{:.0f}", "val_neg_elbo_per_cell": "{:.2f}",
         "val_loss_as_reported": "{:.2f}", "program_ari": "{:.3f}", "program_nmi": "{:.3f}",
         "program_knn_accuracy": "{:.3f}", "phase_leakage_salient": "{:.3f}", "phase_leakage_background": "{:.3f}",
-        "phase_chance": "{:.3f}", "mean_load_1min": "{:.1f}",
+        "phase_chance": "{:.3f}", "mean_load_1min": "{:.1f}", "time_to_scvi_final_ari_s": "{:.0f}", "time_to_99pct_scvi_final_ari_s": "{:.0f}",
     }
     lines = ["| | " + " | ".join(table["tool"]) + " |", "|---|" + "---|" * len(table)]
     for column in table.columns[1:]:
@@ -274,11 +287,12 @@ def markdown(table: pd.DataFrame, extra: dict[str, Any], args: argparse.Namespac
         f"{args.perturbations_per_program} perturbations + 2 null, cell-cycle strength {args.cell_cycle_strength} (log2), "
         f"{extra['n_target_train']} training targets / {extra['n_control_train']} training controls, "
         f"validation 10%. Both: latent 10 + 10, hidden 128, batch {args.batch_size}, {args.epochs} epochs, "
-        f"KL warm-up {args.kl_warmup} epochs, no early stopping. Ours: lr {extra['ours_lr']:g}, "
-        f"wasserstein_penalty {extra['ours_wasserstein']:g}; scvi-tools: lr {args.lr_scvi:g}, "
+        f"KL warm-up {args.kl_warmup} epochs, no early stopping. Ours (conf/base settings otherwise): "
+        f"lr {extra['ours_lr']:g}, decoder {extra['ours_decoder']}, "
+        f"wasserstein_penalty {extra['ours_wasserstein']:g}; scvi-tools (its defaults otherwise): lr {args.lr_scvi:g}, "
         f"wasserstein_penalty {args.scvi_wasserstein:g}. CPU: {extra['cpu']}, torch threads {torch.get_num_threads()}; "
         f"1-minute load average {extra['load_start']:.1f} at the start, {extra['load_end']:.1f} at the end "
-        "(other jobs shared the 2 cores).",
+        + ("(other jobs shared the 2 cores)." if max(extra["load_start"], extra["load_end"]) > 2.5 else "(quiet machine)."),
         "",
         *lines,
         "",
@@ -288,6 +302,10 @@ def markdown(table: pd.DataFrame, extra: dict[str, Any], args: argparse.Namespac
          f"(epoch {extra['epoch_to_scvi_ari']}) = {frac:.2f} of scvi-tools' {scvi_row['train_seconds_total']:.0f} s."
          if ttt is not None else
          f"* Ours did not reach scvi-tools' final program ARI ({scvi_row['program_ari']:.3f}) within {args.epochs} epochs."),
+        (f"* Within 1% of it ({0.99 * scvi_row['program_ari']:.3f}): {extra['time_to_99pct_scvi_ari']:.0f} s "
+         f"(epoch {extra['epoch_to_99pct_scvi_ari']}) = {extra['time_to_99pct_scvi_ari'] / scvi_row['train_seconds_total']:.2f} "
+         "of scvi-tools' time." if extra["time_to_99pct_scvi_ari"] is not None else
+         "* Ours did not come within 1% of scvi-tools' final program ARI."),
         f"* Final program ARI: ours {ours['program_ari']:.3f} vs {scvi_row['program_ari']:.3f}; phase leakage in the "
         f"salient space: ours {ours['phase_leakage_salient']:.3f} vs {scvi_row['phase_leakage_salient']:.3f} "
         f"(chance {ours['phase_chance']:.3f}).",
@@ -313,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="ours; default: the pipeline's parameters")
     parser.add_argument("--lr-scvi", type=float, default=1e-3)
-    parser.add_argument("--wasserstein-penalty", type=float, default=None, help="ours; default: the model's")
+    parser.add_argument("--wasserstein-penalty", type=float, default=None, help="ours; default: conf/base's")
+    parser.add_argument("--decoder", choices=["joint", "additive"], default=None, help="ours; default: conf/base's")
     parser.add_argument("--scvi-wasserstein", type=float, default=0.0, help="scvi-tools' default is 0")
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both tools (default: torch's, i.e. the cores)")
@@ -346,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {np.median(ours_run['wall']):.2f} s/epoch, {ours_run['total']:.0f} s, {json.dumps(ours_scores)}", flush=True)
 
     reached = [c for c in ours_run["curve"] if c["ari"] >= scvi_scores["program_ari"]]
+    # both tools end on the screen's separability ceiling, where the ARI moves by ~0.01 from one
+    # epoch to the next: also report when ours first comes within 1% of scvi-tools' final ARI
+    near = [c for c in ours_run["curve"] if c["ari"] >= 0.99 * scvi_scores["program_ari"]]
     table = pd.DataFrame([
         summarise("perturbscope", ours_run, ours_scores, args),
         summarise("scvi-tools", scvi_run, scvi_scores, args),
@@ -356,16 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         "load_start": load_start, "load_end": load_average(),
         "time_to_scvi_ari": reached[0]["train_seconds"] if reached else None,
         "epoch_to_scvi_ari": reached[0]["epoch"] if reached else None,
+        "time_to_99pct_scvi_ari": near[0]["train_seconds"] if near else None,
+        "epoch_to_99pct_scvi_ari": near[0]["epoch"] if near else None,
         "curve": ours_run["curve"],
         "ours_lr": ours_run["lr"], "ours_wasserstein": ours_run["hparams"]["wasserstein_penalty"],
+        "ours_decoder": ours_run["hparams"]["decoder"],
         "n_target_train": int((~obs["is_control"] & (obs["split"] == "train")).sum()),
         "n_control_train": int((obs["is_control"] & (obs["split"] == "train")).sum()),
     }
     table["time_to_scvi_final_ari_s"] = [extra["time_to_scvi_ari"], float("nan")]
+    table["time_to_99pct_scvi_final_ari_s"] = [extra["time_to_99pct_scvi_ari"], float("nan")]
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / f"{args.name}.csv", index=False)
     text = markdown(table, extra, args)
     (args.out / f"{args.name}.md").write_text(text)
+    pd.DataFrame(ours_run["curve"]).to_csv(args.out / f"{args.name}_ari_curve.csv", index=False)
     print(text)
     return 0
 

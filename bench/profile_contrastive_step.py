@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--likelihood", default="zinb")
+    ap.add_argument("--decoder", default="additive", choices=["joint", "additive"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -54,7 +55,7 @@ def main() -> None:
     tg = np.arange(args.controls, args.controls + args.targets)
     sampler = PairedSampler(data, bg, tg, batch_size=args.batch_size)
     with seeded(0):
-        model = ContrastiveVAE(args.genes, likelihood=args.likelihood)
+        model = ContrastiveVAE(args.genes, likelihood=args.likelihood, decoder=args.decoder)
     cfg = TrainConfig(max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -77,9 +77,10 @@ def conf(tmp_path: Path) -> Path:
         "screens": {
             "remote": {
                 "file": "s3://bucket/screens/remote.h5ad",
-                "schema": {"perturbation_key": "guide", "control_labels": ["NTC"], "program_key": None},
+                "schema": {"perturbation_key": "guide", "control_labels": ["NTC"], "program_key": "pathway", "batch_key": None},
             },
             "plain": {"schema": {}},
+            "matrix": {"schema": {"perturbation_key": None}},
         }
     }
     (base / "screens.yml").write_text(yaml.safe_dump(registry))
@@ -90,7 +91,9 @@ def test_registered_screen_brings_its_file_and_schema(conf: Path) -> None:
     config = loader(conf, screen="remote")
     schema = config["parameters"]["schema"]
     assert schema["perturbation_key"] == "guide" and schema["control_labels"] == ["NTC"]
-    assert schema["program_key"] is None  # an explicit null overrides the default
+    assert schema["program_key"] == "pathway" and schema["batch_key"] is None
+    # an explicit null overrides a non-null default
+    assert loader(conf, screen="matrix")["parameters"]["schema"]["perturbation_key"] is None
     assert schema["double_separator"] == "+" and schema["counts_layer"] is None  # defaults kept
     assert config["catalog"]["raw_screen"]["filepath"] == "s3://bucket/screens/remote.h5ad"
     # --params on top of the registry still work, key by key
@@ -103,7 +106,7 @@ def test_unregistered_screen_keeps_the_defaults(conf: Path) -> None:
     for screen in ("plain", "not_registered"):
         config = loader(conf, screen=screen)
         schema = config["parameters"]["schema"]
-        assert schema["perturbation_key"] == "perturbation" and schema["program_key"] == "gene_program"
+        assert schema["perturbation_key"] == "perturbation" and schema["program_key"] is None
         assert "NTC" in schema["control_labels"] and "non-targeting" in schema["control_labels"]
         assert config["catalog"]["raw_screen"]["filepath"] == f"data/01_raw/{screen}.h5ad"
     assert loader(conf)["catalog"]["raw_screen"]["filepath"] == "data/01_raw/norman2019_subset.h5ad"

@@ -196,7 +196,7 @@ from .modules import (
     reparameterize,
     wasserstein_to_origin,
 )
-from .training import History, TrainConfig, TrainingError, fit, resolve_device, seeded
+from .training import History, TrainConfig, TrainingError, fit, resolve_device, seeded, torch_threads
 
 __all__ = [
     "BaseModel",
@@ -234,6 +234,7 @@ __all__ = [
     "resolve_device",
     "save_model",
     "seeded",
+    "torch_threads",
     "to_checkpoint",
     "wasserstein_to_origin",
     "zinb_log_prob",

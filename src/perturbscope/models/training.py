@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from .data import batch_size_of, batch_to
 
-__all__ = ["TrainConfig", "History", "TrainingError", "fit", "resolve_device", "seeded", "kl_weight_at"]
+__all__ = [
+    "TrainConfig", "History", "TrainingError", "fit", "resolve_device", "seeded", "kl_weight_at", "torch_threads",
+]
 
 
 class TrainingError(ValueError):
@@ -335,12 +337,20 @@ def fit(
         If a training or validation loss term becomes NaN or infinite.
     """
     config = config or TrainConfig()
-    if config.num_threads is None:
+    with torch_threads(config.num_threads):
         return _fit(model, train_sampler, val_sampler, config, callback)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op CPU threads (None: leave torch's setting), restoring it after."""
+    if n is None:
+        yield
+        return
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(config.num_threads))
+    torch.set_num_threads(int(n))
     try:
-        return _fit(model, train_sampler, val_sampler, config, callback)
+        yield
     finally:
         torch.set_num_threads(previous)
 

@@ -19,7 +19,7 @@ SCHEMA = {"perturbation_key": "perturbation", "control_labels": ["control"], "pr
 MODEL = {"n_background": 10, "n_salient": 10, "decoder": "additive"}  # the pipeline defaults
 # The pipeline's defaults except a smaller epoch budget (tests run on a shared 2-core CPU).
 # One torch thread: on a shared 2-core machine oversubscribed threads make training ~10x slower.
-TRAINING = {"max_epochs": 80, "kl_warmup_epochs": 30, "progress": False, "device": "cpu", "num_threads": 1}
+TRAINING = {"max_epochs": 80, "kl_warmup_epochs": 30, "lr": 3e-3, "progress": False, "device": "cpu", "num_threads": 1}
 EVALUATION = {"annotation_key": "program_responded", "confounders": ["phase_original"]}
 
 

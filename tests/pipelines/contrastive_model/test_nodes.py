@@ -130,3 +130,13 @@ def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
     nodes.rank_salient_genes(screen, trained.model, {"top_genes": 5})
     assert set(screen.obsm) == before_obsm
     assert screen.obs.equals(before_obs)
+
+
+def test_umap_switched_off_gives_an_explaining_figure(trained: Trained) -> None:
+    embedded = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": False}, 0)
+    assert "X_umap_salient" not in embedded.obsm
+    fig = nodes.plot_embeddings(embedded, {}, SCHEMA)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("contrastive_model.embedding.umap is false" in t for t in texts)
+    with_umap = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": True, "n_neighbors": 10}, 0)
+    assert len(nodes.plot_embeddings(with_umap, {}, SCHEMA).axes) >= 2

@@ -600,6 +600,13 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
 def plot_embeddings(embedded: ad.AnnData, params: dict[str, Any], schema_params: dict[str, Any]) -> Figure:
     """UMAPs of the salient and background spaces, coloured by program / perturbation and phase."""
     params = dict(params or {})
+    missing = [key for key in UMAP_KEYS.values() if key not in embedded.obsm]
+    if missing:  # contrastive_model.embedding.umap: false
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No UMAPs: contrastive_model.embedding.umap is false.\n"
+                "Set it to true to compute them.", ha="center", va="center")
+        return fig
     annotation = params.get("annotation_key") or (schema_params or {}).get("program_key")
     colours = []
     for key in (annotation, "cell_group", "phase"):

@@ -25,10 +25,9 @@ Public helper for users of a trained model::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import anndata as ad
@@ -45,7 +44,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from perturbscope.pipelines._counts import raw_counts
-from perturbscope.models import CellData, MinibatchSampler, TrainConfig, fit, seeded  # noqa: E402
+from perturbscope.models import CellData, MinibatchSampler, TrainConfig, fit, seeded, torch_threads  # noqa: E402
 from perturbscope.models.linear import ROTATIONS, LinearVAE  # noqa: E402
 from perturbscope.schema import CONTROL  # noqa: E402
 
@@ -211,20 +210,6 @@ def _model_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run a block with ``n`` intra-op CPU threads (None: leave torch's setting), restoring it after."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train_config(params: Mapping[str, Any], seed: int) -> tuple[TrainConfig, int, int, int | None]:
     params = dict(params or {})
     allowed = set(TrainConfig.__dataclass_fields__) | _SAMPLER_KEYS
@@ -324,7 +309,7 @@ def train_linear_model(
         "Training the LDVAE (%d factors) on %d cells (%d for validation), %d genes.",
         model.n_latent, train_idx.size, val_idx.size, data.n_genes,
     )
-    with _torch_threads(num_threads):
+    with torch_threads(num_threads):
         history = fit(model, train, val, config)
         model.cpu().eval()
         data.to("cpu")
