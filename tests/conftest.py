@@ -21,6 +21,18 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for the whole suite.
+
+    The test models are tiny: extra threads only contend on a busy (2-core CI) CPU.
+    """
+    from perturbscope.models import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture
 def test_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A temporary project data root holding the demo screen, used by ``--env test``."""

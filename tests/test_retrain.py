@@ -65,14 +65,6 @@ def margins(value: float) -> dict:
     return {"retrain": {"models": {"contrastive": {"metrics": metrics}}}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def client(test_root: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{test_root / 'mlflow.db'}")

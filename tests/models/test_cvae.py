@@ -57,15 +57,6 @@ def _train(adata: ad.AnnData, likelihood: str = "gaussian", epochs: int = 60, **
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the models are tiny, extra threads only contend on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def adata() -> ad.AnnData:
     return _planted_adata()

@@ -169,7 +169,7 @@ Checkpoints
 (``torch.load(weights_only=True)``).
 """
 
-from .base import BaseModel
+from .base import BaseModel, BatchLibraryModel
 from .contrastive import ContrastiveVAE
 from .cvae import ConditionalVAE, UnknownPerturbationError
 from .data import CellData, MinibatchSampler, PairedSampler, batch_size_of, batch_to, concat_batches
@@ -200,6 +200,7 @@ from .training import History, TrainConfig, TrainingError, fit, resolve_device, 
 
 __all__ = [
     "BaseModel",
+    "BatchLibraryModel",
     "CellData",
     "ConditionalVAE",
     "ContrastiveVAE",

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .data import CellData, as_index, batch_to
+from .modules import LibraryEncoder, kl_normal, one_hot, reparameterize
 
-__all__ = ["BaseModel"]
+__all__ = ["BaseModel", "BatchLibraryModel"]
 
 
 class BaseModel(nn.Module):
@@ -79,6 +80,69 @@ class BaseModel(nn.Module):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"
+
+
+class BatchLibraryModel(BaseModel):
+    """A :class:`BaseModel` with an optional one-hot batch covariate and an observed or learned library.
+
+    Shared by the models that take raw counts with batches (LDVAE, contrastiveVI):
+    call :meth:`_init_batch_library` in ``__init__`` (after ``super().__init__()``),
+    then :meth:`_cov` and :meth:`_library` in ``loss`` and the inference helpers.
+    """
+
+    n_batch: int
+    batch_key: str
+    library: str
+    library_encoder: LibraryEncoder | None
+
+    def _init_batch_library(
+        self,
+        n_genes: int,
+        n_batch: int,
+        batch_key: str,
+        library: str,
+        library_log_mean: Sequence[float] | None,
+        library_log_var: Sequence[float] | None,
+        **encoder: Any,
+    ) -> None:
+        """Store the batch / library settings; build the library encoder and its prior when learned."""
+        self.n_batch = n_batch
+        self.batch_key = batch_key
+        self.library = library
+        self.library_encoder = LibraryEncoder(n_genes, **encoder) if library == "learned" else None
+        if library == "learned":
+            self.register_buffer("library_log_mean", torch.tensor(library_log_mean))
+            self.register_buffer("library_log_var", torch.tensor(library_log_var))
+
+    def _cov(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """One-hot batch covariate ``(B, n_batch)`` of a batch dict, or None without batches."""
+        if not self.n_batch:
+            return None
+        if self.batch_key not in batch:
+            raise KeyError(
+                f"n_batch={self.n_batch} but the batch has no {self.batch_key!r} entry; "
+                f"build CellData with obs={{{self.batch_key!r}: integer batch codes}}"
+            )
+        return one_hot(batch[self.batch_key], self.n_batch)
+
+    def _library(
+        self, batch: dict[str, Tensor], h: Tensor, cov: Tensor | None, sample: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log library ``(B,)`` and its KL ``(B,)`` (learned library) or None (observed library).
+
+        A learned library is sampled from its posterior when ``sample``, else its mean.
+        """
+        if self.library_encoder is None:
+            return batch["log_library"], None
+        l_mean, l_var = self.library_encoder(h, cov)
+        codes = batch[self.batch_key] if self.n_batch else torch.zeros_like(batch["idx"])
+        kl = kl_normal(
+            l_mean.unsqueeze(-1),
+            l_var.unsqueeze(-1),
+            self.library_log_mean[codes].unsqueeze(-1),
+            self.library_log_var[codes].unsqueeze(-1),
+        )
+        return (reparameterize(l_mean, l_var) if sample else l_mean), kl
 
 
 def check_library_prior(

@@ -22,17 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseModel, check_library_prior
+from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, concat_batches
 from .likelihoods import batch_log_likelihood, check_likelihood
 from .modules import (
     CountDecoder,
     CountParams,
     GaussianEncoder,
-    LibraryEncoder,
-    kl_normal,
     kl_standard_normal,
-    one_hot,
     reparameterize,
     wasserstein_to_origin,
 )
@@ -93,7 +90,7 @@ class AdditiveSalientDecoder(nn.Module):
         return CountParams(log_rho, log_rho + log_library.unsqueeze(-1), self.background.log_theta, zi)
 
 
-class ContrastiveVAE(BaseModel):
+class ContrastiveVAE(BatchLibraryModel):
     """contrastiveVI with a shared decoder over background and salient latents.
 
     Parameters
@@ -195,15 +192,12 @@ class ContrastiveVAE(BaseModel):
         self.n_background = n_background
         self.n_salient = n_salient
         self.likelihood = likelihood
-        self.n_batch = n_batch
-        self.batch_key = batch_key
-        self.library = library
         self.wasserstein_penalty = float(wasserstein_penalty)
 
         enc = dict(n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, n_cov=n_batch)
         self.background_encoder = GaussianEncoder(n_genes, n_background, **enc)
         self.salient_encoder = GaussianEncoder(n_genes, n_salient, **enc)
-        self.library_encoder = LibraryEncoder(n_genes, **enc) if library == "learned" else None
+        self._init_batch_library(n_genes, n_batch, batch_key, library, library_log_mean, library_log_var, **enc)
         self.decoder: nn.Module
         if decoder == "additive":
             self.decoder = AdditiveSalientDecoder(
@@ -215,21 +209,8 @@ class ContrastiveVAE(BaseModel):
                 n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
                 likelihood=likelihood,
             )
-        if library == "learned":
-            self.register_buffer("library_log_mean", torch.tensor(library_log_mean))
-            self.register_buffer("library_log_var", torch.tensor(library_log_var))
 
     # ------------------------------------------------------------------
-    def _cov(self, batch: dict[str, Tensor]) -> Tensor | None:
-        if not self.n_batch:
-            return None
-        if self.batch_key not in batch:
-            raise KeyError(
-                f"n_batch={self.n_batch} but the batch has no {self.batch_key!r} entry; "
-                f"build CellData with obs={{{self.batch_key!r}: integer batch codes}}"
-            )
-        return one_hot(batch[self.batch_key], self.n_batch)
-
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO (+ Wasserstein penalty) of a paired batch.
 
@@ -265,19 +246,7 @@ class ContrastiveVAE(BaseModel):
         # salient code is 0 for background (control) cells
         s = torch.cat([torch.zeros_like(s[:n_bg]), s[n_bg:]])
 
-        kl_lib = None
-        if self.library_encoder is not None:
-            l_mean, l_var = self.library_encoder(h, cov)
-            log_library = reparameterize(l_mean, l_var)
-            codes = both[self.batch_key] if self.n_batch else torch.zeros_like(both["idx"])
-            kl_lib = kl_normal(
-                l_mean.unsqueeze(-1),
-                l_var.unsqueeze(-1),
-                self.library_log_mean[codes].unsqueeze(-1),
-                self.library_log_var[codes].unsqueeze(-1),
-            )
-        else:
-            log_library = both["log_library"]
+        log_library, kl_lib = self._library(both, h, cov, sample=True)
 
         p = self.decoder(torch.cat([z, s], dim=-1), log_library, cov)
         recon = -batch_log_likelihood(self.likelihood, both, p.log_mu, p.log_theta, p.zi_logits)

@@ -51,16 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseModel, check_library_prior
+from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, check_likelihood
 from .modules import (
     CountParams,
     GaussianEncoder,
-    LibraryEncoder,
-    kl_normal,
     kl_standard_normal,
-    one_hot,
     reparameterize,
 )
 
@@ -209,7 +206,7 @@ class LinearDecoder(nn.Module):
         return b
 
 
-class LinearVAE(BaseModel):
+class LinearVAE(BatchLibraryModel):
     """Linearly decoded VAE (LDVAE): factors whose loadings are gene modules.
 
     Parameters
@@ -328,51 +325,19 @@ class LinearVAE(BaseModel):
         self.n_genes = n_genes
         self.n_latent = n_latent
         self.likelihood = likelihood
-        self.n_batch = n_batch
-        self.batch_key = batch_key
-        self.library = library
         self.loading_penalty = loading_penalty
 
         enc = dict(n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, n_cov=n_batch)
         self.encoder = GaussianEncoder(n_genes, n_latent, **enc)
-        self.library_encoder = LibraryEncoder(n_genes, **enc) if library == "learned" else None
+        self._init_batch_library(n_genes, n_batch, batch_key, library, library_log_mean, library_log_var, **enc)
         self.decoder = LinearDecoder(
             n_latent, n_genes, n_batch=n_batch, likelihood=likelihood, gene_norm=gene_norm,
             momentum=norm_momentum, eps=norm_eps,
         )
-        if library == "learned":
-            self.register_buffer("library_log_mean", torch.tensor(library_log_mean))
-            self.register_buffer("library_log_var", torch.tensor(library_log_var))
         # reported factors = latent @ factor_transform (see orient); identity = raw latent
         self.register_buffer("factor_transform", torch.eye(n_latent))
 
     # ------------------------------------------------------------------
-    def _cov(self, batch: dict[str, Tensor]) -> Tensor | None:
-        if not self.n_batch:
-            return None
-        if self.batch_key not in batch:
-            raise KeyError(
-                f"n_batch={self.n_batch} but the batch has no {self.batch_key!r} entry; "
-                f"build CellData with obs={{{self.batch_key!r}: integer batch codes}}"
-            )
-        return one_hot(batch[self.batch_key], self.n_batch)
-
-    def _library(
-        self, batch: dict[str, Tensor], h: Tensor, cov: Tensor | None, sample: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Log library ``(B,)`` and its KL ``(B,)`` (learned library) or None."""
-        if self.library_encoder is None:
-            return batch["log_library"], None
-        l_mean, l_var = self.library_encoder(h, cov)
-        codes = batch[self.batch_key] if self.n_batch else torch.zeros_like(batch["idx"])
-        kl = kl_normal(
-            l_mean.unsqueeze(-1),
-            l_var.unsqueeze(-1),
-            self.library_log_mean[codes].unsqueeze(-1),
-            self.library_log_var[codes].unsqueeze(-1),
-        )
-        return (reparameterize(l_mean, l_var) if sample else l_mean), kl
-
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO of a minibatch, plus the loading penalty.
 

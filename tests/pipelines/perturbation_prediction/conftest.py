@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anndata as ad
 import pytest
-import torch
 
 from perturbscope.pipelines.data_processing import nodes as dp
 from perturbscope.simulation import simulate_screen
@@ -21,15 +20,6 @@ def process(raw: ad.AnnData) -> ad.AnnData:
     screen = dp.score_cell_cycle(screen, {"min_genes_per_phase": 5, "n_bins": 25, "seed": 0})
     screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000, "flavor": "seurat_v3"})
     return dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
-
-
-@pytest.fixture(scope="package", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these models are tiny, and extra threads only contend on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ Public helpers for users of a trained model::
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,12 +29,10 @@ import scanpy as sc  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from perturbscope.pipelines._counts import raw_counts
 from perturbscope.models import (  # noqa: E402
     CellData,
     ContrastiveVAE,
     PairedSampler,
-    TrainConfig,
     fit,
     resolve_device,
     seeded,
@@ -44,6 +41,8 @@ from perturbscope.pipelines.contrastive_model.evaluation import (  # noqa: E402
     evaluate_spaces,
     metrics_for_mlflow,
 )
+from perturbscope.pipelines import _model_inputs as _inputs  # noqa: E402
+from perturbscope.pipelines._model_inputs import raw_counts  # noqa: E402
 from perturbscope.schema import CONTROL  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -63,15 +62,14 @@ __all__ = [
     "plot_embeddings",
 ]
 
-BATCH_OBS_KEY = "batch"
-"""Name of the batch-code entry in ``CellData.obs`` (``ContrastiveVAE.batch_key``)."""
 
 SALIENT_KEY, BACKGROUND_KEY, PCA_KEY = "X_salient", "X_background", "X_pca_baseline"
 UMAP_KEYS = {"salient": "X_umap_salient", "background": "X_umap_background"}
 
-# ContrastiveVAE arguments the pipeline sets itself (from the screen), not from parameters.
-_DERIVED_MODEL_ARGS = {"n_genes", "n_batch", "batch_key", "library_log_mean", "library_log_var"}
-_SAMPLER_KEYS = {"batch_size", "validation_batch_size"}
+BATCH_OBS_KEY = _inputs.BATCH_OBS_KEY
+"""Name of the batch-code entry in ``CellData.obs`` (``ContrastiveVAE.batch_key``)."""
+
+_COUNTS_HINT = "contrastiveVI models counts: pass counts_layer= the layer with raw counts."
 
 
 class ContrastiveModelError(ValueError):
@@ -81,10 +79,7 @@ class ContrastiveModelError(ValueError):
 # ------------------------------------------------------------------------- helpers
 def _counts(adata: ad.AnnData, counts_layer: str | None) -> sp.csr_matrix:
     """The raw count matrix (``layers[counts_layer]``, else ``layers["counts"]``, else ``X``)."""
-    return raw_counts(
-        adata, counts_layer, ContrastiveModelError,
-        "contrastiveVI models counts: pass counts_layer= the layer with raw counts.",
-    )
+    return raw_counts(adata, counts_layer, ContrastiveModelError, _COUNTS_HINT)
 
 
 def align_counts(
@@ -109,69 +104,11 @@ def align_counts(
         Genes of the model missing from the screen (named), duplicate gene
         names, or a matrix that is not raw counts.
     """
-    names = pd.Index(adata.var_names.astype(str))
-    if not names.is_unique:
-        dupes = names[names.duplicated()].unique()[:5].tolist()
-        raise ContrastiveModelError(
-            f"The screen has duplicate gene names (e.g. {dupes}); run adata.var_names_make_unique() first."
-        )
-    position = names.get_indexer(pd.Index(genes))
-    missing = [g for g, p in zip(genes, position) if p < 0]
-    if missing and not fill_missing:
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise ContrastiveModelError(
-            f"{len(missing)} of the model's {len(genes)} genes are missing from the screen: {shown}. "
-            "The model embeds cells by these genes (matched by name in var_names): give a screen that "
-            "measures them (same gene naming, e.g. symbols vs Ensembl ids), or pass fill_missing=True "
-            "to treat them as zero counts (less accurate)."
-        )
-    counts = _counts(adata, counts_layer).tocsc()
-    if missing:
-        logger.warning("%d of %d model genes missing from the screen are filled with zeros.", len(missing), len(genes))
-        columns = [counts[:, p] if p >= 0 else sp.csc_matrix((adata.n_obs, 1), dtype=np.float32) for p in position]
-        return sp.hstack(columns, format="csr", dtype=np.float32)
-    return counts[:, position].tocsr()
-
-
-def _batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str] | None) -> np.ndarray | None:
-    """Integer codes of ``obs[batch_key]`` in ``categories`` (the training categories)."""
-    if not batch_key:
-        return None
-    if batch_key not in obs.columns:
-        raise ContrastiveModelError(
-            f"The model was trained with batch covariate '{batch_key}' but the screen's obs has no such "
-            f"column (columns: {list(map(str, obs.columns))})."
-        )
-    values = obs[batch_key].astype(str)
-    categories = list(categories or [])
-    unknown = sorted(set(values) - set(categories))
-    if unknown:
-        raise ContrastiveModelError(
-            f"Batch value(s) {unknown[:10]} in obs['{batch_key}'] were not seen in training "
-            f"(known: {categories}). A batch-aware model can only embed known batches."
-        )
-    return pd.Categorical(values, categories=categories).codes.astype(np.int64)
+    return _inputs.align_counts(_counts(adata, counts_layer), adata.var_names, genes, ContrastiveModelError, fill_missing)
 
 
 def _cell_data(model: ContrastiveVAE, adata: ad.AnnData, counts_layer: str | None, fill_missing: bool) -> CellData:
-    meta = getattr(model, "metadata", None) or {}
-    genes = meta.get("genes")
-    if genes is None:
-        if adata.n_vars != model.n_genes:
-            raise ContrastiveModelError(
-                f"The model has no gene names in its metadata and expects {model.n_genes} genes; "
-                f"the screen has {adata.n_vars}. Train it with this pipeline (which records gene names)."
-            )
-        counts = _counts(adata, counts_layer)
-    else:
-        counts = align_counts(adata, list(genes), counts_layer, fill_missing)
-    obs = {}
-    if getattr(model, "n_batch", 0):
-        codes = _batch_codes(adata.obs, meta.get("batch_key"), meta.get("batch_categories"))
-        if codes is None:
-            raise ContrastiveModelError("The model uses a batch covariate but its metadata names no batch_key.")
-        obs[BATCH_OBS_KEY] = codes
-    return CellData(counts, obs=obs, device=model.device)
+    return _inputs.model_cell_data(model, adata, ContrastiveModelError, _COUNTS_HINT, counts_layer, fill_missing)
 
 
 def _umap(adata: ad.AnnData, obsm_key: str, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
@@ -245,14 +182,7 @@ def embed_screen(
 
 # ------------------------------------------------------------------------ training
 def _model_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = set(inspect.signature(ContrastiveVAE.__init__).parameters) - {"self"} - _DERIVED_MODEL_ARGS
-    params = dict(params or {})
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ContrastiveModelError(
-            f"Unknown contrastive_model.model parameter(s) {unknown}; allowed: {sorted(allowed)} "
-            "(the number of genes and batches come from the screen)."
-        )
+    params = _inputs.model_kwargs(ContrastiveVAE, params, "contrastive_model.model", ContrastiveModelError)
     for key in ("n_background", "n_salient"):
         value = params.get(key, 10)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -261,27 +191,6 @@ def _model_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
                 "10 is a good default."
             )
     return params
-
-
-def _train_config(params: Mapping[str, Any], seed: int) -> tuple[TrainConfig, int, int]:
-    params = dict(params or {})
-    allowed = set(TrainConfig.__dataclass_fields__) | _SAMPLER_KEYS
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ContrastiveModelError(
-            f"Unknown contrastive_model.training parameter(s) {unknown}; allowed: {sorted(allowed)}."
-        )
-    batch_size = params.pop("batch_size", 128)
-    val_batch_size = params.pop("validation_batch_size", 1024)
-    for name, value in (("batch_size", batch_size), ("validation_batch_size", val_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ContrastiveModelError(f"contrastive_model.training.{name} must be a positive integer, got {value!r}.")
-    params.setdefault("seed", seed)
-    try:
-        config = TrainConfig(**params)
-    except ValueError as err:
-        raise ContrastiveModelError(f"contrastive_model.training: {err}") from None
-    return config, int(batch_size), int(val_batch_size)
 
 
 def _groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,17 +256,13 @@ def train_contrastive_model(
         ``best`` marking the restored epoch).
     """
     model_kwargs = _model_kwargs(model_params)
-    config, batch_size, val_batch_size = _train_config(training_params, seed)
+    config, batch_size, val_batch_size = _inputs.train_config(
+        training_params, seed, "contrastive_model.training", ContrastiveModelError
+    )
     is_control, is_target, is_val = _groups(screen)
 
     batch_key = (schema_params or {}).get("batch_key")
-    categories: list[str] = []
-    obs: dict[str, np.ndarray] = {}
-    if batch_key:
-        if batch_key not in screen.obs:
-            raise ContrastiveModelError(f"schema.batch_key is '{batch_key}' but the screen's obs has no such column.")
-        categories = sorted(map(str, screen.obs[batch_key].astype(str).unique()))
-        obs[BATCH_OBS_KEY] = _batch_codes(screen.obs, batch_key, categories)
+    categories, obs = _inputs.training_batches(screen, batch_key, ContrastiveModelError)
     # the counts go to the training device once (CUDA when available with device: auto)
     data = CellData(_counts(screen, None), obs=obs, device=resolve_device(config.device))
 
@@ -393,11 +298,7 @@ def train_contrastive_model(
     frame = history.to_frame()
     frame["best"] = frame["epoch"] == history.best_epoch
     model.metadata = {
-        "genes": [str(g) for g in screen.var_names],
-        "counts_layer": "counts",
-        "batch_key": batch_key or None,
-        "batch_categories": categories,
-        "screen": str((screen.uns.get("perturbscope") or {}).get("screen", "")),
+        **_inputs.screen_metadata(screen, batch_key, categories),
         "n_target_cells": int(is_target.sum()),
         "n_control_cells": int(is_control.sum()),
         "best_epoch": history.best_epoch,

@@ -25,9 +25,7 @@ Public helper for users of a trained model::
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import anndata as ad
@@ -40,11 +38,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from perturbscope.pipelines._counts import raw_counts
-from perturbscope.models import CellData, MinibatchSampler, TrainConfig, fit, seeded, torch_threads  # noqa: E402
+from perturbscope.models import CellData, MinibatchSampler, fit, seeded, torch_threads  # noqa: E402
+from perturbscope.pipelines import _model_inputs as _inputs  # noqa: E402
+from perturbscope.pipelines._model_inputs import raw_counts  # noqa: E402
 from perturbscope.models.linear import ROTATIONS, LinearVAE  # noqa: E402
 from perturbscope.schema import CONTROL  # noqa: E402
 
@@ -71,7 +69,7 @@ LATENT_KEY = "X_ldvae"
 """``obsm`` key of the factor scores."""
 LOADINGS_KEY = "ldvae_loadings"
 """``varm`` key of the loadings in the embedded screen."""
-BATCH_OBS_KEY = "batch"
+BATCH_OBS_KEY = _inputs.BATCH_OBS_KEY
 """Name of the batch-code entry in ``CellData.obs`` (``LinearVAE.batch_key``)."""
 UNPERTURBED = "unperturbed"
 """Label of every cell of a plain count matrix (see data_processing)."""
@@ -100,9 +98,7 @@ EFFECT_COLUMNS = [
 ]
 """Columns of the factor x perturbation table (also of the empty table of a plain count matrix)."""
 
-# LinearVAE arguments the pipeline sets itself (from the screen), not from parameters.
-_DERIVED_MODEL_ARGS = {"n_genes", "n_batch", "batch_key", "library_log_mean", "library_log_var"}
-_SAMPLER_KEYS = {"batch_size", "validation_batch_size", "num_threads"}
+_COUNTS_HINT = "The LDVAE models counts: run the data_processing pipeline (it keeps raw counts in layers['counts'])."
 
 
 class LinearModelError(ValueError):
@@ -112,62 +108,11 @@ class LinearModelError(ValueError):
 # ------------------------------------------------------------------------- helpers
 def _counts(adata: ad.AnnData) -> sp.csr_matrix:
     """Raw counts: ``layers["counts"]`` (the processed screen), else ``X``; checked."""
-    return raw_counts(
-        adata, None, LinearModelError,
-        "The LDVAE models counts: run the data_processing pipeline (it keeps raw counts in layers['counts']).",
-    )
-
-
-def _aligned_counts(model: LinearVAE, adata: ad.AnnData) -> sp.csr_matrix:
-    genes = (model.metadata or {}).get("genes")
-    counts = _counts(adata)
-    if genes is None:
-        if adata.n_vars != model.n_genes:
-            raise LinearModelError(
-                f"The model has no gene names in its metadata and expects {model.n_genes} genes; the screen has "
-                f"{adata.n_vars}. Train it with this pipeline (which records gene names)."
-            )
-        return counts
-    names = pd.Index(adata.var_names.astype(str))
-    if not names.is_unique:
-        raise LinearModelError("The screen has duplicate gene names; run adata.var_names_make_unique() first.")
-    position = names.get_indexer(pd.Index(genes))
-    missing = [g for g, p in zip(genes, position) if p < 0]
-    if missing:
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise LinearModelError(
-            f"{len(missing)} of the model's {len(genes)} genes are missing from the screen: {shown}. Give a "
-            "screen that measures them (same gene naming in var_names)."
-        )
-    return counts.tocsc()[:, position].tocsr()
-
-
-def _batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list[str]) -> np.ndarray | None:
-    if not batch_key:
-        return None
-    if batch_key not in obs.columns:
-        raise LinearModelError(
-            f"Batch covariate '{batch_key}' is not an obs column (columns: {list(map(str, obs.columns))}); "
-            "fix schema.batch_key or set it to null."
-        )
-    values = obs[batch_key].astype(str)
-    unknown = sorted(set(values) - set(categories))
-    if unknown:
-        raise LinearModelError(
-            f"Batch value(s) {unknown[:10]} in obs['{batch_key}'] were not seen in training (known: {categories})."
-        )
-    return pd.Categorical(values, categories=categories).codes.astype(np.int64)
+    return raw_counts(adata, None, LinearModelError, _COUNTS_HINT)
 
 
 def _cell_data(model: LinearVAE, adata: ad.AnnData) -> CellData:
-    meta = model.metadata or {}
-    obs = {}
-    if model.n_batch:
-        codes = _batch_codes(adata.obs, meta.get("batch_key"), list(meta.get("batch_categories") or []))
-        if codes is None:
-            raise LinearModelError("The model uses a batch covariate but its metadata names no batch_key.")
-        obs[BATCH_OBS_KEY] = codes
-    return CellData(_aligned_counts(model, adata), obs=obs, device=model.device)
+    return _inputs.model_cell_data(model, adata, LinearModelError, _COUNTS_HINT, fill_missing=None)
 
 
 def embed_screen(model: LinearVAE, adata: ad.AnnData, batch_size: int = 1024) -> ad.AnnData:
@@ -198,41 +143,6 @@ def embed_screen(model: LinearVAE, adata: ad.AnnData, batch_size: int = 1024) ->
 
 
 # ------------------------------------------------------------------------ training
-def _model_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = set(inspect.signature(LinearVAE.__init__).parameters) - {"self"} - _DERIVED_MODEL_ARGS
-    params = dict(params or {})
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise LinearModelError(
-            f"Unknown linear_model.model parameter(s) {unknown}; allowed: {sorted(allowed)} "
-            "(the number of genes and batches come from the screen)."
-        )
-    return params
-
-
-def _train_config(params: Mapping[str, Any], seed: int) -> tuple[TrainConfig, int, int, int | None]:
-    params = dict(params or {})
-    allowed = set(TrainConfig.__dataclass_fields__) | _SAMPLER_KEYS
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise LinearModelError(f"Unknown linear_model.training parameter(s) {unknown}; allowed: {sorted(allowed)}.")
-    batch_size = params.pop("batch_size", 128)
-    val_batch_size = params.pop("validation_batch_size", 1024)
-    num_threads = params.pop("num_threads", None)
-    checks = [("batch_size", batch_size), ("validation_batch_size", val_batch_size)]
-    if num_threads is not None:
-        checks.append(("num_threads", num_threads))
-    for name, value in checks:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise LinearModelError(f"linear_model.training.{name} must be a positive integer, got {value!r}.")
-    params.setdefault("seed", seed)
-    try:
-        config = TrainConfig(**params)
-    except (TypeError, ValueError) as err:
-        raise LinearModelError(f"linear_model.training: {err}") from None
-    return config, int(batch_size), int(val_batch_size), (int(num_threads) if num_threads is not None else None)
-
-
 def _validation_mask(screen: ad.AnnData) -> np.ndarray:
     if "split" in screen.obs:
         return (screen.obs["split"].astype(str) == "validation").to_numpy()
@@ -266,8 +176,10 @@ def train_linear_model(
         log-likelihood) and the per-epoch history (``epoch, train_loss,
         val_loss, ...``, plus ``best`` marking the restored epoch).
     """
-    model_kwargs = _model_kwargs(model_params)
-    config, batch_size, val_batch_size, num_threads = _train_config(training_params, seed)
+    model_kwargs = _inputs.model_kwargs(LinearVAE, model_params, "linear_model.model", LinearModelError)
+    config, batch_size, val_batch_size = _inputs.train_config(
+        training_params, seed, "linear_model.training", LinearModelError
+    )
     rotation = (factor_params or {}).get("rotation", "promax")
     if rotation not in ROTATIONS:
         raise LinearModelError(f"linear_model.factors.rotation must be one of {list(ROTATIONS)}, got {rotation!r}.")
@@ -275,13 +187,7 @@ def train_linear_model(
         raise LinearModelError(f"The screen has {screen.n_obs} cell(s); the LDVAE needs at least 2.")
 
     batch_key = (schema_params or {}).get("batch_key")
-    categories: list[str] = []
-    obs: dict[str, np.ndarray] = {}
-    if batch_key:
-        if batch_key not in screen.obs:
-            raise LinearModelError(f"schema.batch_key is '{batch_key}' but the screen's obs has no such column.")
-        categories = sorted(map(str, screen.obs[batch_key].astype(str).unique()))
-        obs[BATCH_OBS_KEY] = _batch_codes(screen.obs, batch_key, categories)
+    categories, obs = _inputs.training_batches(screen, batch_key, LinearModelError)
     data = CellData(_counts(screen), obs=obs)
     if np.any(data.library <= 0):
         logger.warning("%d cell(s) have no counts at all.", int(np.sum(data.library <= 0)))
@@ -309,7 +215,7 @@ def train_linear_model(
         "Training the LDVAE (%d factors) on %d cells (%d for validation), %d genes.",
         model.n_latent, train_idx.size, val_idx.size, data.n_genes,
     )
-    with torch_threads(num_threads):
+    with torch_threads(config.num_threads):  # also for orienting and scoring after training
         history = fit(model, train, val, config)
         model.cpu().eval()
         data.to("cpu")
@@ -318,11 +224,7 @@ def train_linear_model(
     frame = history.to_frame()
     frame["best"] = frame["epoch"] == history.best_epoch
     model.metadata = {
-        "genes": [str(g) for g in screen.var_names],
-        "counts_layer": "counts",
-        "batch_key": batch_key or None,
-        "batch_categories": categories,
-        "screen": str((screen.uns.get("perturbscope") or {}).get("screen", "")),
+        **_inputs.screen_metadata(screen, batch_key, categories),
         "rotation": rotation,
         "n_train_cells": int(train_idx.size),
         "n_validation_cells": int(val_idx.size),

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from perturbscope.models.cvae import ConditionalVAE, scale_factors
 from perturbscope.models.data import MinibatchSampler
 from perturbscope.models.training import TrainConfig, fit, seeded
-from perturbscope.pipelines._counts import raw_counts
+from perturbscope.pipelines._model_inputs import raw_counts
 
 from . import figures
 from .baselines import BASELINES, baseline_cells
