@@ -1,7 +1,7 @@
 """Seconds per epoch of ContrastiveVAE on a synthetic 10k-target + 2k-control x 2000-gene screen.
 
 Usage: python bench/profile_contrastive_step.py [--epochs 3] [--batch-size 256] [--likelihood zinb]
-       [--threads N] [--device cpu] [--profile]
+       [--threads N] [--device cpu] [--precision float32|bfloat16|auto] [--profile]
 
 Reports wall seconds per epoch and the process CPU seconds per epoch (the latter is
 robust to other processes competing for the cores when --threads 1).
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--likelihood", default="zinb")
     ap.add_argument("--decoder", default="additive", choices=["joint", "additive"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "auto"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args()
@@ -56,12 +57,14 @@ def main() -> None:
     sampler = PairedSampler(data, bg, tg, batch_size=args.batch_size)
     with seeded(0):
         model = ContrastiveVAE(args.genes, likelihood=args.likelihood, decoder=args.decoder)
-    cfg = TrainConfig(max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device)
+    cfg = TrainConfig(max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device,
+                      precision=args.precision)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fit(model, sampler, None, TrainConfig(max_epochs=1, progress=False, device=args.device))
+            fit(model, sampler, None, TrainConfig(max_epochs=1, progress=False, device=args.device,
+                                                  precision=args.precision))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         return
     t0 = time.perf_counter()
@@ -72,7 +75,8 @@ def main() -> None:
     cpu0 = time.process_time()
     hist = fit(model, sampler, None, cfg)
     cpu = (time.process_time() - cpu0) / args.epochs
-    print("seconds/epoch (wall):", [round(s, 2) for s in hist.seconds], f"min {min(hist.seconds):.2f}")
+    print(f"precision {hist.precision}; seconds/epoch (wall):", [round(s, 2) for s in hist.seconds],
+          f"min {min(hist.seconds):.2f}")
     print(f"CPU seconds/epoch (all threads): {cpu:.2f}")
 
 

@@ -41,6 +41,10 @@ def test_salient_effect_is_the_same_log_fold_change_in_every_cell() -> None:
     assert torch.allclose(centred, centred[0].expand_as(centred), atol=1e-5)
     params = decoder(torch.cat([z, s], 1), torch.full((6,), 5.0))
     assert torch.allclose(params.log_mu, params.log_rho + 5.0)
+    # the logits come from one product over [h, s]: the same as the two layers apart
+    h = decoder.background.net(z, None)
+    expected = torch.log_softmax(decoder.background.expression(h) + decoder.salient(s), -1)
+    torch.testing.assert_close(with_s, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_additive_model_trains_and_embeds() -> None:

@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from perturbscope.models.modules import (
     MLP,
     CountDecoder,
+    first_layers,
     GaussianEncoder,
     LibraryEncoder,
     kl_normal,
@@ -77,3 +78,16 @@ def test_reparameterize_statistics() -> None:
     mean, var = torch.full((20000, 1), 2.0), torch.full((20000, 1), 0.25)
     z = reparameterize(mean, var)
     assert abs(float(z.mean()) - 2.0) < 0.02 and abs(float(z.var()) - 0.25) < 0.02
+
+
+def test_first_layers_as_one_product_equal_each_mlp() -> None:
+    torch.manual_seed(0)
+    mlps = [MLP(12, n_hidden=h, n_layers=2, dropout=0.0, n_cov=2).eval() for h in (8, 5, 3)]
+    x, cov = torch.randn(4, 12), one_hot(torch.tensor([0, 1, 1, 0]), 2)
+    firsts = first_layers(mlps, x, cov)
+    assert [f.shape for f in firsts] == [(4, 8), (4, 5), (4, 3)]
+    for mlp, first in zip(mlps, firsts):
+        torch.testing.assert_close(first, mlp.linears[0](torch.cat([x, cov], -1)))
+        torch.testing.assert_close(mlp(x, cov, first), mlp(x, cov))
+    with pytest.raises(ValueError, match="covariate width"):
+        first_layers([MLP(12, n_cov=0), MLP(12, n_cov=2)], x, cov)

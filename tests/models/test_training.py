@@ -11,7 +11,16 @@ from torch import Tensor, nn
 
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler
-from perturbscope.models.training import History, TrainConfig, TrainingError, fit, kl_weight_at, seeded
+from perturbscope.models.modules import Linear, matmul_dtype
+from perturbscope.models.training import (
+    History,
+    TrainConfig,
+    TrainingError,
+    fit,
+    kl_weight_at,
+    resolve_precision,
+    seeded,
+)
 
 from .synthetic import random_counts
 
@@ -146,6 +155,7 @@ def test_kl_weight_schedule() -> None:
         ({"kl_warmup_epochs": -1}, "kl_warmup_epochs"),
         ({"grad_clip": 0.0}, "grad_clip"),
         ({"device": "tpu"}, "device"),
+        ({"precision": "float16"}, "precision"),
     ],
 )
 def test_train_config_validation(kwargs: dict, match: str) -> None:
@@ -180,3 +190,83 @@ def test_num_threads_is_scoped() -> None:
     assert set(seen) == {2} and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="num_threads"):
         TrainConfig(num_threads=0)
+
+
+def test_precision_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) is None
+    assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("half", cpu)
+
+
+class _Spy(nn.Module):
+    """A model with one large Linear that records the dtype its product ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Linear(300, 200)
+        self.product_dtypes: list[torch.dtype] = []
+        self.outputs: list[torch.dtype] = []
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float) -> dict[str, Tensor]:
+        from perturbscope.models import modules
+
+        self.product_dtypes.append(modules._MATMUL_DTYPE.get() or torch.float32)
+        out = self.layer(batch["x"])
+        self.outputs.append(out.dtype)
+        return {"loss": out.square().mean()}
+
+
+def test_bfloat16_training_runs_products_in_bf16_and_everything_else_in_float32() -> None:
+    from perturbscope.models import modules
+
+    model = _Spy()
+    batches = [{"x": torch.randn(8, 300)}] * 2
+    in_callback: list[torch.dtype | None] = []
+
+    def callback(epoch: int, history: History, m: nn.Module) -> None:
+        in_callback.append(modules._MATMUL_DTYPE.get())
+
+    config = TrainConfig(max_epochs=2, progress=False, precision="bfloat16", early_stopping=False)
+    hist = fit(model, batches, batches, config, callback=callback)
+    assert hist.precision == "bfloat16"
+    assert set(model.product_dtypes) == {torch.bfloat16}
+    assert set(model.outputs) == {torch.float32}  # activations stay float32
+    assert model.layer.weight.dtype == torch.float32  # and so do the weights
+    # the callback (e.g. scoring an embedding) and everything after fit run in float32
+    assert in_callback == [None, None] and modules._MATMUL_DTYPE.get() is None
+    assert fit(_Spy(), batches, None, TrainConfig(max_epochs=1, progress=False)).precision == "float32"
+
+
+def test_bfloat16_fit_is_deterministic_and_close_to_float32() -> None:
+    """Same seed, same weights in bfloat16 too; and it learns what float32 learns."""
+    runs = {}
+    for precision in ("bfloat16", "bfloat16", "float32"):
+        d, model, train, val = _contrastive_setup()
+        hist = fit(model, train, val, TrainConfig(max_epochs=6, lr=1e-2, progress=False, seed=3, precision=precision))
+        runs.setdefault(precision, []).append((model.state_dict(), hist, model.embed(d)))
+    (s1, h1, e1), (s2, h2, e2) = runs["bfloat16"]
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    assert h1.val_loss == h2.val_loss and np.array_equal(e1[1], e2[1])
+    _, h32, _ = runs["float32"][0]
+    assert h1.train_loss[-1] < h1.train_loss[0]
+    # the validation loss per cell differs by well under 1 % from float32's
+    assert abs(h1.val_loss[-1] - h32.val_loss[-1]) < 0.01 * abs(h32.val_loss[-1])
+
+
+def test_matmul_dtype_context_restores() -> None:
+    layer = Linear(300, 200)
+    x = torch.randn(5, 300)
+    exact = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with matmul_dtype(torch.bfloat16):
+        low = layer(x)
+        small = Linear(10, 20)
+        xs = torch.randn(5, 10)
+        # small layers are never cast
+        assert torch.equal(small(xs), torch.nn.functional.linear(xs, small.weight, small.bias))
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)
+    torch.testing.assert_close(low, exact, rtol=0.02, atol=0.05)
+    assert torch.equal(layer(x), exact)

@@ -79,7 +79,9 @@ Likelihood API
 * ``log_likelihood(kind, log_mu, log_theta, nz_row, nz_col, nz_val,
   zi_logits=None, nz_lgamma=None) -> (B,)`` -- ``kind`` in ``"nb", "zinb"``;
   the zero term is computed densely without lgamma, lgamma corrections only
-  at the nonzeros; ``log_theta`` per gene ``(G,)`` (or ``(B, G)``).
+  at the nonzeros; ``log_theta`` per gene ``(G,)`` (or ``(B, G)``). Its
+  gradients are closed-form (a custom autograd function), not autograd
+  through the formula, which on a CPU cost more than the forward pass.
 * ``batch_log_likelihood(kind, batch, log_mu, log_theta, zi_logits=None)``
   -- the same, reading the nonzeros from a batch dict (what models call).
 * ``dense_log_likelihood(kind, x, log_mu, log_theta, zi_logits=None)``,
@@ -97,7 +99,14 @@ tensor ``cov`` ``(B, n_cov)`` concatenated to every hidden layer's input
 conditional VAE). No block uses BatchNorm, so single-cell minibatches work.
 
 * ``MLP(n_in, n_hidden=128, n_layers=1, dropout=0.1, n_cov=0, layer_norm=True)``
-  ``(x, cov) -> (B, n_hidden)``.
+  ``(x, cov, first=None) -> (B, n_hidden)``; ``first_layers(mlps, x, cov)``
+  runs the first layers of several MLPs reading the same input as one
+  product (pass each result as ``first=``).
+* ``Linear`` / ``linear(x, weight, bias)`` -- ``nn.Linear`` / ``F.linear``
+  whose product runs in bfloat16 for large layers inside
+  ``matmul_dtype(torch.bfloat16)`` (what ``fit`` sets for
+  ``TrainConfig(precision="bfloat16")``, or ``"auto"`` on hardware with
+  native bfloat16); outputs, weights, likelihoods and KL terms stay float32.
 * ``GaussianEncoder(n_in, n_latent, n_hidden, n_layers, dropout, n_cov, var_eps=1e-4, layer_norm=True)``
   ``(x, cov) -> (mean, var)``; ``.sample(x, cov) -> (mean, var, z)``.
 * ``LibraryEncoder(n_in, n_hidden, n_layers, dropout, n_cov, layer_norm=True)``

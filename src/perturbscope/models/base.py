@@ -126,15 +126,17 @@ class BatchLibraryModel(BaseModel):
         return one_hot(batch[self.batch_key], self.n_batch)
 
     def _library(
-        self, batch: dict[str, Tensor], h: Tensor, cov: Tensor | None, sample: bool
+        self, batch: dict[str, Tensor], h: Tensor, cov: Tensor | None, sample: bool, first: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Log library ``(B,)`` and its KL ``(B,)`` (learned library) or None (observed library).
 
         A learned library is sampled from its posterior when ``sample``, else its mean.
+        ``first``: the library encoder's first-layer output, when already computed
+        (:func:`~perturbscope.models.modules.first_layers`).
         """
         if self.library_encoder is None:
             return batch["log_library"], None
-        l_mean, l_var = self.library_encoder(h, cov)
+        l_mean, l_var = self.library_encoder(h, cov, first)
         codes = batch[self.batch_key] if self.n_batch else torch.zeros_like(batch["idx"])
         kl = kl_normal(
             l_mean.unsqueeze(-1),

@@ -29,7 +29,9 @@ from .modules import (
     CountDecoder,
     CountParams,
     GaussianEncoder,
+    first_layers,
     kl_standard_normal,
+    linear,
     reparameterize,
     wasserstein_to_origin,
 )
@@ -77,7 +79,11 @@ class AdditiveSalientDecoder(nn.Module):
 
     def _hidden_logits(self, zs: Tensor, cov: Tensor | None) -> tuple[Tensor, Tensor]:
         h = self.background.net(zs[:, : self.n_background], cov)
-        return h, self.background.expression(h) + self.salient(zs[:, self.n_background :])
+        # expression(h) + salient(s) as one GEMM over [h, s] (a skinny s-GEMM plus an add,
+        # forward and backward, cost about as much as the expression head itself on a CPU)
+        expression = self.background.expression
+        weight = torch.cat([expression.weight, self.salient.weight], dim=1)
+        return h, linear(torch.cat([h, zs[:, self.n_background :]], dim=-1), weight, expression.bias)
 
     def log_proportions(self, zs: Tensor, cov: Tensor | None = None) -> Tensor:
         """Log normalised expression ``(B, G)`` of ``[z, s]``."""
@@ -211,6 +217,26 @@ class ContrastiveVAE(BatchLibraryModel):
             )
 
     # ------------------------------------------------------------------
+    def _input(self, batch: dict[str, Any]) -> Tensor:
+        """Encoder input ``log1p(x)`` of a batch."""
+        return torch.log1p(batch["x"])
+
+    def _encode(
+        self, h: Tensor, cov: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor | None]:
+        """Background and salient posteriors ``(mean, var)`` of ``h = log1p(x)``, and the
+        library encoder's first-layer output (None for an observed library).
+
+        The encoders' first layers run as one GEMM (:func:`first_layers`).
+        """
+        encoders = [self.background_encoder, self.salient_encoder]
+        if self.library_encoder is not None:
+            encoders.append(self.library_encoder)
+        first = first_layers([e.net for e in encoders], h, cov)
+        z = self.background_encoder(h, cov, first[0])
+        s = self.salient_encoder(h, cov, first[1])
+        return z, s, (first[2] if self.library_encoder is not None else None)
+
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO (+ Wasserstein penalty) of a paired batch.
 
@@ -236,17 +262,16 @@ class ContrastiveVAE(BatchLibraryModel):
         bg, tg = batch["background"], batch["target"]
         n_bg = bg["x"].shape[0]
         both = concat_batches([bg, tg])
-        h = torch.log1p(both["x"])
+        h = self._input(both)
         cov = self._cov(both)
 
-        z_mean, z_var = self.background_encoder(h, cov)
-        s_mean, s_var = self.salient_encoder(h, cov)
+        (z_mean, z_var), (s_mean, s_var), lib_first = self._encode(h, cov)
         z = reparameterize(z_mean, z_var)
         s = reparameterize(s_mean, s_var)
         # salient code is 0 for background (control) cells
         s = torch.cat([torch.zeros_like(s[:n_bg]), s[n_bg:]])
 
-        log_library, kl_lib = self._library(both, h, cov, sample=True)
+        log_library, kl_lib = self._library(both, h, cov, sample=True, first=lib_first)
 
         p = self.decoder(torch.cat([z, s], dim=-1), log_library, cov)
         recon = -batch_log_likelihood(self.likelihood, both, p.log_mu, p.log_theta, p.zi_logits)
@@ -296,10 +321,9 @@ class ContrastiveVAE(BatchLibraryModel):
         self.eval()
         zs, ss = [], []
         for b in self.iter_batches(data, idx, batch_size):
-            h = torch.log1p(b["x"])
-            cov = self._cov(b)
-            zs.append(self.background_encoder(h, cov)[0])
-            ss.append(self.salient_encoder(h, cov)[0])
+            (z, _), (s, _), _ = self._encode(self._input(b), self._cov(b))
+            zs.append(z)
+            ss.append(s)
         self.train(was_training)
         return self._to_numpy(zs, self.n_background), self._to_numpy(ss, self.n_salient)
 
@@ -328,10 +352,8 @@ class ContrastiveVAE(BatchLibraryModel):
         self.eval()
         with_s, without_s = [], []
         for b in self.iter_batches(data, idx, batch_size):
-            h = torch.log1p(b["x"])
             cov = self._cov(b)
-            z = self.background_encoder(h, cov)[0]
-            s = self.salient_encoder(h, cov)[0]
+            (z, _), (s, _), _ = self._encode(self._input(b), cov)
             with_s.append(self.decoder.log_proportions(torch.cat([z, s], -1), cov).exp())
             without_s.append(self.decoder.log_proportions(torch.cat([z, torch.zeros_like(s)], -1), cov).exp())
         self.train(was_training)

@@ -12,7 +12,9 @@ BatchNorm), so a minibatch of a single cell works in training mode.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,11 @@ from torch import Tensor, nn
 from .likelihoods import check_likelihood
 
 __all__ = [
+    "Linear",
+    "linear",
+    "matmul_dtype",
     "MLP",
+    "first_layers",
     "GaussianEncoder",
     "LibraryEncoder",
     "CountDecoder",
@@ -32,6 +38,46 @@ __all__ = [
     "kl_normal",
     "wasserstein_to_origin",
 ]
+
+
+_MATMUL_DTYPE: ContextVar[torch.dtype | None] = ContextVar("perturbscope_matmul_dtype", default=None)
+LOW_PRECISION_MIN_WEIGHTS = 32_768
+"""Layers with fewer weights than this always multiply in float32 (casting costs more than it saves)."""
+
+
+@contextlib.contextmanager
+def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Run the large matrix products of :func:`linear` in ``dtype`` (e.g. ``torch.bfloat16``).
+
+    Only the product itself is low precision (the CPU/GPU kernels accumulate
+    in float32); its result is cast back to the input's dtype before the bias
+    is added, so activations, likelihoods, KL terms, master weights and the
+    optimiser state all stay float32. The decoders' logits are thus rounded to
+    bfloat16 (relative error below 0.4 %) during training only. ``None`` = everything float32 (the
+    default; :func:`~perturbscope.models.training.fit` sets it from
+    ``TrainConfig.precision``).
+    """
+    token = _MATMUL_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _MATMUL_DTYPE.reset(token)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` whose product runs in the :func:`matmul_dtype` of the context for large layers."""
+    dtype = _MATMUL_DTYPE.get()
+    if dtype is None or dtype == x.dtype or weight.numel() < LOW_PRECISION_MIN_WEIGHTS:
+        return F.linear(x, weight, bias)
+    out = F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
+    return out if bias is None else out + bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that follows :func:`matmul_dtype` (same parameters and state dict)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def one_hot(codes: Tensor, n: int) -> Tensor:
@@ -105,21 +151,46 @@ class MLP(nn.Module):
         self.n_cov = int(n_cov)
         self.n_out = int(n_hidden)
         self.linears = nn.ModuleList(
-            nn.Linear((n_in if i == 0 else n_hidden) + self.n_cov, n_hidden) for i in range(n_layers)
+            Linear((n_in if i == 0 else n_hidden) + self.n_cov, n_hidden) for i in range(n_layers)
         )
         self.norms = nn.ModuleList(
             (nn.LayerNorm(n_hidden) if layer_norm else nn.Identity()) for _ in range(n_layers)
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, cov: Tensor | None = None) -> Tensor:
-        """Map ``(B, n_in)`` (+ ``(B, n_cov)`` covariates) to ``(B, n_hidden)``."""
+    def forward(self, x: Tensor, cov: Tensor | None = None, first: Tensor | None = None) -> Tensor:
+        """Map ``(B, n_in)`` (+ ``(B, n_cov)`` covariates) to ``(B, n_hidden)``.
+
+        ``first``: the first layer's ``Linear`` output, when already computed
+        (see :func:`first_layers`); ``x`` is then not read.
+        """
         h = x
-        for linear, norm in zip(self.linears, self.norms):
-            if self.n_cov:
-                h = torch.cat([h, cov], dim=-1)
-            h = self.dropout(F.relu(norm(linear(h))))
+        for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
+            if i == 0 and first is not None:
+                h = first
+            else:
+                if self.n_cov:
+                    h = torch.cat([h, cov], dim=-1)
+                h = linear(h)
+            h = self.dropout(F.relu(norm(h)))
         return h
+
+
+def first_layers(mlps: Sequence[MLP], x: Tensor, cov: Tensor | None = None) -> list[Tensor]:
+    """The first ``Linear`` of several MLPs with the same input, as one GEMM.
+
+    Encoders of one model read the same ``(B, G)`` input; one ``(B, G) x (G,
+    sum of widths)`` product is markedly faster on a CPU than one per encoder
+    (and its backward, the weight gradients, likewise). Pass each result as
+    ``first=`` to the matching MLP.
+    """
+    if len({m.n_cov for m in mlps}) != 1:
+        raise ValueError("first_layers needs MLPs with the same covariate width")
+    linears = [m.linears[0] for m in mlps]
+    inp = x if not mlps[0].n_cov else torch.cat([x, cov], dim=-1)
+    weight = torch.cat([lin.weight for lin in linears], dim=0)
+    bias = torch.cat([lin.bias for lin in linears], dim=0)
+    return list(linear(inp, weight, bias).split([lin.out_features for lin in linears], dim=-1))
 
 
 class GaussianEncoder(nn.Module):
@@ -156,9 +227,9 @@ class GaussianEncoder(nn.Module):
         self.raw_var = nn.Linear(n_hidden, n_latent)
         self.var_eps = var_eps
 
-    def forward(self, x: Tensor, cov: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Return posterior ``(mean, var)``, each ``(B, n_latent)``."""
-        h = self.net(x, cov)
+    def forward(self, x: Tensor, cov: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return posterior ``(mean, var)``, each ``(B, n_latent)`` (``first``: see :class:`MLP`)."""
+        h = self.net(x, cov, first)
         return self.mean(h), F.softplus(self.raw_var(h)) + self.var_eps
 
     def sample(self, x: Tensor, cov: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,8 +258,8 @@ class LibraryEncoder(GaussianEncoder):
     ) -> None:
         super().__init__(n_in, 1, n_hidden, n_layers, dropout, n_cov, var_eps, layer_norm)
 
-    def forward(self, x: Tensor, cov: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mean, var = super().forward(x, cov)
+    def forward(self, x: Tensor, cov: Tensor | None = None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mean, var = super().forward(x, cov, first)
         return mean.squeeze(-1), var.squeeze(-1)
 
 
@@ -245,8 +316,8 @@ class CountDecoder(nn.Module):
         super().__init__()
         self.likelihood = check_likelihood(likelihood)
         self.net = MLP(n_in, n_hidden, n_layers, dropout, n_cov, layer_norm=layer_norm)
-        self.expression = nn.Linear(n_hidden, n_genes)
-        self.zi = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
+        self.expression = Linear(n_hidden, n_genes)
+        self.zi = Linear(n_hidden, n_genes) if likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
     def log_proportions(self, z: Tensor, cov: Tensor | None = None) -> Tensor:

@@ -22,10 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from .data import batch_size_of, batch_to
+from .modules import matmul_dtype
 
 __all__ = [
-    "TrainConfig", "History", "TrainingError", "fit", "resolve_device", "seeded", "kl_weight_at", "torch_threads",
+    "TrainConfig", "History", "TrainingError", "fit", "resolve_device", "resolve_precision", "seeded",
+    "kl_weight_at", "torch_threads", "PRECISIONS",
 ]
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+"""``TrainConfig.precision`` choices."""
 
 
 class TrainingError(ValueError):
@@ -72,6 +77,15 @@ class TrainConfig:
         Torch intra-op CPU threads during the fit (restored afterwards);
         None leaves torch's setting. On a busy machine 1 can be much faster
         than oversubscribed multi-threading.
+    precision
+        Precision of the large matrix products while training (and
+        validating): ``"float32"`` (default); ``"bfloat16"`` (inputs and
+        weights rounded to bfloat16, float32 accumulation, outputs back in
+        float32; likelihoods, KL terms, weights and optimiser state stay
+        float32, see :func:`~perturbscope.models.modules.matmul_dtype`);
+        ``"auto"``: bfloat16 where the device multiplies it natively (a CPU
+        with AVX512-BF16 or AMX, a CUDA GPU with bfloat16 support), else
+        float32. Embedding and scoring after training always run in float32.
     """
 
     max_epochs: int = 100
@@ -87,6 +101,7 @@ class TrainConfig:
     progress: bool = True
     restore_best: bool = True
     num_threads: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if int(self.max_epochs) < 1:
@@ -105,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
         if self.num_threads is not None and int(self.num_threads) < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} not understood; use one of {list(PRECISIONS)}")
         resolve_device(self.device, check_available=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +151,9 @@ class History:
         Epoch whose weights were restored (None if none was eligible).
     stopped_early : bool
         Whether early stopping ended training.
+    precision : str
+        Precision the matrix products ran in (``TrainConfig.precision``
+        resolved for the device): ``"float32"`` or ``"bfloat16"``.
     """
 
     epoch: list[int] = field(default_factory=list)
@@ -145,6 +165,7 @@ class History:
     val_terms: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int | None = None
     stopped_early: bool = False
+    precision: str = "float32"
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -196,6 +217,34 @@ def resolve_device(device: str | torch.device = "auto", check_available: bool = 
     if check_available and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but CUDA is not available; use device='auto' or 'cpu'")
     return dev
+
+
+def _cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX512-BF16 or AMX)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``TrainConfig.precision`` on ``device`` -> the matmul dtype (None = float32).
+
+    ``"auto"`` picks bfloat16 only where it is native and therefore faster:
+    elsewhere a CPU emulates it and would be several times slower.
+    """
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision={precision!r} not understood; use one of {list(PRECISIONS)}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if _cpu_multiplies_bf16() else None
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -318,7 +367,7 @@ def fit(
         Optional ``callback(epoch, history, model)`` called at the end of
         every epoch (after validation; ``history`` already holds the epoch,
         the model holds the epoch's weights, in eval mode if there is a
-        validation sampler). Returning ``True`` stops training
+        validation sampler; matrix products in float32). Returning ``True`` stops training
         (``history.stopped_early`` stays False). It runs under a
         forked RNG and outside the timed part of the epoch
         (``history.seconds``), so it changes neither the fit nor its timings,
@@ -337,8 +386,12 @@ def fit(
         If a training or validation loss term becomes NaN or infinite.
     """
     config = config or TrainConfig()
-    with torch_threads(config.num_threads):
-        return _fit(model, train_sampler, val_sampler, config, callback)
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    with torch_threads(config.num_threads), matmul_dtype(dtype):
+        history = _fit(model, train_sampler, val_sampler, config, callback)
+    history.precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    return history
 
 
 @contextlib.contextmanager
@@ -366,6 +419,7 @@ def _fit(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_adam(params, config)
+
     for offset, sampler in ((0, train_sampler), (1, val_sampler)):
         if sampler is not None and hasattr(sampler, "manual_seed"):
             sampler.manual_seed(config.seed + offset)
@@ -425,7 +479,7 @@ def _fit(
                 postfix["val"] = f"{val_means['loss']:.4g}"
             bar.set_postfix(postfix, refresh=False)
             if callback is not None:
-                with torch.random.fork_rng(devices=rng_devices):
+                with torch.random.fork_rng(devices=rng_devices), matmul_dtype(None):
                     if callback(epoch, history, model):
                         break
             if stop:

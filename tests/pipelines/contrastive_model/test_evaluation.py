@@ -41,6 +41,22 @@ def test_uninformative_space_is_at_chance() -> None:
     assert abs(program_scores(rng.normal(size=(900, 10)), labels)["ari"]) < 0.05
 
 
+def test_leiden_runs_score_the_median_run() -> None:
+    """Touching classes: Leiden's seed moves the ARI; leiden_runs reports the median of the runs."""
+    emb, labels = _blobs(n_per=80, n_classes=4, spread=2.5, seed=3)
+    singles = [program_scores(emb, labels, seed=0, leiden_runs=1)["ari"]]
+    from perturbscope.pipelines.contrastive_model import evaluation
+
+    graph = evaluation._neighbors(emb, 15, 0)
+    aris = [evaluation.adjusted_rand_score(labels, evaluation._leiden(graph, 4, None, seed)) for seed in range(5)]
+    assert singles[0] == pytest.approx(aris[0])
+    median = program_scores(emb, labels, seed=0, leiden_runs=5)
+    assert median["ari"] == pytest.approx(float(np.median(aris)))
+    assert 0.0 < median["ari"] < 1.0
+    with pytest.raises(ValueError, match="leiden_runs"):
+        program_scores(emb, labels, leiden_runs=0)
+
+
 def _screen() -> ad.AnnData:
     emb, programs = _blobs(n_per=50)
     n = programs.size + 30

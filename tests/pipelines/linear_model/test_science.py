@@ -10,6 +10,8 @@ with ``-s`` to see them).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,7 +79,10 @@ def test_factors_recover_programs_and_their_perturbations_move_them(seed: int) -
         diff = np.asarray(screen.X[responders].mean(0)).ravel() - np.asarray(screen.X[controls].mean(0)).ravel()
         oracle = len(set(screen.var_names[np.argsort(-np.abs(diff))[:n]]) & genes) / n
         report[-1] += f" (oracle {oracle:.2f})"
-        assert overlaps[factor] >= max(0.45, oracle - 0.1), report[-1]
+        # in genes: at least 45 % of the program, and at most 10 % of it fewer than the oracle
+        # (compared as counts: 0.55 - 0.1 is 0.45000000000000007 in floating point)
+        hits, oracle_hits = round(overlaps[factor] * n), round(oracle * n)
+        assert hits >= max(math.ceil(0.45 * n), oracle_hits - round(0.1 * n)), report[-1]
         # every perturbation of the program moves that factor: CI excludes 0, same direction, significant
         assert len(rows) == 3, report[-1]
         assert ((rows["ci_low"] > 0) | (rows["ci_high"] < 0)).all(), report[-1]

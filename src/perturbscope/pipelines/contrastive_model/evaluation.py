@@ -112,8 +112,12 @@ def leiden_clusters(
     bisected (in log space, 0.001..10) until the partition has ``n_clusters``
     clusters (the closest count found is kept).
     """
-    holder = _neighbors(embedding, n_neighbors, seed)
+    return _leiden(_neighbors(embedding, n_neighbors, seed), n_clusters, resolution, seed, max_iterations)
 
+
+def _leiden(
+    holder: ad.AnnData, n_clusters: int | None, resolution: float | None, seed: int, max_iterations: int = 20
+) -> np.ndarray:
     def run(res: float) -> np.ndarray:
         sc.tl.leiden(
             holder, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed
@@ -151,6 +155,7 @@ def program_scores(
     folds: int = 5,
     max_cells: int | None = 20000,
     seed: int = 0,
+    leiden_runs: int = 1,
 ) -> dict[str, float]:
     """ARI, NMI (Leiden vs labels), silhouette and kNN accuracy of one embedding.
 
@@ -168,16 +173,24 @@ def program_scores(
         Cells subsampled (with ``seed``) for all scores; None = all.
     seed
         Seeds the subsample, the kNN graph, Leiden and the folds.
+    leiden_runs
+        Leiden runs (seeds ``seed, seed + 1, ...``) on the same kNN graph;
+        ARI and NMI are their medians. Leiden's seed alone can move the ARI
+        of one embedding by several hundredths when classes touch, so one
+        run is a noisy score.
     """
+    if isinstance(leiden_runs, bool) or not isinstance(leiden_runs, (int, np.integer)) or leiden_runs < 1:
+        raise ValueError(f"leiden_runs must be a positive integer, got {leiden_runs!r}")
     y = np.asarray(labels).astype(str)
     keep = _subsample(y.size, max_cells, seed)
     emb, y = np.asarray(embedding)[keep], y[keep]
     n_classes = len(np.unique(y))
     res = None if resolution in (None, "auto") else float(resolution)
-    clusters = leiden_clusters(emb, n_clusters=n_classes, resolution=res, n_neighbors=n_neighbors, seed=seed)
+    graph = _neighbors(emb, n_neighbors, seed)
+    runs = [_leiden(graph, n_classes, res, seed + i) for i in range(int(leiden_runs))]
     return {
-        "ari": float(adjusted_rand_score(y, clusters)),
-        "nmi": float(normalized_mutual_info_score(y, clusters)),
+        "ari": float(np.median([adjusted_rand_score(y, clusters) for clusters in runs])),
+        "nmi": float(np.median([normalized_mutual_info_score(y, clusters) for clusters in runs])),
         "silhouette": float(silhouette_score(emb, y)) if 1 < n_classes < y.size else float("nan"),
         "knn_accuracy": knn_accuracy(emb, y, n_neighbors, folds, seed),
     }
@@ -201,6 +214,7 @@ def evaluate_spaces(
     folds: int = 5,
     max_cells: int | None = 20000,
     seed: int = 0,
+    leiden_runs: int = 1,
 ) -> pd.DataFrame:
     """The evaluation table of several embeddings of the same cells.
 
@@ -221,7 +235,7 @@ def evaluate_spaces(
         note.
     ignore_labels
         Annotation labels that do not count as an annotation.
-    resolution, n_neighbors, folds, max_cells, seed
+    resolution, n_neighbors, folds, max_cells, seed, leiden_runs
         See :func:`program_scores`.
 
     Returns
@@ -257,7 +271,7 @@ def evaluate_spaces(
             chance = chance_accuracy(labels)
             for space, obsm_key in spaces.items():
                 scores = program_scores(adata.obsm[obsm_key][mask], labels, resolution, n_neighbors,
-                                        folds, max_cells, seed)
+                                        folds, max_cells, seed, leiden_runs)
                 for metric, value in scores.items():
                     rows.append(_row(metric, annotation_key, space, value,
                                      chance if metric == "knn_accuracy" else float("nan"),

@@ -304,6 +304,7 @@ def train_contrastive_model(
         "best_epoch": history.best_epoch,
         "epochs_trained": len(history),
         "stopped_early": bool(history.stopped_early),
+        "precision": history.precision,
         "train_config": config.to_dict(),
     }
     logger.info(
@@ -411,6 +412,7 @@ def evaluate_embeddings(
         folds=int(params.get("knn_folds", 5)),
         max_cells=params.get("max_cells", 20000),
         seed=seed,
+        leiden_runs=params.get("leiden_runs", 1),
     )
     for row in table.itertuples(index=False):
         if np.isfinite(row.value):

@@ -231,6 +231,7 @@ def train_linear_model(
         "best_epoch": history.best_epoch,
         "epochs_trained": len(history),
         "stopped_early": bool(history.stopped_early),
+        "precision": history.precision,
         "validation_reconstruction_log_likelihood": held_out,
         "train_config": config.to_dict(),
     }
