@@ -201,7 +201,7 @@ def test_precision_resolution() -> None:
         resolve_precision("half", cpu)
 
 
-class _Spy(nn.Module):
+class _LargeLayerSpy(nn.Module):
     """A model with one large Linear that records the dtype its product ran in."""
 
     def __init__(self) -> None:
@@ -222,7 +222,7 @@ class _Spy(nn.Module):
 def test_bfloat16_training_runs_products_in_bf16_and_everything_else_in_float32() -> None:
     from perturbscope.models import modules
 
-    model = _Spy()
+    model = _LargeLayerSpy()
     batches = [{"x": torch.randn(8, 300)}] * 2
     in_callback: list[torch.dtype | None] = []
 
@@ -237,7 +237,7 @@ def test_bfloat16_training_runs_products_in_bf16_and_everything_else_in_float32(
     assert model.layer.weight.dtype == torch.float32  # and so do the weights
     # the callback (e.g. scoring an embedding) and everything after fit run in float32
     assert in_callback == [None, None] and modules._MATMUL_DTYPE.get() is None
-    assert fit(_Spy(), batches, None, TrainConfig(max_epochs=1, progress=False)).precision == "float32"
+    assert fit(_LargeLayerSpy(), batches, None, TrainConfig(max_epochs=1, progress=False)).precision == "float32"
 
 
 def test_bfloat16_fit_is_deterministic_and_close_to_float32() -> None:

@@ -217,25 +217,21 @@ class ContrastiveVAE(BatchLibraryModel):
             )
 
     # ------------------------------------------------------------------
-    def _input(self, batch: dict[str, Any]) -> Tensor:
-        """Encoder input ``log1p(x)`` of a batch."""
-        return torch.log1p(batch["x"])
-
     def _encode(
-        self, h: Tensor, cov: Tensor | None
+        self, h: Tensor, cov: Tensor | None, library: bool = False
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor | None]:
-        """Background and salient posteriors ``(mean, var)`` of ``h = log1p(x)``, and the
-        library encoder's first-layer output (None for an observed library).
+        """Background and salient posteriors ``(mean, var)`` of ``h = log1p(x)``; with ``library``
+        also the library encoder's first-layer output (None for an observed library).
 
         The encoders' first layers run as one GEMM (:func:`first_layers`).
         """
         encoders = [self.background_encoder, self.salient_encoder]
-        if self.library_encoder is not None:
+        if library and self.library_encoder is not None:
             encoders.append(self.library_encoder)
         first = first_layers([e.net for e in encoders], h, cov)
         z = self.background_encoder(h, cov, first[0])
         s = self.salient_encoder(h, cov, first[1])
-        return z, s, (first[2] if self.library_encoder is not None else None)
+        return z, s, (first[2] if len(first) > 2 else None)
 
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO (+ Wasserstein penalty) of a paired batch.
@@ -262,10 +258,10 @@ class ContrastiveVAE(BatchLibraryModel):
         bg, tg = batch["background"], batch["target"]
         n_bg = bg["x"].shape[0]
         both = concat_batches([bg, tg])
-        h = self._input(both)
+        h = torch.log1p(both["x"])
         cov = self._cov(both)
 
-        (z_mean, z_var), (s_mean, s_var), lib_first = self._encode(h, cov)
+        (z_mean, z_var), (s_mean, s_var), lib_first = self._encode(h, cov, library=True)
         z = reparameterize(z_mean, z_var)
         s = reparameterize(s_mean, s_var)
         # salient code is 0 for background (control) cells
@@ -321,7 +317,7 @@ class ContrastiveVAE(BatchLibraryModel):
         self.eval()
         zs, ss = [], []
         for b in self.iter_batches(data, idx, batch_size):
-            (z, _), (s, _), _ = self._encode(self._input(b), self._cov(b))
+            (z, _), (s, _), _ = self._encode(torch.log1p(b["x"]), self._cov(b))
             zs.append(z)
             ss.append(s)
         self.train(was_training)
@@ -353,7 +349,7 @@ class ContrastiveVAE(BatchLibraryModel):
         with_s, without_s = [], []
         for b in self.iter_batches(data, idx, batch_size):
             cov = self._cov(b)
-            (z, _), (s, _), _ = self._encode(self._input(b), cov)
+            (z, _), (s, _), _ = self._encode(torch.log1p(b["x"]), cov)
             with_s.append(self.decoder.log_proportions(torch.cat([z, s], -1), cov).exp())
             without_s.append(self.decoder.log_proportions(torch.cat([z, torch.zeros_like(s)], -1), cov).exp())
         self.train(was_training)

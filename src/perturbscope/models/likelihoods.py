@@ -317,10 +317,9 @@ def log_likelihood(
     Tensor
         ``(B,)`` per-cell log-likelihood.
     """
+    check_likelihood(kind, "kind")
     if kind == "zinb" and zi_logits is None:
         raise ValueError("kind='zinb' needs zi_logits")
-    if kind not in COUNT_LIKELIHOODS:
-        check_likelihood(kind, "kind")
     if nz_lgamma is None:
         nz_lgamma = torch.lgamma(nz_val + 1.0)
     zinb = kind == "zinb"

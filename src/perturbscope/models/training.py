@@ -389,7 +389,7 @@ def fit(
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     with torch_threads(config.num_threads), matmul_dtype(dtype):
-        history = _fit(model, train_sampler, val_sampler, config, callback)
+        history = _fit(model, train_sampler, val_sampler, config, device, callback)
     history.precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     return history
 
@@ -413,9 +413,9 @@ def _fit(
     train_sampler: Iterable[Mapping[str, Any]],
     val_sampler: Iterable[Mapping[str, Any]] | None,
     config: TrainConfig,
+    device: torch.device,
     callback: Callable[[int, History, nn.Module], bool | None] | None = None,
 ) -> History:
-    device = resolve_device(config.device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_adam(params, config)
