@@ -4,13 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SCREEN ?= norman2019_subset
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 
 export KEDRO_DISABLE_TELEMETRY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test viz mlflow-ui bench retrain airflow-dag clean help
+.PHONY: setup lock run test viz mlflow-ui bench retrain airflow-dag clean help
 
 help:
 	@echo "make run     set up .venv and run every pipeline on the demo screen (SCREEN=$(SCREEN))"
@@ -19,21 +20,34 @@ help:
 	@echo "make bench   install the bench extra (scvi-tools) and run the side-by-side benchmarks"
 	@echo "make retrain retrain every registered screen whose file is new or changed"
 	@echo "make airflow-dag  regenerate airflow_dags/ from conf/airflow/"
+	@echo "make lock    re-resolve $(LOCK) from pyproject.toml (after changing a dependency)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when the dependency list changes: a second call reuses the venv.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+# Every package comes pinned from the lock file, so a fresh clone gets the environment the
+# tests ran on; the project itself is installed on top without resolving anything again.
+# Reinstall only when the lock changes: a second call reuses the venv.
+$(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -r $(LOCK)
+	$(BIN)/python -m pip install --no-deps -e .
+	$(BIN)/python -m pip check
 	@touch $(STAMP)
+
+# Re-resolve the whole environment (runtime + test extra) from pyproject.toml with pip-tools.
+# torch's local build label (+cpu) is dropped so the pin resolves on any machine.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q pip-tools==7.6.2
+	.venv-lock/bin/pip-compile --quiet --allow-unsafe --strip-extras --extra test --no-emit-index-url \
+		--no-emit-find-links --output-file $(LOCK) pyproject.toml
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' $(LOCK)
 
 setup: $(STAMP)
 
 run: setup
 	$(BIN)/kedro run --params screen=$(SCREEN)
-	@echo "Report: data/08_reporting/$(SCREEN)/report.html"
+	@ls -d data/08_reporting/$(SCREEN)/report.html/*/report.html | tail -n 1 | sed "s/^/Report: /"
 
 test: setup
 	$(BIN)/python -m pytest
@@ -56,4 +70,4 @@ airflow-dag: setup
 	$(BIN)/kedro airflow create --env airflow --jinja-file conf/airflow/retrain_dag.j2
 
 clean:
-	rm -rf $(VENV) .viz mlruns mlflow.db build
+	rm -rf $(VENV) .venv-lock .viz mlruns mlflow.db build

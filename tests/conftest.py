@@ -63,3 +63,17 @@ def run_kedro(test_root: Path) -> Iterator[Callable[..., dict[str, Any]]]:
 
     if mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+def latest_version(path: Path) -> Path:
+    """The file of the latest version of a versioned dataset (``<path>/<version>/<name>``).
+
+    Every file output is versioned (a rerun never overwrites an earlier run's files);
+    a path that is a plain file is returned as it is.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    versions = sorted(p for p in path.iterdir() if (p / path.name).exists())
+    assert versions, f"no version of {path}"
+    return versions[-1] / path.name

@@ -195,6 +195,8 @@ def test_bad_screens_are_reported_and_skipped_before_any_session(
     }
     assert not client.search_registered_models()
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    # nothing at all for a rejected screen: not even an empty experiment (mlflow's own Default aside)
+    assert {e.name for e in client.search_experiments()} <= {"Default"}
 
     # a registered screen without a file yet is skipped, not an error; a dry run writes nothing
     (raw / "sim_a.h5ad").unlink()
@@ -236,3 +238,23 @@ def test_command_line_params() -> None:
     }
     with pytest.raises(SystemExit):
         _parse_params("retrain.force")
+
+
+def test_command_line_under_python_m_logs_its_summary(test_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`python -m perturbscope.retrain`, started outside the project, prints what it would do."""
+    import os
+    import subprocess
+    import sys
+
+    write_screen(test_root, "sim_a", seed=0)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    done = subprocess.run(
+        [sys.executable, "-m", "perturbscope.retrain", "--env", "test", "--project-path", str(PROJECT),
+         "--dry-run", "--screens", "sim_a"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PERTURBSCOPE_TEST_ROOT": str(test_root), "COLUMNS": "200"},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "would_retrain" in output and "sim_a" in output
+    assert not list(elsewhere.iterdir())  # nothing written where it was started

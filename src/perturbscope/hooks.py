@@ -1,12 +1,18 @@
-"""Project hooks: tag MLflow runs with the screen they analysed."""
+"""Project hooks: one MLflow store per project, versioned run outputs, MLflow runs tagged with their screen."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import shutil
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.io.core import AbstractVersionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -36,3 +42,117 @@ class ScreenTagHook:
             return
         mlflow.set_tag("screen", self._screen)
         self._tagged = True
+
+
+def resolve_store_uri(uri: str | None, project_path: str | Path) -> str | None:
+    """An MLflow store URI with a relative local path made absolute against the project root.
+
+    ``sqlite:///mlflow.db`` (three slashes: a path relative to the working directory) becomes
+    ``sqlite:////<project>/mlflow.db``, and a plain relative folder (``mlruns``) becomes a
+    ``file://`` URI under the project, so ``kedro run`` from ``notebooks/``, the retrain CLI
+    started elsewhere and a notebook all open the project's one store. Absolute paths and
+    servers (``http://...``, ``databricks``) are returned unchanged.
+    """
+    if not uri:
+        return uri
+    root = Path(project_path).resolve()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative = uri[len("sqlite:///"):]
+        if relative and relative != ":memory:":
+            return f"sqlite:///{(root / relative).as_posix()}"
+        return uri
+    if "://" in uri or uri in ("databricks", "databricks-uc"):
+        return uri
+    path = Path(uri)
+    return (path if path.is_absolute() else root / path).as_uri()
+
+
+def resolve_mlflow_config(conf: dict[str, Any], project_path: str | Path) -> dict[str, Any]:
+    """``mlflow.yml`` with its store and new experiments' artifact folder pinned to the project root."""
+    out = copy.deepcopy(dict(conf))
+    server = out.setdefault("server", {}) or {}
+    out["server"] = server
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    server["mlflow_tracking_uri"] = resolve_store_uri(server.get("mlflow_tracking_uri") or env_uri, project_path)
+    server["mlflow_registry_uri"] = resolve_store_uri(server.get("mlflow_registry_uri"), project_path)
+    experiment = out.setdefault("tracking", {}).setdefault("experiment", {})
+    kwargs = experiment.setdefault("create_experiment_kwargs", {}) or {}
+    experiment["create_experiment_kwargs"] = kwargs
+    uri = str(server.get("mlflow_tracking_uri") or "")
+    if kwargs.get("artifact_location") is None and uri.startswith("sqlite:"):
+        # mlflow's default artifact root for a database store is ./mlruns of the working directory
+        kwargs["artifact_location"] = (Path(project_path).resolve() / "mlruns").as_uri()
+    return out
+
+
+class ProjectStoreHook:
+    """Resolve ``mlflow.yml``'s store against the project root before kedro-mlflow reads it.
+
+    Runs first (``tryfirst``) in ``after_context_created``; kedro-mlflow then sets up the
+    tracking URI, registry URI and experiment from the resolved configuration.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        loader = context.config_loader
+        try:
+            conf = loader["mlflow"]
+        except (KeyError, MissingConfigException):
+            return
+        loader["mlflow"] = resolve_mlflow_config(conf, context.project_path)
+
+
+class RunOutputsHook:
+    """Every file a run writes is a new version, and a failed run leaves none behind.
+
+    Every file dataset of the catalog is ``versioned`` (MLflow artifacts through
+    :class:`perturbscope.datasets.MlflowArtifactDataset`), so a rerun writes next to the earlier
+    runs' files, in a folder named by its save version, instead of over them, and
+    ``catalog.load`` (and the report) read the latest. When a run fails, the version folders it
+    wrote are removed (its MLflow run stays, marked FAILED), so the latest version is always
+    that of a complete run and nothing half-written is left behind.
+    """
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+        self._save_version: str | None = None
+        self._written: list[tuple[Any, str]] = []
+
+    @hook_impl
+    def after_catalog_created(self, catalog: Any, save_version: str) -> None:
+        self._catalog, self._save_version, self._written = catalog, save_version, []
+
+    def _versioned(self, name: str) -> AbstractVersionedDataset | None:
+        dataset = self._catalog.get(name) if self._catalog is not None else None
+        return dataset if isinstance(dataset, AbstractVersionedDataset) else None
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        dataset = self._versioned(dataset_name)
+        version = getattr(dataset, "_version", None)
+        if dataset is None or version is None or version.save is None:
+            return
+        folder = str(PurePosixPath(str(dataset._get_versioned_path(version.save))).parent)
+        self._written.append((getattr(dataset, "_fs", None), folder))
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception) -> None:
+        removed = 0
+        for fs, folder in reversed(self._written):
+            try:
+                if fs is not None:
+                    if fs.exists(folder):
+                        fs.rm(folder, recursive=True)
+                        removed += 1
+                elif Path(folder).exists():
+                    shutil.rmtree(folder)
+                    removed += 1
+            except OSError as err:  # never hide the run's own error
+                logger.warning("Could not remove %s of the failed run: %s", folder, err)
+        if removed:
+            logger.warning(
+                "The run failed (%s): removed the %d output version(s) it had written (save version %s); "
+                "earlier runs' outputs are untouched and stay the latest.",
+                type(error).__name__, removed, self._save_version,
+            )
+        self._written = []

@@ -46,6 +46,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from kedro.framework.project import pipelines as project_pipelines
+from kedro.framework.project import settings as project_settings
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.io.core import get_protocol_and_path
@@ -53,6 +54,7 @@ from kedro.utils import find_kedro_project
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+from perturbscope.hooks import resolve_mlflow_config
 from perturbscope.registry import (
     COMPARISON_COLUMNS,
     MetricRule,
@@ -74,7 +76,9 @@ from perturbscope.screens import (
     validate_registry,
 )
 
-logger = logging.getLogger(__name__)
+# named explicitly: under `python -m perturbscope.retrain` __name__ is "__main__", a logger that
+# Kedro's logging configuration (INFO for the project's package) does not reach
+logger = logging.getLogger("perturbscope.retrain")
 
 __all__ = ["STATUS_COLUMNS", "RetrainConfig", "main", "retrain"]
 
@@ -211,6 +215,46 @@ def _bootstrap(project_path: Path) -> None:
         _BOOTSTRAPPED[:] = [project_path]
 
 
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
+class _ProjectConfig:
+    """The project's configuration for one set of runtime parameters, read without a Kedro context.
+
+    Creating a context fires the project's hooks, and kedro-mlflow's creates the screen's MLflow
+    experiment: reading the configuration this way lets the CLI check a screen first and write
+    nothing (no experiment) for one it rejects.
+    """
+
+    project_path: Path
+    env: str | None
+    runtime: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self.loader = project_settings.CONFIG_LOADER_CLASS(
+            conf_source=str(self.project_path / project_settings.CONF_SOURCE),
+            env=self.env,
+            runtime_params=self.runtime,
+            **project_settings.CONFIG_LOADER_ARGS,
+        )
+        self.params = _merge(self.loader["parameters"], self.runtime)
+
+    def use_mlflow_store(self) -> None:
+        """Point mlflow at the project's store (resolved against the project root), as a run would."""
+        server = resolve_mlflow_config(self.loader["mlflow"], self.project_path).get("server", {})
+        if server.get("mlflow_tracking_uri"):
+            mlflow.set_tracking_uri(server["mlflow_tracking_uri"])
+        mlflow.set_registry_uri(server.get("mlflow_registry_uri"))  # None: the tracking store, as kedro-mlflow does
+
+    def dataset_path(self, name: str) -> str:
+        return _absolute(str(self.loader["catalog"][name]["filepath"]), self.project_path)
+
+
 def _short(err: BaseException, limit: int = 600) -> str:
     text = f"{type(err).__name__}: {err}".replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -286,6 +330,14 @@ def _register(
     for spec in models:
         name = config.name(spec.key, info.screen)
         model = context.catalog.load(spec.dataset, version=info.kedro_session_id)
+        skipped = (getattr(model, "metadata", None) or {}).get("not_applicable")
+        if skipped:  # e.g. the held-out-perturbation cVAE of a singles-only screen trains nothing
+            logger.info("Model %s of screen %s is not applicable (%s): not registered.", spec.key, info.screen, skipped)
+            frames.append(pd.DataFrame([{
+                "model": spec.key, "registered_model": name, "verdict": f"not applicable: {skipped}",
+                "decision": "not registered",
+            }]).reindex(columns=COMPARISON_COLUMNS))
+            continue
         candidate = {r.key: run_metrics[r.key] for r in spec.rules if r.key in run_metrics}
         for rule in spec.rules:
             if rule.key not in run_metrics:
@@ -361,58 +413,61 @@ def _retrain_screen(
 ) -> _Screen:
     info = _Screen(screen)
     runtime = {**extra_params, "screen": screen}
+    project = _ProjectConfig(project_path, env, runtime)
+    project.use_mlflow_store()
+    config = RetrainConfig.from_params(project.params.get("retrain"))
+    info.file = project.dataset_path("raw_screen")
+    # nothing below writes anything (no MLflow experiment) until the file has passed its checks
+    # 1. hash; up to date?
+    try:
+        stamp = file_stamp(info.file)  # before the hash: a change while hashing shows later
+        info.data_sha256 = fingerprint(info.file).sha256
+    except FileNotFoundError:
+        info.status, info.detail = "skipped", f"no file at {info.file} yet"
+        logger.warning("Screen %s: no file at %s yet; skipped.", screen, info.file)
+        return info
+    except OSError as err:
+        info.status, info.detail = "invalid", f"cannot read {info.file}: {_short(err)}"
+        logger.error("Screen %s: %s; skipped.", screen, info.detail)
+        return info
+    trained = _available(config.pipelines, "pipelines")
+    models = [m for m in config.models if m.pipeline in trained]
+    client = MlflowClient()
+    stale = [
+        m.key for m in models
+        if info.data_sha256 not in registered_data_hashes(client, config.name(m.key, screen))
+    ]
+    if not stale and not force:
+        info.status = "up_to_date"
+        info.detail = f"every model has a registered version for sha256 {info.data_sha256[:12]}"
+        logger.info("Screen %s is up to date (%s).", screen, info.detail)
+        return info
+    # 2. check the file before anything runs
+    try:
+        checked = check_screen_file(
+            info.file, project.params["schema"], screen, n_cells=config.preflight_cells
+        )
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported, not raised
+        clear = isinstance(err, (ScreenFileError, ScreenValidationError))
+        info.status, info.detail = "invalid", str(err) if clear else _short(err)
+        logger.error(
+            "Screen %s skipped, nothing was written and its registered models are untouched: %s",
+            screen, info.detail,
+        )
+        return info
+    reason = "forced" if not stale else f"new or changed file for model(s) {stale}"
+    if dry_run:
+        info.status = "would_retrain"
+        info.detail = f"{reason}; file valid ({checked['n_obs']} cells x {checked['n_vars']} genes)"
+        return info
+    logger.info(
+        "Retraining screen %s (%s; %d cells x %d genes): pipelines %s.",
+        screen, reason, checked["n_obs"], checked["n_vars"], trained,
+    )
     session = KedroSession.create(project_path=project_path, env=env, runtime_params=runtime)
     with session:
-        context = session.load_context()
+        context = session.load_context()  # from here on the screen's MLflow experiment exists
         env_name = context.env or "local"
-        config = RetrainConfig.from_params(context.params.get("retrain"))
-        info.file = _absolute(str(context.config_loader["catalog"]["raw_screen"]["filepath"]), project_path)
-        # 1. hash; up to date?
-        try:
-            stamp = file_stamp(info.file)  # before the hash: a change while hashing shows later
-            info.data_sha256 = fingerprint(info.file).sha256
-        except FileNotFoundError:
-            info.status, info.detail = "skipped", f"no file at {info.file} yet"
-            logger.warning("Screen %s: no file at %s yet; skipped.", screen, info.file)
-            return info
-        except OSError as err:
-            info.status, info.detail = "invalid", f"cannot read {info.file}: {_short(err)}"
-            logger.error("Screen %s: %s; skipped.", screen, info.detail)
-            return info
-        trained = _available(config.pipelines, "pipelines")
-        models = [m for m in config.models if m.pipeline in trained]
-        client = MlflowClient()
-        stale = [
-            m.key for m in models
-            if info.data_sha256 not in registered_data_hashes(client, config.name(m.key, screen))
-        ]
-        if not stale and not force:
-            info.status = "up_to_date"
-            info.detail = f"every model has a registered version for sha256 {info.data_sha256[:12]}"
-            logger.info("Screen %s is up to date (%s).", screen, info.detail)
-            return info
-        # 2. check the file before anything runs
-        try:
-            checked = check_screen_file(
-                info.file, context.params["schema"], screen, n_cells=config.preflight_cells
-            )
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported, not raised
-            clear = isinstance(err, (ScreenFileError, ScreenValidationError))
-            info.status, info.detail = "invalid", str(err) if clear else _short(err)
-            logger.error(
-                "Screen %s skipped, nothing was written and its registered models are untouched: %s",
-                screen, info.detail,
-            )
-            return info
-        reason = "forced" if not stale else f"new or changed file for model(s) {stale}"
-        if dry_run:
-            info.status = "would_retrain"
-            info.detail = f"{reason}; file valid ({checked['n_obs']} cells x {checked['n_vars']} genes)"
-            return info
-        logger.info(
-            "Retraining screen %s (%s; %d cells x %d genes): pipelines %s.",
-            screen, reason, checked["n_obs"], checked["n_vars"], trained,
-        )
         # 3. one MLflow run in the screen's experiment; the pipelines log into it
         experiment = mlflow.get_experiment_by_name(context.mlflow.tracking.experiment.name)
         run = mlflow.start_run(
@@ -507,10 +562,9 @@ def retrain(
     _bootstrap(project_path)
     extra = dict(extra_params or {})
     extra.pop("screen", None)
-    with KedroSession.create(project_path=project_path, env=env, runtime_params=extra or None) as session:
-        context = session.load_context()
-        registry = validate_registry(context.config_loader["globals"].get("screens"))
-        RetrainConfig.from_params(context.params.get("retrain"))  # fail early on bad parameters
+    project = _ProjectConfig(project_path, env, extra)
+    registry = validate_registry(project.loader["globals"].get("screens"))
+    RetrainConfig.from_params(project.params.get("retrain"))  # fail early on bad parameters
     if screens:
         names = list(dict.fromkeys(screens))
     else:
@@ -535,12 +589,20 @@ def retrain(
             mlflow.end_run("FAILED")
     status = pd.DataFrame(rows, columns=STATUS_COLUMNS)
     if not dry_run and len(status):
-        with KedroSession.create(project_path=project_path, env=env, runtime_params=extra or None) as session:
-            session.load_context().catalog.save("retrain_status", status)
+        _save_status(project, status)
     for row in status.itertuples(index=False):
         log = logger.error if row.status in FAILED else logger.info
         log("retrain %-12s %-13s %s", row.screen, row.status, row.detail)
     return status
+
+
+def _save_status(project: _ProjectConfig, status: pd.DataFrame) -> None:
+    """Write ``retrain_status`` through its catalog entry (no session: no MLflow experiment)."""
+    from kedro.io import DataCatalog
+
+    entry = {"retrain_status": dict(project.loader["catalog"]["retrain_status"])}
+    entry["retrain_status"]["filepath"] = project.dataset_path("retrain_status")
+    DataCatalog.from_config(entry).save("retrain_status", status)
 
 
 def _parse_params(text: str | None) -> dict[str, Any]:

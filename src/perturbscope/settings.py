@@ -4,10 +4,10 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from perturbscope.hooks import ScreenTagHook
+from perturbscope.hooks import ProjectStoreHook, RunOutputsHook, ScreenTagHook
 from perturbscope.pipelines.reporting.run_info import RunInfoHook
 
-HOOKS = (ScreenTagHook(), RunInfoHook())
+HOOKS = (ProjectStoreHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -17,7 +17,12 @@ CONFIG_LOADER_ARGS = {
     "custom_resolvers": {"oc.env": oc.env},
     # the screens registry (conf/<env>/screens.yml) is read as globals, so the catalog
     # (raw_screen's file) and the parameters (schema overrides) both see it
-    "config_patterns": {"globals": ["globals.yml", "screens.yml"]},
+    "config_patterns": {
+        "globals": ["globals.yml", "screens.yml"],
+        # kedro-mlflow adds this pattern in its hook; declared here so that mlflow.yml can also
+        # be read without a context (the retrain CLI checks a screen before creating one)
+        "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
+    },
     # an environment (local, test) overrides single nested knobs, not whole sections
     "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }

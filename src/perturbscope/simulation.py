@@ -213,6 +213,12 @@ class SimulationConfig:
         Fraction of genes that are highly expressed housekeeping genes.
     high_expression_share
         Fraction of the expected UMIs carried by the housekeeping genes.
+    n_batches
+        Batches (``obs["batch"]``, ``batch0`` ...) the cells are spread over uniformly;
+        1 (default) writes no batch column.
+    batch_strength
+        Sd of each batch's log2 shift of every gene (a technical batch effect shared by
+        controls and perturbed cells).
     seed
         Seed of every random stream.
     """
@@ -244,6 +250,8 @@ class SimulationConfig:
     base_mean_sigma: float = 2.25
     high_expression_fraction: float = 0.05
     high_expression_share: float = 0.92
+    n_batches: int = 1
+    batch_strength: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -633,6 +641,32 @@ def _sample_negative_binomial(
     return counts
 
 
+@dataclass
+class _BatchRows:
+    """Per-cell batch and per-batch gene shifts; ``[rows]`` gives the chunk's (cells, genes) log2 shifts."""
+
+    batch: np.ndarray
+    shift: np.ndarray
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.shift[self.batch[rows]]
+
+
+def _draw_batches(config: SimulationConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each cell's batch (uniform) and each batch's log2 shift of every gene (N(0, batch_strength)).
+
+    Drawn from a stream of its own, so a screen with one batch is the same as before batches existed.
+    """
+    if config.n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {config.n_batches}")
+    if config.n_batches == 1:
+        return np.zeros(config.n_cells, dtype=np.int64), None
+    rng = np.random.default_rng([config.seed, 0xBA7C])
+    batch = rng.integers(0, config.n_batches, size=config.n_cells)
+    shift = rng.normal(0.0, config.batch_strength, size=(config.n_batches, config.n_genes))
+    return batch, shift
+
+
 def _count_chunk(
     config: SimulationConfig,
     design: _Design,
@@ -641,6 +675,7 @@ def _count_chunk(
     stop: int,
     seed_seq: np.random.SeedSequence,
     work: _Workspace,
+    batch_log2fc: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts of cells ``start:stop``: CSR pieces ``(data, indices, row_nnz)`` and row totals."""
     rng = np.random.default_rng(seed_seq)
@@ -656,6 +691,8 @@ def _count_chunk(
     mu = work.mu[: n_rows * n_genes].reshape(n_rows, n_genes)
     np.multiply.outer(cells.size_factor[rows], design.rel_abundance, out=mu)
     mu[:, design.structured] *= np.exp2(lfc)
+    if batch_log2fc is not None:  # (cells in the chunk, genes): every gene shifts by batch
+        mu *= np.exp2(batch_log2fc[rows])
     counts = _sample_negative_binomial(mu.ravel(), config.dispersion, rng, work)
     nz = np.flatnonzero(counts)
     data = counts[nz].astype(np.float32)
@@ -698,13 +735,17 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
     design_seq, cells_seq, counts_seq = root.spawn(3)
     design = _design(config, np.random.default_rng(design_seq))
     cells = _draw_cells(config, design, np.random.default_rng(cells_seq))
+    batch, batch_shift = _draw_batches(config)
 
     # The chunking depends on the config only, so each chunk's random stream does too.
     chunk = max(1, _CHUNK_ENTRIES // config.n_genes)
     starts = range(0, config.n_cells, chunk)
     work = _Workspace(min(chunk, config.n_cells) * config.n_genes)
     pieces = [
-        _count_chunk(config, design, cells, start, min(start + chunk, config.n_cells), seq, work)
+        _count_chunk(
+            config, design, cells, start, min(start + chunk, config.n_cells), seq, work,
+            None if batch_shift is None else _BatchRows(batch, batch_shift),
+        )
         for start, seq in zip(starts, counts_seq.spawn(len(starts)), strict=True)
     ]
 
@@ -735,6 +776,8 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
         },
         index=pd.Index([f"cell{i:0{cell_width}d}" for i in range(config.n_cells)]),
     )
+    if batch_shift is not None:
+        obs["batch"] = pd.Categorical([f"batch{b}" for b in batch])
     het_weight = np.zeros(config.n_genes)
     het_weight[design.structured] = design.het_weight
     var = pd.DataFrame(

@@ -270,3 +270,14 @@ def test_matmul_dtype_context_restores() -> None:
     assert low.dtype == torch.float32 and not torch.equal(low, exact)
     torch.testing.assert_close(low, exact, rtol=0.02, atol=0.05)
     assert torch.equal(layer(x), exact)
+
+
+def test_training_error_names_the_settings_section() -> None:
+    """``fit(settings=...)`` names the pipeline parameters; plain ``fit`` the Python fields."""
+    with pytest.raises(TrainingError) as err:
+        fit(_Quadratic(nan_at=(1, 1)), _ListSampler(1.0), None, TrainConfig(max_epochs=3, progress=False),
+            settings="linear_model")
+    assert "linear_model.training.lr" in str(err.value) and "linear_model.model.likelihood" in str(err.value)
+    assert "TrainConfig" not in str(err.value)
+    with pytest.raises(TrainingError, match=r"TrainConfig\.lr"):
+        fit(_Quadratic(nan_at=(1, 1)), _ListSampler(1.0), None, TrainConfig(max_epochs=3, progress=False))

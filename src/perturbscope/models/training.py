@@ -275,12 +275,21 @@ def kl_weight_at(epoch: int, warmup_epochs: int) -> float:
     return min(1.0, (epoch + 1) / warmup_epochs)
 
 
-_ADVICE = (
-    "Things to try: a lower learning rate (TrainConfig.lr, e.g. 10x smaller); gradient clipping "
-    "(TrainConfig.grad_clip=10); check that the input holds raw, finite, non-negative counts "
-    "(not log-normalised or scaled data) and that no cell has zero total counts; "
-    "likelihood='nb' instead of 'zinb'; a longer KL warm-up (TrainConfig.kl_warmup_epochs)."
-)
+def divergence_advice(settings: str | None = None) -> str:
+    """What to change when training diverges, named where the user edits it.
+
+    ``settings`` is the parameter section of a pipeline (``"contrastive_model"``: the advice names
+    ``contrastive_model.training.lr`` and ``contrastive_model.model.likelihood``); None names the
+    Python fields (``TrainConfig.lr``) for direct users of :func:`fit`.
+    """
+    training = f"{settings}.training." if settings else "TrainConfig."
+    likelihood = f"{settings}.model.likelihood: nb" if settings else "likelihood='nb'"
+    return (
+        f"Things to try: a lower learning rate ({training}lr, e.g. 10x smaller); gradient clipping "
+        f"({training}grad_clip: 10); check that the input holds raw, finite, non-negative counts "
+        "(not log-normalised or scaled data) and that no cell has zero total counts; "
+        f"{likelihood} instead of zinb; a longer KL warm-up ({training}kl_warmup_epochs)."
+    )
 
 
 def _make_adam(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -324,7 +333,7 @@ def _run_epoch(
     return names, torch.stack(rows).cpu().numpy().astype(np.float64), np.asarray(sizes, dtype=np.float64)
 
 
-def _check_finite(names: list[str], mat: np.ndarray, epoch: int, phase: str) -> None:
+def _check_finite(names: list[str], mat: np.ndarray, epoch: int, phase: str, settings: str | None) -> None:
     finite = np.isfinite(mat)
     if finite.all():
         return
@@ -335,7 +344,7 @@ def _check_finite(names: list[str], mat: np.ndarray, epoch: int, phase: str) -> 
     values = {n: float(v) for n, v in zip(names, mat[step])}
     raise TrainingError(
         f"{phase} loss became non-finite in epoch {epoch} (0-based; step {step} of {len(mat)}): "
-        f"term(s) {bad} NaN/inf (values at that step: {values}). {_ADVICE}"
+        f"term(s) {bad} NaN/inf (values at that step: {values}). {divergence_advice(settings)}"
     )
 
 
@@ -345,6 +354,7 @@ def fit(
     val_sampler: Iterable[Mapping[str, Any]] | None = None,
     config: TrainConfig | None = None,
     callback: Callable[[int, History, nn.Module], bool | None] | None = None,
+    settings: str | None = None,
 ) -> History:
     """Train ``model`` with Adam; the one training loop of all perturbscope models.
 
@@ -372,6 +382,11 @@ def fit(
         forked RNG and outside the timed part of the epoch
         (``history.seconds``), so it changes neither the fit nor its timings,
         e.g. to evaluate embeddings every few epochs.
+    settings
+        The parameter section the settings came from (a pipeline passes
+        ``"contrastive_model"``), so that a :class:`TrainingError` names the
+        knob the user edits (``contrastive_model.training.lr``) rather than
+        the Python field (``TrainConfig.lr``).
 
     Returns
     -------
@@ -389,7 +404,7 @@ def fit(
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     with torch_threads(config.num_threads), matmul_dtype(dtype):
-        history = _fit(model, train_sampler, val_sampler, config, device, callback)
+        history = _fit(model, train_sampler, val_sampler, config, device, callback, settings)
     history.precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     return history
 
@@ -415,6 +430,7 @@ def _fit(
     config: TrainConfig,
     device: torch.device,
     callback: Callable[[int, History, nn.Module], bool | None] | None = None,
+    settings: str | None = None,
 ) -> History:
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -440,7 +456,7 @@ def _fit(
             beta = kl_weight_at(epoch, config.kl_warmup_epochs)
             model.train()
             names, mat, sizes = _run_epoch(model, train_sampler, device, beta, optimizer, config.grad_clip, params)
-            _check_finite(names, mat, epoch, "training")
+            _check_finite(names, mat, epoch, "training", settings)
             train_means = dict(zip(names, (sizes @ mat) / sizes.sum()))
 
             val_means: dict[str, float] = {}
@@ -449,7 +465,7 @@ def _fit(
                 with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
                     torch.manual_seed(config.seed + 1_000_003)
                     vnames, vmat, vsizes = _run_epoch(model, val_sampler, device, 1.0, None, None, params)
-                _check_finite(vnames, vmat, epoch, "validation")
+                _check_finite(vnames, vmat, epoch, "validation", settings)
                 val_means = dict(zip(vnames, (vsizes @ vmat) / vsizes.sum()))
 
             history.epoch.append(epoch)

@@ -140,3 +140,16 @@ def test_umap_switched_off_gives_an_explaining_figure(trained: Trained) -> None:
     assert any("contrastive_model.embedding.umap is false" in t for t in texts)
     with_umap = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": True, "n_neighbors": 10}, 0)
     assert len(nodes.plot_embeddings(with_umap, {}, SCHEMA).axes) >= 2
+
+
+def test_diverging_training_names_the_kedro_parameter(sim_screen: ad.AnnData) -> None:
+    """A NaN loss tells the user which `kedro run` parameter to change, not the Python field."""
+    from perturbscope.models import TrainingError
+
+    with pytest.raises(TrainingError) as err:
+        nodes.train_contrastive_model(sim_screen, MODEL, {**TRAINING, "max_epochs": 2, "lr": 1e6}, SCHEMA, 0)
+    message = str(err.value)
+    assert "contrastive_model.training.lr" in message
+    assert "contrastive_model.training.grad_clip" in message
+    assert "contrastive_model.model.likelihood" in message
+    assert "TrainConfig" not in message

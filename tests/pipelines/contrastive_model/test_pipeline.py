@@ -12,13 +12,7 @@ from kedro.framework.session import KedroSession
 from mlflow.tracking import MlflowClient
 
 from perturbscope.pipelines.contrastive_model import embed_screen
-from tests.conftest import PROJECT
-
-
-def _only_version(folder: Path) -> Path:
-    versions = list(folder.iterdir())
-    assert len(versions) == 1, versions
-    return versions[0] / folder.name
+from tests.conftest import latest_version, PROJECT
 
 
 def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
@@ -26,17 +20,17 @@ def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
     data = test_root / "data"
     screen = "norman2019_subset"
 
-    model_file = _only_version(data / "06_models" / screen / "contrastive_model.pt")
+    model_file = latest_version(data / "06_models" / screen / "contrastive_model.pt")
     assert model_file.stat().st_size > 0
-    embedded = ad.read_h5ad(_only_version(data / "07_model_output" / screen / "contrastive_embedded_screen.h5ad"))
+    embedded = ad.read_h5ad(latest_version(data / "07_model_output" / screen / "contrastive_embedded_screen.h5ad"))
     for key, width in (("X_salient", 10), ("X_background", 10), ("X_umap_salient", 2), ("X_umap_background", 2)):
         assert embedded.obsm[key].shape == (embedded.n_obs, width)
         assert np.isfinite(embedded.obsm[key]).all()
 
-    history = pd.read_csv(data / "08_reporting" / screen / "contrastive_training_history.csv")
+    history = pd.read_csv(latest_version(data / "08_reporting" / screen / "contrastive_training_history.csv"))
     assert len(history) == 4 and history["best"].sum() == 1  # conf/test: max_epochs 4
 
-    evaluation = pd.read_csv(data / "08_reporting" / screen / "contrastive_evaluation.csv")
+    evaluation = pd.read_csv(latest_version(data / "08_reporting" / screen / "contrastive_evaluation.csv"))
     program = evaluation[evaluation["key"] == "gene_program"]
     assert set(program["space"]) == {"salient", "background", "pca"}
     assert set(program["metric"]) == {"ari", "nmi", "silhouette", "knn_accuracy"}
@@ -45,11 +39,11 @@ def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
     phase = evaluation[evaluation["key"] == "phase"]
     assert len(phase) == 1 and "unknown" in phase["note"].iloc[0]
 
-    genes = pd.read_csv(data / "07_model_output" / screen / "contrastive_salient_genes.csv")
+    genes = pd.read_csv(latest_version(data / "07_model_output" / screen / "contrastive_salient_genes.csv"))
     assert genes["perturbation"].nunique() == 33 and "control" not in set(genes["perturbation"])
     assert (genes.groupby("perturbation")["rank"].min() == 1).all()
     assert genes.groupby("perturbation")["mean_log2fc"].apply(lambda s: s.abs().is_monotonic_decreasing).all()
-    assert (data / "08_reporting" / screen / "contrastive_umaps.png").stat().st_size > 10_000
+    assert latest_version(data / "08_reporting" / screen / "contrastive_umaps.png").stat().st_size > 10_000
 
     # MLflow: parameters, the metric history per epoch, the evaluation metrics and the artifacts
     mlflow.set_tracking_uri(f"sqlite:///{test_root / 'mlflow.db'}")

@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from perturbscope.pipelines.data_processing import nodes
+from tests.conftest import PROJECT
 from perturbscope.schema import ScreenSchema, ScreenValidationError, parse_perturbation
 
 SCHEMA = {"perturbation_key": "guide", "control_labels": ["non-targeting", "ctrl"]}
@@ -222,3 +223,53 @@ def test_cell_cycle_phase_recovers_simulated_truth() -> None:
     agreement = (out.obs["phase"].astype(str) == out.obs["phase_original"].astype(str)).mean()
     assert agreement > 0.7, agreement
     assert out.uns["perturbscope"]["cell_cycle_genes_used"] == {"S": 43, "G2M": 54}
+
+
+# ------------------------------------------------------------- degenerate screens
+def test_empty_label_is_rejected_with_the_cells() -> None:
+    screen = _screen()
+    screen.obs["guide"] = screen.obs["guide"].astype(str)
+    screen.obs.loc[["c1", "c5"], "guide"] = ["", "  "]
+    with pytest.raises(ScreenValidationError, match=r"2 cell\(s\) have an empty label in obs\['guide'\].*'c1', 'c5'"):
+        nodes.validate_screen(screen, SCHEMA, "s")
+
+
+def test_qc_step_removing_most_cells_names_step_and_threshold() -> None:
+    """The demo screen cut to 50 genes: min_genes_per_cell=5 removes almost every cell."""
+    demo = ad.read_h5ad(PROJECT / "data" / "01_raw" / "norman2019_subset.h5ad")
+    narrow = demo[:, demo.var_names[:50]].copy()
+    validated = nodes.validate_screen(narrow, {"perturbation_key": "perturbation", "control_labels": ["control"]}, "d")
+    with pytest.raises(ScreenValidationError) as err:
+        nodes.quality_control(validated, {**QC, "min_genes_per_cell": 5})
+    message = str(err.value)
+    assert "data_processing.qc.min_genes_per_cell=5" in message
+    assert "max_fraction_removed_per_step=0.5" in message
+    assert f"of {narrow.n_obs:,} cells" in message
+
+
+def test_too_few_cells_or_genes_left_after_qc() -> None:
+    validated = nodes.validate_screen(_screen(), SCHEMA, "s")
+    with pytest.raises(ScreenValidationError, match=r"Only 60 cells x 30 genes.*min_cells_after_qc=100"):
+        nodes.quality_control(validated, {**QC, "min_cells_after_qc": 100})
+    with pytest.raises(ScreenValidationError, match=r"fewer than data_processing.qc.min_genes_after_qc=40"):
+        nodes.quality_control(validated, {**QC, "min_genes_after_qc": 40})
+
+
+def test_thin_perturbations_are_dropped_and_listed(caplog: pytest.LogCaptureFixture) -> None:
+    screen = _screen(n_obs=80)
+    screen.obs["guide"] = screen.obs["guide"].astype(str)
+    screen.obs.loc["c1", "guide"] = "LONELY"  # a perturbation with one cell
+    validated = nodes.validate_screen(screen, SCHEMA, "s")
+    with caplog.at_level("WARNING"):
+        out, table = nodes.quality_control(validated, {**QC, "min_cells_per_perturbation": 10})
+    assert "LONELY" not in set(out.obs["perturbation"].astype(str)) and out.n_obs == 79
+    assert "LONELY (1)" in caplog.text and "min_cells_per_perturbation" in caplog.text
+    row = table[table["step"] == "min_cells_per_perturbation=10"].iloc[0]
+    assert row["cells_removed"] == 1 and row["perturbations_dropped"] == "LONELY"
+    processed = nodes.label_cells(out, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    summary, _ = nodes.summarise_screen(nodes.count_cells_per_perturbation(validated), processed, table)
+    lonely = summary.set_index("perturbation").loc["LONELY"]
+    assert lonely["cells_kept"] == 0 and lonely["note"].startswith("dropped")
+    # controls are never dropped, and a screen whose every perturbation is thin is an error
+    with pytest.raises(ScreenValidationError, match="Every perturbation has fewer than"):
+        nodes.quality_control(validated, {**QC, "min_cells_per_perturbation": 1000})

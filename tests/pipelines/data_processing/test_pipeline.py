@@ -6,7 +6,7 @@ import anndata as ad
 import mlflow
 import pandas as pd
 
-from tests.conftest import PROJECT
+from tests.conftest import latest_version, PROJECT
 
 
 def _mtime(path: Path) -> float | None:
@@ -29,11 +29,11 @@ def test_data_processing_in_test_env(run_kedro, test_root: Path) -> None:
     # X is log-normalised, the counts layer holds integers
     assert processed.X.max() < 15 and (processed.layers["counts"].data % 1 == 0).all()
 
-    summary = pd.read_csv(test_root / "data" / "08_reporting" / "norman2019_subset" / "screen_summary.csv")
+    summary = pd.read_csv(latest_version(test_root / "data" / "08_reporting" / "norman2019_subset" / "screen_summary.csv"))
     assert summary["cells_raw"].sum() == 3375
     assert summary.loc[summary["is_control"], "perturbation"].tolist() == ["control"]
     assert summary["cells_kept"].sum() == processed.n_obs
-    qc = pd.read_csv(test_root / "data" / "08_reporting" / "norman2019_subset" / "qc_summary.csv")
+    qc = pd.read_csv(latest_version(test_root / "data" / "08_reporting" / "norman2019_subset" / "qc_summary.csv"))
     assert qc["genes_left"].iloc[-1] == processed.n_vars
 
     # MLflow went to the temporary store, tagged with the screen, parameters flattened
@@ -50,5 +50,5 @@ def test_screen_param_selects_file_and_output_folder(run_kedro, test_root: Path)
     raw = test_root / "data" / "01_raw"
     (raw / "norman2019_subset.h5ad").rename(raw / "other_screen.h5ad")
     run_kedro(["data_processing"], screen="other_screen")
-    assert (test_root / "data" / "08_reporting" / "other_screen" / "screen_summary.csv").exists()
+    assert latest_version(test_root / "data" / "08_reporting" / "other_screen" / "screen_summary.csv").exists()
     assert not (test_root / "data" / "08_reporting" / "norman2019_subset").exists()

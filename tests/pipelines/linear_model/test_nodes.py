@@ -199,3 +199,14 @@ def test_same_seed_same_loadings() -> None:
     first = loadings(0)
     np.testing.assert_array_equal(first, loadings(0))
     assert not np.allclose(first, loadings(1))
+
+
+def test_diverging_training_names_the_kedro_parameter() -> None:
+    """A NaN loss names `linear_model.training.lr`, the knob the user edits."""
+    from perturbscope.models import TrainingError
+
+    with pytest.raises(TrainingError) as err:
+        nodes.train_linear_model(
+            _processed(), {"n_latent": 3}, {**TRAINING, "lr": 1e8}, {"rotation": "promax"}, {"batch_key": None}, 0
+        )
+    assert "linear_model.training.lr" in str(err.value) and "TrainConfig" not in str(err.value)

@@ -14,38 +14,32 @@ from mlflow.tracking import MlflowClient
 
 from perturbscope.models.linear import LinearVAE
 from perturbscope.pipelines.linear_model.nodes import EFFECT_COLUMNS, TOP_GENE_COLUMNS
-from tests.conftest import PROJECT
+from tests.conftest import latest_version, PROJECT
 
 PBMC = PROJECT / "tests" / "data" / "pbmc1k_v3.h5ad"
-
-
-def _only_version(folder: Path) -> Path:
-    versions = list(folder.iterdir())
-    assert len(versions) == 1, versions
-    return versions[0] / folder.name
 
 
 def test_demo_screen_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
     run_kedro(["data_processing", "linear_model"])
     data, screen = test_root / "data", "norman2019_subset"
 
-    model_file = _only_version(data / "06_models" / screen / "linear_model.pt")
+    model_file = latest_version(data / "06_models" / screen / "linear_model.pt")
     assert model_file.stat().st_size > 0
-    embedded = ad.read_h5ad(_only_version(data / "07_model_output" / screen / "linear_embedded_screen.h5ad"))
+    embedded = ad.read_h5ad(latest_version(data / "07_model_output" / screen / "linear_embedded_screen.h5ad"))
     assert embedded.obsm["X_ldvae"].shape == (embedded.n_obs, 10)
     assert np.isfinite(embedded.obsm["X_ldvae"]).all()
     assert embedded.varm["ldvae_loadings"].shape == (embedded.n_vars, 10)
 
-    loadings = pd.read_csv(_only_version(data / "07_model_output" / screen / "linear_loadings.csv"))
+    loadings = pd.read_csv(latest_version(data / "07_model_output" / screen / "linear_loadings.csv"))
     assert list(loadings.columns) == ["gene"] + [f"factor_{k}" for k in range(1, 11)]
     assert loadings["gene"].tolist() == embedded.var_names.tolist()
     np.testing.assert_allclose(loadings.iloc[:, 1:].to_numpy(), embedded.varm["ldvae_loadings"], rtol=1e-5, atol=1e-6)
 
-    top = pd.read_csv(data / "08_reporting" / screen / "linear_factor_top_genes.csv")
+    top = pd.read_csv(latest_version(data / "08_reporting" / screen / "linear_factor_top_genes.csv"))
     assert list(top.columns) == TOP_GENE_COLUMNS
     assert set(top["direction"]) == {"positive", "negative"} and top["rank"].max() == 20
 
-    effects = pd.read_csv(data / "08_reporting" / screen / "linear_factor_effects.csv")
+    effects = pd.read_csv(latest_version(data / "08_reporting" / screen / "linear_factor_effects.csv"))
     assert list(effects.columns) == EFFECT_COLUMNS
     n_perturbations = embedded.obs.loc[~embedded.obs["is_control"], "perturbation"].nunique()
     assert len(effects) == 10 * n_perturbations
@@ -53,9 +47,9 @@ def test_demo_screen_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
     assert (effects.groupby("perturbation")["rank"].min() == 1).all()
     klf1 = effects[(effects["perturbation"] == "KLF1") & (effects["rank"] == 1)].iloc[0]
     assert klf1["program"] == "Pro-growth" and klf1["reading"].startswith("KLF1 ")
-    assert (data / "08_reporting" / screen / "linear_factor_effects_heatmap.png").stat().st_size > 0
+    assert latest_version(data / "08_reporting" / screen / "linear_factor_effects_heatmap.png").stat().st_size > 0
 
-    history = pd.read_csv(data / "08_reporting" / screen / "linear_training_history.csv")
+    history = pd.read_csv(latest_version(data / "08_reporting" / screen / "linear_training_history.csv"))
     assert len(history) == 6 and history["best"].sum() == 1  # conf/test: max_epochs 6
 
     # the catalog gives back a ready model that reproduces the loadings
@@ -92,12 +86,12 @@ def test_plain_count_matrix_skips_the_perturbation_table(run_kedro, test_root: P
         schema={"perturbation_key": None, "program_key": None},  # runtime params merge into parameters.yml
     )
     data, screen = test_root / "data", "pbmc1k_v3"
-    loadings = pd.read_csv(_only_version(data / "07_model_output" / screen / "linear_loadings.csv"))
+    loadings = pd.read_csv(latest_version(data / "07_model_output" / screen / "linear_loadings.csv"))
     assert len(loadings) == 2000 and loadings.shape[1] == 11  # HVGs x (gene + 10 factors)
     assert np.isfinite(loadings.iloc[:, 1:].to_numpy()).all()
-    effects = pd.read_csv(data / "08_reporting" / screen / "linear_factor_effects.csv")
+    effects = pd.read_csv(latest_version(data / "08_reporting" / screen / "linear_factor_effects.csv"))
     assert list(effects.columns) == EFFECT_COLUMNS and len(effects) == 0
-    embedded = ad.read_h5ad(_only_version(data / "07_model_output" / screen / "linear_embedded_screen.h5ad"))
+    embedded = ad.read_h5ad(latest_version(data / "07_model_output" / screen / "linear_embedded_screen.h5ad"))
     assert embedded.obsm["X_ldvae"].shape == (embedded.n_obs, 10) and embedded.n_obs > 800  # 841 after QC
     assert (embedded.obs["perturbation"] == "unperturbed").all()
-    assert (data / "08_reporting" / screen / "linear_factor_effects_heatmap.png").exists()
+    assert latest_version(data / "08_reporting" / screen / "linear_factor_effects_heatmap.png").exists()

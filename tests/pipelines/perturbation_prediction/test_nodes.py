@@ -82,7 +82,7 @@ def test_no_test_cell_reaches_training(simulated_screen, monkeypatch) -> None:
     """Every batch the training loop sees (train and validation) holds training cells only."""
     seen: list[np.ndarray] = []
 
-    def spy_fit(model, train_sampler, val_sampler, config):
+    def spy_fit(model, train_sampler, val_sampler, config, **kwargs):
         for sampler in (s for s in (train_sampler, val_sampler) if s is not None):
             for batch in sampler:
                 seen.append(batch["screen_row"].numpy())
@@ -145,3 +145,27 @@ def test_screen_without_controls_is_refused(simulated_screen) -> None:
     screen = simulated_screen[~simulated_screen.obs["is_control"].to_numpy()].copy()
     with pytest.raises(SplitError, match="no control cells"):
         nodes.make_prediction_split(screen, {"kind": "held_out_cells"}, SCHEMA)
+
+
+def test_singles_only_screen_marks_held_out_perturbations_not_applicable(simulated_screen) -> None:
+    """Without doubles the held-out-perturbation split trains nothing and says why; the other split scores."""
+    singles = simulated_screen[simulated_screen.obs["n_perturbed_genes"] <= 1].copy()
+    params = {"kind": "held_out_perturbations", "perturbations": "auto", "seed": 0}
+    split = nodes.make_prediction_split(singles, params, SCHEMA)
+    model, history = nodes.train_cvae(singles, split, MODEL, {**TRAINING, "max_epochs": 2}, SCHEMA)
+    assert history.empty and "singles-only" in model.metadata["not_applicable"]
+    cvae = nodes.predict_cvae(model, singles, split, GENERATION)
+    base = nodes.predict_baselines(singles, split, GENERATION, SCHEMA)
+    assert cvae.n_obs == 0 and base.n_obs == 0 and cvae.n_vars == singles.n_vars
+    pca = nodes.fit_expression_pca(singles, EVALUATION)
+    empty = nodes.evaluate_predictions(singles, split, cvae, base, pca, EVALUATION)
+    assert empty.empty
+    assert list(nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})) == ["not_applicable.png"]
+    _, scored, _ = _run(singles, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0}, "gaussian")
+    metrics, summary, mlflow_metrics = nodes.summarise_metrics(held_out_cells=scored, held_out_perturbations=empty)
+    skipped = summary[summary["evaluation"] == "held_out_perturbations"]
+    assert len(skipped) == 1 and skipped["status"].iloc[0] == "not applicable"
+    assert "singles-only" in skipped["reason"].iloc[0]
+    assert (summary.loc[summary["evaluation"] == "held_out_cells", "status"] == "scored").all()
+    assert set(metrics["evaluation"]) == {"held_out_cells"}
+    assert all(k.startswith("held_out_cells.") for k in mlflow_metrics)

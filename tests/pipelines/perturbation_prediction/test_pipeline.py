@@ -9,6 +9,7 @@ import pandas as pd
 
 from perturbscope.datasets import TorchModelDataset
 from perturbscope.pipelines.perturbation_prediction.pipeline import create_pipeline
+from tests.conftest import latest_version
 
 DOUBLES = {"KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2", "MAPK1+TGFBR2"}
 
@@ -27,7 +28,7 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     screen = "norman2019_subset"
     report = test_root / "data" / "08_reporting" / screen
 
-    metrics = pd.read_csv(report / "prediction_metrics.csv")
+    metrics = pd.read_csv(latest_version(report / "prediction_metrics.csv"))
     assert set(metrics["evaluation"]) == {"held_out_cells", "held_out_perturbations"}
     doubles = metrics[metrics["evaluation"] == "held_out_perturbations"]
     assert set(doubles["perturbation"]) == DOUBLES  # default: doubles whose singles are both in the screen
@@ -44,18 +45,18 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     # K = 100 < 169 genes, so J(100) is defined for every method that predicts a change
     assert metrics.loc[metrics["method"] != "no_change", "jaccard_top100"].notna().all()
 
-    summary = pd.read_csv(report / "prediction_summary.csv")
+    summary = pd.read_csv(latest_version(report / "prediction_summary.csv"))
     assert len(summary) == 11  # 6 methods on held-out cells, 5 on held-out doubles
     assert {"pearson_delta_mean", "pearson_delta_sd", "energy_distance_mean"} <= set(summary.columns)
 
     # figures: at most max_figures (2 in the test env) per split, plus the summary panel
     for split in ("held_out_cells", "held_out_perturbations"):
-        assert len(list((report / "prediction_figures" / split).glob("*.png"))) == 2
-    assert (report / "prediction_summary.png").stat().st_size > 10_000
+        assert len(list(latest_version(report / "prediction_figures" / split).glob("*.png"))) == 2
+    assert latest_version(report / "prediction_summary.png").stat().st_size > 10_000
 
     # nothing of a held-out double trained the model
     model_input = test_root / "data" / "05_model_input" / screen
-    split_table = pd.read_csv(model_input / "held_out_perturbations" / "prediction_split.csv")
+    split_table = pd.read_csv(latest_version(model_input / "held_out_perturbations" / "prediction_split.csv"))
     assert (split_table.loc[split_table["perturbation"].isin(DOUBLES), "role"] == "test").all()
     assert split_table.loc[split_table["role"] == "reference", "is_control"].all()
     model_dir = test_root / "data" / "06_models" / screen / "held_out_perturbations" / "cvae_model.pt"

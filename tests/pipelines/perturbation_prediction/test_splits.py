@@ -8,9 +8,11 @@ import pytest
 
 from perturbscope.pipelines.perturbation_prediction.splits import (
     LeakageError,
+    NOT_APPLICABLE,
     SplitError,
     assert_no_leakage,
     auto_held_out_perturbations,
+    is_applicable,
     make_split,
     reference_mask,
     training_mask,
@@ -61,8 +63,6 @@ def test_held_out_perturbation_errors() -> None:
         make_split(OBS, {"kind": "held_out_perturbations", "perturbations": ["A+D"]})
     with pytest.raises(SplitError, match="kind"):
         make_split(OBS, {"kind": "random"})
-    with pytest.raises(SplitError, match="no double"):
-        make_split(_obs({"control": 5, "A": 5}), {"kind": "held_out_perturbations"})
     with pytest.raises(SplitError, match="data_processing"):
         make_split(OBS.drop(columns="split"), {"kind": "held_out_cells"})
 
@@ -106,3 +106,12 @@ def test_leakage_guard() -> None:
     reference_cell = split.index[split["role"] == "reference"][0]
     with pytest.raises(LeakageError, match="reference control"):
         assert_no_leakage(split, list(train_names) + [reference_cell])
+
+
+def test_held_out_perturbations_on_a_singles_only_screen_is_not_applicable() -> None:
+    """A knockout screen without doubles has nothing to hold out: no test cells, no error."""
+    split = make_split(_obs({"control": 5, "A": 5, "B": 5}), {"kind": "held_out_perturbations"})
+    assert not is_applicable(split)
+    assert set(split["role"].astype(str)) <= {"train", "validation", "reference"}
+    assert "singles-only" in NOT_APPLICABLE["held_out_perturbations"]
+    assert is_applicable(make_split(OBS, {"kind": "held_out_perturbations"}))

@@ -17,7 +17,7 @@ from typing import Any
 import anndata as ad
 import pytest
 
-from tests.conftest import DEMO, PROJECT
+from tests.conftest import DEMO, PROJECT, latest_version
 
 SCREEN = "norman2019_subset"
 
@@ -34,7 +34,7 @@ class FinishedRun:
 
     @property
     def report(self) -> Path:
-        return self.reporting / "report.html"
+        return latest_version(self.reporting / "report.html")
 
 
 def register_run_info_hook(session: Any) -> None:

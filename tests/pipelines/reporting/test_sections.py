@@ -185,7 +185,7 @@ def test_prediction_section_reads_the_pipelines_own_tables() -> None:
                     "evaluation": evaluation, "perturbation": perturbation, "method": method,
                     "pearson_delta": quality + rng.normal(scale=0.05), "mse": rng.uniform(0, 1),
                 })
-    metrics, summary, _ = summarise_metrics(pd.DataFrame(rows))
+    metrics, summary, _ = summarise_metrics(held_out_cells=pd.DataFrame(rows))
     history = pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_loss": [3.2, 2.1, 1.9]})
     figure_params = {"summary_scores": ["pearson_delta", "mse"]}
     result = pp.report_perturbation_prediction(summary, metrics, figure_params, PARAMS, history, history)
@@ -194,7 +194,7 @@ def test_prediction_section_reads_the_pipelines_own_tables() -> None:
     assert section.facts["test perturbations (held_out_cells)"] == "3"
     assert section.facts["best method by pearson_delta (held_out_perturbations)"].startswith("additive")
     table = section.tables[0].frame
-    assert list(table.columns) == ["evaluation", "method", "n_perturbations", "pearson_delta", "mse"]
+    assert list(table.columns) == ["evaluation", "method", "status", "n_perturbations", "pearson_delta", "mse"]
     mean = metrics.query("evaluation == 'held_out_cells' and method == 'cvae_controls'")["pearson_delta"].mean()
     cell = table.query("evaluation == 'held_out_cells' and method == 'cvae_controls'")["pearson_delta"].iloc[0]
     assert cell.startswith(f"{mean:.3g} ± ")

@@ -293,7 +293,7 @@ def train_contrastive_model(
         "Training contrastiveVI on %d target and %d control cells (%d / %d for validation), %d genes.",
         train_tg.size, train_bg.size, val_tg.size, val_bg.size, data.n_genes,
     )
-    history = fit(model, train, val, config, callback=callback)
+    history = fit(model, train, val, config, callback=callback, settings="contrastive_model")
     model.cpu().eval()
     frame = history.to_frame()
     frame["best"] = frame["epoch"] == history.best_epoch

@@ -86,6 +86,14 @@ def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Se
             f"{list(adata.obs_names[missing][:3])}). Label them or remove them."
         )
     labels = labels.astype(str).str.strip()
+    empty = labels == ""
+    if empty.any():
+        raise ScreenValidationError(
+            f"{int(empty.sum())} cell(s) have an empty label in obs['{key}'] (e.g. "
+            f"{list(adata.obs_names[empty.to_numpy()][:3])}). Give them their perturbation, mark "
+            f"them with a control label {list(schema.control_labels)} if they carry a non-targeting "
+            "guide, or remove them (e.g. cells with no guide assigned)."
+        )
     is_control = labels.str.lower().isin([c.lower() for c in schema.control_labels])
     if not is_control.any():
         counts = labels.value_counts()
@@ -182,25 +190,57 @@ def count_cells_per_perturbation(adata: ad.AnnData) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------- QC
+QC_GUARDS = {
+    "min_cells_after_qc": 50,
+    "min_genes_after_qc": 20,
+    "max_fraction_removed_per_step": 0.5,
+    "min_cells_per_perturbation": 10,
+}
+"""Defaults of the QC guards (``data_processing.qc``), for callers that do not set them."""
+
+
+def _guard(qc_params: dict[str, Any], key: str) -> Any:
+    return qc_params.get(key, QC_GUARDS[key])
+
+
 def quality_control(
     adata: ad.AnnData, qc_params: dict[str, Any]
 ) -> tuple[ad.AnnData, pd.DataFrame]:
-    """Filter cells and genes; return the filtered copy and what each step removed.
+    """Filter cells, genes and thin perturbations; return the filtered copy and what each step removed.
 
     Steps, in order: cells with fewer than ``min_genes_per_cell`` detected genes,
     cells with a mitochondrial fraction above ``max_mito_fraction`` (only when genes
     with ``mito_prefix`` exist), genes detected in fewer than ``min_cells_per_gene``
-    cells. The raw counts stay in ``X``.
+    cells, and perturbations left with fewer than ``min_cells_per_perturbation`` cells
+    (dropped with a warning; controls are never dropped). The raw counts stay in ``X``.
+
+    Raises
+    ------
+    ScreenValidationError
+        A step removed more than ``max_fraction_removed_per_step`` of the cells it was
+        given; fewer than ``min_cells_after_qc`` cells or ``min_genes_after_qc`` genes
+        are left; no control cells are left. The message names the step and threshold.
     """
     out = adata.copy()
     steps: list[dict[str, Any]] = [
         {"step": "input", "cells_removed": 0, "genes_removed": 0}
     ]
+    max_removed = _guard(qc_params, "max_fraction_removed_per_step")
 
     def record(step: str, n_cells: int, n_genes: int) -> None:
         steps.append(
             {"step": step, "cells_removed": n_cells - out.n_obs, "genes_removed": n_genes - out.n_vars}
         )
+        removed = n_cells - out.n_obs
+        if max_removed is not None and n_cells and removed > float(max_removed) * n_cells:
+            raise ScreenValidationError(
+                ("The screen is empty after QC: " if out.n_obs == 0 else "")
+                + f"QC step data_processing.qc.{step} removed {removed:,} of {n_cells:,} cells "
+                f"({removed / n_cells:.0%}), more than data_processing.qc.max_fraction_removed_per_step="
+                f"{max_removed}. The threshold does not suit this screen (e.g. a targeted panel "
+                "detects fewer genes per cell): relax it, or raise max_fraction_removed_per_step "
+                "if that many low-quality cells are expected."
+            )
 
     n_cells, n_genes = out.n_obs, out.n_vars
     sc.pp.filter_cells(out, min_genes=int(qc_params["min_genes_per_cell"]))
@@ -223,25 +263,64 @@ def quality_control(
     sc.pp.filter_genes(out, min_cells=int(qc_params["min_cells_per_gene"]))
     record(f"min_cells_per_gene={qc_params['min_cells_per_gene']}", n_cells, n_genes)
 
-    if out.n_obs == 0 or out.n_vars == 0:
-        raise ScreenValidationError(
-            f"The screen is empty after QC ({out.n_obs} cells x {out.n_vars} genes left of "
-            f"{adata.n_obs} x {adata.n_vars}). Relax data_processing.qc "
-            f"(min_genes_per_cell={qc_params['min_genes_per_cell']}, "
-            f"min_cells_per_gene={qc_params['min_cells_per_gene']}, "
-            f"max_mito_fraction={max_mito})."
+    min_cells, min_genes = _guard(qc_params, "min_cells_after_qc"), _guard(qc_params, "min_genes_after_qc")
+    if out.n_obs < int(min_cells or 1) or out.n_vars < int(min_genes or 1):
+        which = (
+            f"data_processing.qc.min_cells_after_qc={min_cells}" if out.n_obs < int(min_cells or 1)
+            else f"data_processing.qc.min_genes_after_qc={min_genes}"
         )
+        raise ScreenValidationError(
+            f"Only {out.n_obs:,} cells x {out.n_vars:,} genes are left after QC (of {adata.n_obs:,} x "
+            f"{adata.n_vars:,}), fewer than {which}: too little to model. The steps removed: "
+            + "; ".join(f"{r['step']}: {r['cells_removed']:,} cells, {r['genes_removed']:,} genes" for r in steps[1:])
+            + ". Relax those thresholds in data_processing.qc, or check that X holds the whole "
+            "count matrix."
+        )
+    n_cells, n_genes = out.n_obs, out.n_vars
+    dropped = _thin_perturbations(out, _guard(qc_params, "min_cells_per_perturbation"))
+    if dropped:
+        out._inplace_subset_obs(~out.obs["perturbation"].astype(str).isin(dropped).to_numpy())
+        out.obs["perturbation"] = out.obs["perturbation"].cat.remove_unused_categories()
+    steps.append({
+        "step": f"min_cells_per_perturbation={_guard(qc_params, 'min_cells_per_perturbation')}",
+        "cells_removed": n_cells - out.n_obs, "genes_removed": 0,
+        "perturbations_dropped": ", ".join(sorted(dropped)),
+    })
     perturbation = out.obs["perturbation"]
+    if dropped and not ((perturbation != CONTROL) & (perturbation != UNPERTURBED)).any():
+        raise ScreenValidationError(
+            f"Every perturbation has fewer than data_processing.qc.min_cells_per_perturbation="
+            f"{_guard(qc_params, 'min_cells_per_perturbation')} cells after QC, so none is left. Lower "
+            "it, or check schema.perturbation_key (a per-cell barcode column gives one cell per label)."
+        )
     if (perturbation != UNPERTURBED).any() and not (perturbation == CONTROL).any():
         raise ScreenValidationError(
             "QC removed every control cell. Relax data_processing.qc: without controls "
             "there is nothing to compare perturbations to."
         )
     table = pd.DataFrame(steps)
+    table["perturbations_dropped"] = table.get("perturbations_dropped", pd.Series(dtype=object)).fillna("")
     table["cells_left"] = adata.n_obs - table["cells_removed"].cumsum()
     table["genes_left"] = adata.n_vars - table["genes_removed"].cumsum()
     out.obs["total_counts"] = np.asarray(out.X.sum(axis=1)).ravel()
     return out, table
+
+
+def _thin_perturbations(adata: ad.AnnData, min_cells: int | None) -> list[str]:
+    """Perturbations (never controls) with fewer than ``min_cells`` cells; a warning lists them."""
+    if not min_cells:
+        return []
+    labels = adata.obs["perturbation"].astype(str)
+    sizes = labels[(labels != CONTROL) & (labels != UNPERTURBED)].value_counts()
+    thin = sizes[sizes < int(min_cells)]
+    if len(thin):
+        shown = ", ".join(f"{label} ({n})" for label, n in thin.sort_values().head(20).items())
+        logger.warning(
+            "Dropping %d perturbation(s) with fewer than %d cells after QC "
+            "(data_processing.qc.min_cells_per_perturbation): %s%s.",
+            len(thin), int(min_cells), shown, " ..." if len(thin) > 20 else "",
+        )
+    return sorted(thin.index)
 
 
 def normalise(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -388,6 +467,16 @@ def summarise_screen(
         table[["cells_kept", "train", "validation"]].fillna(0).astype(int)
     )
     table["is_control"] = table.index == CONTROL
+    min_cells = next((s for s in qc_table["step"] if str(s).startswith("min_cells_per_perturbation=")), None)
+    dropped = {
+        label for text in qc_table.get("perturbations_dropped", pd.Series(dtype=object)).fillna("")
+        for label in str(text).split(", ") if label
+    }
+    table["note"] = [
+        f"dropped: fewer cells than {min_cells} after QC" if label in dropped
+        else ("removed by QC" if kept == 0 else "")
+        for label, kept in zip(table.index, table["cells_kept"])
+    ]
     table = table.reset_index().sort_values(
         ["is_control", "cells_kept"], ascending=[False, False]
     ).reset_index(drop=True)

@@ -216,7 +216,7 @@ def train_linear_model(
         model.n_latent, train_idx.size, val_idx.size, data.n_genes,
     )
     with torch_threads(config.num_threads):  # also for orienting and scoring after training
-        history = fit(model, train, val, config)
+        history = fit(model, train, val, config, settings="linear_model")
         model.cpu().eval()
         data.to("cpu")
         model.orient(data, rotation=rotation)

@@ -198,6 +198,16 @@ def perturbation_figures(
     return out
 
 
+def message_figure(title: str, text: str) -> Figure:
+    """A small figure holding a title and a wrapped sentence (e.g. why a split was not scored)."""
+    import textwrap
+
+    fig = Figure(figsize=(6, 1.8), layout="constrained")
+    fig.text(0.5, 0.62, title, ha="center", va="center", fontsize=11, weight="bold")
+    fig.text(0.5, 0.3, textwrap.fill(text, 80), ha="center", va="center", fontsize=8.5)
+    return fig
+
+
 def summary_figure(metrics: pd.DataFrame, params: dict[str, Any]) -> Figure:
     """Scores per method across test perturbations: one panel per (split, score).
 
@@ -205,6 +215,8 @@ def summary_figure(metrics: pd.DataFrame, params: dict[str, Any]) -> Figure:
     """
     scores = [s for s in params.get("summary_scores", list(SCORE_LABELS)) if s in metrics.columns]
     evaluations = list(dict.fromkeys(metrics["evaluation"]))
+    if not evaluations or not scores:
+        return message_figure("Perturbation prediction", "No split had test perturbations to score.")
     methods = [m for m in METHOD_LABELS if m in set(metrics["method"])]
     fig = Figure(figsize=(3.2 * len(scores), 3.4 * len(evaluations)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(evaluations), len(scores), squeeze=False))

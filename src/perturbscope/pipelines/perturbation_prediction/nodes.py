@@ -20,15 +20,17 @@ import scipy.sparse as sp
 
 from perturbscope.models.cvae import ConditionalVAE, scale_factors
 from perturbscope.models.data import MinibatchSampler
-from perturbscope.models.training import TrainConfig, fit, seeded
-from perturbscope.pipelines._model_inputs import raw_counts
+from perturbscope.models.training import fit, seeded
+from perturbscope.pipelines._model_inputs import raw_counts, train_config
 
 from . import figures
 from .baselines import BASELINES, baseline_cells
 from .metrics import METRIC_COLUMNS, score_perturbation
 from .splits import (
+    NOT_APPLICABLE,
     SplitError,
     assert_no_leakage,
+    is_applicable,
     make_split,
     perturbations_with_test_cells,
     reference_mask,
@@ -85,6 +87,22 @@ def project(pca: dict[str, np.ndarray], x: Any) -> np.ndarray:
     return (_dense(x) - pca["mean"][None, :]) @ pca["components"].T
 
 
+_ID_COLUMNS = ("evaluation", "perturbation", "n_perturbed_genes", "method", "n_true_cells", "n_predicted_cells")
+"""The identifying columns of a metrics table (the score columns follow)."""
+
+
+def _no_predictions(adata: ad.AnnData) -> ad.AnnData:
+    """An empty prediction table (no cells, the screen's genes) for a split with nothing to predict."""
+    empty = sp.csr_matrix((0, adata.n_vars), dtype=np.float32)
+    obs = pd.DataFrame(
+        {"method": pd.Categorical([]), "perturbation": pd.Categorical([]), "source_cell": np.zeros(0, np.int64)},
+        index=pd.Index([], dtype=str),
+    )
+    out = ad.AnnData(X=empty, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    out.layers["expected"] = empty.copy()
+    return out
+
+
 # ------------------------------------------------------------------------------- nodes
 def make_prediction_split(
     adata: ad.AnnData, split_params: dict[str, Any], schema: dict[str, Any] | None = None
@@ -94,6 +112,9 @@ def make_prediction_split(
     Returns the split table with a ``cell`` column (one row per cell).
     """
     split = make_split(adata.obs, split_params, _separator(schema))
+    if not is_applicable(split):
+        kind = str(split_params.get("kind"))
+        logger.warning("Split %s is not applicable and is skipped: %s.", kind, NOT_APPLICABLE.get(kind, "no test cells"))
     counts = split.groupby("role", observed=False).size().to_dict()
     logger.info(
         "Split %s: %s; %d test perturbation(s).",
@@ -123,6 +144,7 @@ def train_cvae(
     model_params: dict[str, Any],
     training_params: dict[str, Any],
     schema: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> tuple[ConditionalVAE, pd.DataFrame]:
     """Train the conditional VAE on the split's training cells only.
 
@@ -145,9 +167,9 @@ def train_cvae(
     targets = train_cells.obs["perturbed_genes"].astype(str)[~split["is_control"].to_numpy()[mask]]
     vocab = sorted({g for genes in targets for g in genes.split(sep) if g})
 
-    params = dict(training_params)
-    batch_size = int(params.pop("batch_size", 128))
-    config = TrainConfig(**params)
+    config, batch_size, val_batch_size = train_config(
+        training_params, seed, "perturbation_prediction.training", SplitError
+    )
     with seeded(config.seed):
         model = ConditionalVAE.from_vocabulary(vocab, list(adata.var_names), sep, **model_params)
     held = sorted(set(split.loc[split["evaluation"] == "held_out_perturbations", "perturbation"]))
@@ -158,10 +180,16 @@ def train_cvae(
         held_out_perturbations=held,
         n_training_cells=int(mask.sum()),
     )
+    if not is_applicable(split):
+        # nothing is held out, so nothing to predict: the (untrained) model only records why
+        kind = str(split["kind"].iloc[0]) if "kind" in split and len(split) else ""
+        model.metadata["not_applicable"] = NOT_APPLICABLE.get(kind, "no test cells")
+        logger.info("No test cells in this split: the cVAE is not trained.")
+        return model, pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "best_epoch"])
     data = model.make_cell_data(train_cells, extra_obs={"screen_row": np.flatnonzero(mask)})
     train_sampler = MinibatchSampler(data, roles == "train", batch_size=batch_size, shuffle=True, seed=config.seed)
     val_sampler = (
-        MinibatchSampler(data, roles == "validation", batch_size=max(batch_size, 512), shuffle=False)
+        MinibatchSampler(data, roles == "validation", batch_size=val_batch_size, shuffle=False)
         if (roles == "validation").any()
         else None
     )
@@ -169,7 +197,7 @@ def train_cvae(
         "Training ConditionalVAE (%s likelihood) on %d cells (%d validation), %d perturbed genes.",
         model.likelihood, int((roles == "train").sum()), int((roles == "validation").sum()), len(vocab),
     )
-    history = fit(model, train_sampler, val_sampler, config)
+    history = fit(model, train_sampler, val_sampler, config, settings="perturbation_prediction")
     model.cpu()
     frame = history.to_frame()
     frame["best_epoch"] = history.best_epoch if history.best_epoch is not None else -1
@@ -196,6 +224,8 @@ def predict_cvae(
     """
     split = as_split(split, adata)
     labels = perturbations_with_test_cells(split)
+    if not labels:
+        return _no_predictions(adata)
     genes_of = split.groupby("perturbation")["perturbed_genes"].first()
     unknown = [p for p in labels if not model.can_predict(genes_of[p])]
     if unknown:
@@ -241,6 +271,8 @@ def predict_baselines(
 ) -> ad.AnnData:
     """The baselines' predicted cells for the split's test perturbations (see :mod:`.baselines`)."""
     split = as_split(split, adata)
+    if not is_applicable(split):
+        return _no_predictions(adata)
     return baseline_cells(
         adata, split, n_cells=int(params.get("n_cells", 200)), seed=int(params.get("seed", 0)),
         separator=_separator(schema),
@@ -314,6 +346,8 @@ def evaluate_predictions(
     """
     split = as_split(split, adata)
     labels = perturbations_with_test_cells(split)
+    if not labels:
+        return pd.DataFrame(columns=list(_ID_COLUMNS))
     kind = str(split.loc[split["role"] == "test", "evaluation"].iloc[0])
     test = (split["role"] == "test").to_numpy()
     is_control = split["is_control"].to_numpy()
@@ -367,20 +401,34 @@ def evaluate_predictions(
     return table
 
 
-def summarise_metrics(*tables: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Merge the per-split metric tables; summarise mean ± sd per split and method.
+def summarise_metrics(**tables: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Merge the per-split metric tables (keyword: split name); summarise mean ± sd per split and method.
 
     Returns
     -------
     (metrics, summary, mlflow_metrics)
         The method × perturbation table of every split; the summary (one
-        row per split and method: ``n_perturbations`` and ``<score>_mean``,
-        ``<score>_sd`` — NaN scores, e.g. the undefined correlation of a
-        no-change prediction, are left out of the mean); and the summary
-        means as MLflow metrics ``<split>.<method>.<score>`` (the catalog
-        prefixes them with ``perturbation_prediction.``).
+        row per split and method: ``status`` ``scored``, ``n_perturbations`` and
+        ``<score>_mean``, ``<score>_sd`` — NaN scores, e.g. the undefined
+        correlation of a no-change prediction, are left out of the mean — and
+        one row with ``status`` ``not applicable`` and its ``reason`` for a
+        split without test cells, e.g. held-out perturbations on a singles-only
+        screen); and the summary means as MLflow metrics
+        ``<split>.<method>.<score>`` (the catalog prefixes them with
+        ``perturbation_prediction.``).
     """
-    metrics = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    scored = [t for t in tables.values() if len(t)]
+    skipped = pd.DataFrame(
+        [
+            {"evaluation": name, "method": "", "status": "not applicable",
+             "reason": NOT_APPLICABLE.get(name, "no test cells"), "n_perturbations": 0}
+            for name, table in tables.items() if not len(table)
+        ],
+        columns=["evaluation", "method", "status", "reason", "n_perturbations"],
+    )
+    if not scored:
+        return pd.DataFrame(columns=list(_ID_COLUMNS)), skipped, {}
+    metrics = pd.concat(scored, ignore_index=True)
     scores = [c for c in metrics.columns if c in METRIC_COLUMNS or c.startswith("jaccard_top")]
     order = {m: i for i, m in enumerate(METHODS)}
     grouped = metrics.groupby(["evaluation", "method"], sort=False)
@@ -390,6 +438,9 @@ def summarise_metrics(*tables: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     summary = summary.reset_index()
     summary["_order"] = summary["method"].map(order).fillna(len(order))
     summary = summary.sort_values(["evaluation", "_order"]).drop(columns="_order").reset_index(drop=True)
+    summary.insert(2, "status", "scored")
+    summary.insert(3, "reason", "")
+    summary = pd.concat([summary, skipped], ignore_index=True) if len(skipped) else summary
     mlflow_metrics: dict[str, Any] = {}
     for _, row in summary.iterrows():
         for score in scores:
@@ -413,9 +464,15 @@ def plot_perturbations(
     """The three-panel figure for the test perturbations of a split (see :mod:`.figures`).
 
     At most ``max_figures`` perturbations (the largest true effects) get a
-    figure; returns ``{"<perturbation>.png": Figure}``.
+    figure; returns ``{"<perturbation>.png": Figure}`` (``{"not_applicable.png": ...}``,
+    saying why, for a split without test cells).
     """
     split = as_split(split, adata)
+    if not is_applicable(split):  # one figure saying why, so the run's figure folder is never empty
+        kind = str(split["kind"].iloc[0]) if "kind" in split and len(split) else "this split"
+        return {"not_applicable.png": figures.message_figure(
+            f"{kind}: not applicable", NOT_APPLICABLE.get(kind, "no test cells")
+        )}
     return figures.perturbation_figures(adata, split, cvae_predictions, baseline_predictions, metrics, pca, params)
 
 

@@ -98,7 +98,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.summarise_metrics,
-                inputs=[f"{split}_prediction_metrics" for split in SPLITS],
+                inputs={split: f"{split}_prediction_metrics" for split in SPLITS},
                 outputs=["prediction_metrics", "prediction_summary", "prediction_mlflow_metrics"],
                 name="summarise_prediction_metrics",
             ),

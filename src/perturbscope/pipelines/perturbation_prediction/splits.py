@@ -56,6 +56,21 @@ ROLES = ("train", "validation", "test", "reference")
 _REQUIRED = ("perturbation", "perturbed_genes", "is_control", "split")
 
 
+NOT_APPLICABLE = {
+    "held_out_perturbations": (
+        "the screen has no double perturbation whose genes were each also perturbed on their own "
+        "(e.g. a singles-only screen), so no combination can be held out and predicted"
+    ),
+    "held_out_cells": "no perturbation has enough cells to hold some out for testing",
+}
+"""Why a split kind that found no test cells is not applicable, for the summary and the report."""
+
+
+def is_applicable(split: pd.DataFrame) -> bool:
+    """Whether a split has test cells to score (a singles-only screen has none to hold out)."""
+    return bool((split["role"].astype(str) == "test").any())
+
+
 class SplitError(ValueError):
     """The split parameters do not fit the screen; the message says how to fix them."""
 
@@ -108,13 +123,9 @@ def auto_held_out_perturbations(obs: pd.DataFrame, separator: str = "+") -> list
 
 def _resolve_held_out(obs: pd.DataFrame, requested: Any, separator: str) -> list[str]:
     if requested is None or (isinstance(requested, str) and requested.lower() == "auto"):
-        held = auto_held_out_perturbations(obs, separator)
-        if not held:
-            raise SplitError(
-                "held_out_perturbations: 'auto' found no double perturbation whose single genes both "
-                "have a single perturbation in the screen; list the perturbations to hold out instead"
-            )
-        return held
+        # may be empty (a singles-only screen): the split then has no test cells and is
+        # reported as not applicable (see ``NOT_APPLICABLE``)
+        return auto_held_out_perturbations(obs, separator)
     if isinstance(requested, str):
         requested = [requested]
     targets = obs.loc[~obs["is_control"].astype(bool)]
@@ -160,7 +171,8 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
         Indexed by cell name: ``perturbation``, ``perturbed_genes``,
         ``is_control``, ``role`` (``train``, ``validation``, ``test`` or
         ``reference``), ``evaluation`` (the split kind for test cells, ``""``
-        otherwise).
+        otherwise), ``kind`` (the split kind, on every row: a split without test
+        cells still says what it is).
 
     Raises
     ------
@@ -219,6 +231,7 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
             "is_control": is_control,
             "role": pd.Categorical(role, categories=list(ROLES)),
             "evaluation": np.where(role == "test", kind, ""),
+            "kind": kind,
         },
         index=pd.Index(obs.index.astype(str), name="cell"),
     )

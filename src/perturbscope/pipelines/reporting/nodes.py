@@ -75,6 +75,7 @@ def provenance_section(run_info: dict[str, Any], mlflow_info: dict[str, str]) ->
                 "save version), then the latest version on disk of the project's other versioned "
                 "datasets. Load one again with catalog.load(name, version=...) or "
                 "`kedro run --load-versions=name:version`.",
+                max_rows=len(datasets),  # the lineage is shown whole
             )
         )
     if not run_info.get("recorded", False):

@@ -47,6 +47,7 @@ class ReportTable:
     title: str
     frame: pd.DataFrame
     caption: str = ""
+    max_rows: int | None = None  # None: the report's reporting.max_table_rows
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _facts_html(facts: Mapping[str, str]) -> str:
 
 def _table_block(table: ReportTable, max_rows: int, collapsed: bool) -> str:
     caption = f'<p class="caption">{html.escape(table.caption)}</p>' if table.caption else ""
-    body = caption + _table_html(table.frame, max_rows)
+    body = caption + _table_html(table.frame, table.max_rows or max_rows)
     key = html.escape(table.key)
     if collapsed:
         return (

@@ -171,7 +171,12 @@ class RunInfoHook:
         if self._touched.get(REPORT_DATASET) != "saved":
             return
         try:
-            path = Path(str(catalog[REPORT_DATASET]._filepath))  # noqa: SLF001
+            dataset = catalog[REPORT_DATASET]
+            version = getattr(dataset, "_version", None)  # noqa: SLF001 - the file this run wrote
+            path = Path(str(
+                dataset._get_versioned_path(version.save) if version is not None and version.save  # noqa: SLF001
+                else dataset._filepath  # noqa: SLF001
+            ))
         except Exception:  # noqa: BLE001
             return
         shown = _relative(str(path), run_params.get("project_path"))

@@ -166,6 +166,12 @@ def screen_facts(adata: ad.AnnData, summary: pd.DataFrame, screen: str, program_
         "median cells per perturbation": float(summary.loc[~summary["is_control"], "cells_kept"].median())
         if (~summary["is_control"]).any() else float("nan"),
     }
+    if "note" in summary:
+        dropped = summary.loc[summary["note"].fillna("").astype(str).str.startswith("dropped"), "perturbation"]
+        if len(dropped):
+            facts["perturbations dropped (too few cells after QC)"] = (
+                f"{len(dropped)}: " + ", ".join(map(str, dropped[:20])) + (" ..." if len(dropped) > 20 else "")
+            )
     if "split" in obs:
         split = obs["split"].astype(str).value_counts()
         facts["train / validation cells"] = f"{int(split.get('train', 0)):,} / {int(split.get('validation', 0)):,}"

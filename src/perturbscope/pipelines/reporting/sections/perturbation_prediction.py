@@ -28,7 +28,8 @@ def _splits() -> tuple[str, ...]:
 
 def summary_table(summary: pd.DataFrame, scores: list[str]) -> pd.DataFrame:
     """One row per split and method with ``mean ± sd`` of each score."""
-    table = summary[["evaluation", "method", "n_perturbations"]].copy()
+    ids = [c for c in ("evaluation", "method", "status", "n_perturbations") if c in summary]
+    table = summary[ids].copy()
     for score in scores:
         mean, sd = f"{score}_mean", f"{score}_sd"
         if mean not in summary:
@@ -38,6 +39,14 @@ def summary_table(summary: pd.DataFrame, scores: list[str]) -> pd.DataFrame:
             for m, s in zip(summary[mean], summary.get(sd, pd.Series(np.nan, index=summary.index)))
         ]
     return table
+
+
+def not_applicable(summary: pd.DataFrame) -> dict[str, str]:
+    """Split -> why it was not applicable (rows of the summary with that status)."""
+    if "status" not in summary:
+        return {}
+    rows = summary.loc[summary["status"] == "not applicable"]
+    return {str(e): str(r) for e, r in zip(rows["evaluation"], rows["reason"])}
 
 
 def best_methods(summary: pd.DataFrame, score: str = HEADLINE_SCORE) -> dict[str, str]:
@@ -79,6 +88,7 @@ def report_perturbation_prediction(
         raise ValueError(f"Expected one training history per split {list(splits)}, got {len(histories)}.")
     panel = plot_summary_panel(summary, metrics, figure_params, dpi)
     scores = [s for s in figure_params.get("summary_scores", []) if f"{s}_mean" in summary]
+    skipped = not_applicable(summary)
     figures = {
         "prediction_summary_panel": FigureSpec(
             panel, "Perturbation prediction: scores per method",
@@ -89,7 +99,7 @@ def report_perturbation_prediction(
             plot_training_curves({f"cVAE, {s}": h for s, h in zip(splits, histories)}, dpi=dpi),
             "Training curves: conditional VAE",
             "Train and validation loss per epoch of the cVAE of each split; the dotted line marks "
-            "the epoch whose weights were kept.",
+            "the epoch whose weights were kept (a split that was not applicable trains no model).",
         ),
     }
     facts: dict[str, Any] = {
@@ -99,6 +109,7 @@ def report_perturbation_prediction(
             for evaluation, rows in metrics.groupby("evaluation", sort=False)
         },
         **best_methods(summary),
+        **{f"{evaluation}: not applicable": reason for evaluation, reason in skipped.items()},
     }
     section = make_section(
         PIPELINE,
@@ -106,6 +117,7 @@ def report_perturbation_prediction(
         intro=(
             "A conditional VAE predicts the expression of perturbed cells, scored against baselines "
             "on held-out cells and held-out (unseen) perturbations."
+            + "".join(f" The {e.replace('_', ' ')} split is not applicable to this screen: {r}." for e, r in skipped.items())
         ),
         facts=facts,
         tables=[
