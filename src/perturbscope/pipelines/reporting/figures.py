@@ -161,7 +161,7 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame], *, dpi: int, tit
     axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
     for ax, (name, history) in zip(axes, histories.items()):
         if history.empty:  # e.g. the cVAE of a split that was not applicable to the screen
-            ax.text(0.5, 0.5, "not trained", ha="center", va="center", color="#888888", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not trained: split not applicable", ha="center", va="center", color="#888888", transform=ax.transAxes)
             ax.set_title(name, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
