@@ -77,7 +77,7 @@ def _check_common(out: dict, n_cells: int) -> tuple[ad.AnnData, pd.DataFrame, pd
     reporting = out["reporting"]
     evaluation = pd.read_csv(latest_version(reporting / "contrastive_evaluation.csv"))
     scored = evaluation[evaluation["note"].isna()]  # a row with a note says why a score is missing
-    assert len(scored) >= 9 and scored["value"].notna().all()
+    assert len(scored) >= 6 and scored["value"].notna().all()
     effects = pd.read_csv(latest_version(reporting / "linear_factor_effects.csv"))
     assert len(effects) and effects["perturbation"].nunique() >= 10
     summary = pd.read_csv(latest_version(reporting / "prediction_summary.csv"))
