@@ -100,7 +100,7 @@ def main() -> None:
         RESULTS.write_text(
             "# The whole default `kedro run` (all five pipelines) on simulated screens\n\n"
             "`python bench/end_to_end.py`; one run per row, 2-core CPU, no GPU.\n\n"
-            "| date (UTC) | screen (cells × genes) | max_epochs | epochs trained | wall clock (m:ss) "
+            "| finished (UTC) | screen (cells × genes) | max_epochs | epochs trained | wall clock (m:ss) "
             "| peak RSS (GB) | load avg at start | cores |\n|---|---|---|---|---|---|---|---|\n"
         )
     with RESULTS.open("a") as handle:
