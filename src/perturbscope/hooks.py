@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import mlflow
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
@@ -133,19 +133,15 @@ class RunOutputsHook:
         if dataset is None or version is None or version.save is None:
             return
         folder = str(PurePosixPath(str(dataset._get_versioned_path(version.save))).parent)
-        self._written.append((getattr(dataset, "_fs", None), folder))
+        self._written.append((getattr(dataset, "_fs", None) or fsspec.filesystem("file"), folder))
 
     @hook_impl
     def on_pipeline_error(self, error: Exception) -> None:
         removed = 0
         for fs, folder in reversed(self._written):
             try:
-                if fs is not None:
-                    if fs.exists(folder):
-                        fs.rm(folder, recursive=True)
-                        removed += 1
-                elif Path(folder).exists():
-                    shutil.rmtree(folder)
+                if fs.exists(folder):
+                    fs.rm(folder, recursive=True)
                     removed += 1
             except OSError as err:  # never hide the run's own error
                 logger.warning("Could not remove %s of the failed run: %s", folder, err)

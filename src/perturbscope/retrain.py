@@ -215,13 +215,6 @@ def _bootstrap(project_path: Path) -> None:
         _BOOTSTRAPPED[:] = [project_path]
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @dataclass
 class _ProjectConfig:
     """The project's configuration for one set of runtime parameters, read without a Kedro context.
@@ -242,7 +235,8 @@ class _ProjectConfig:
             runtime_params=self.runtime,
             **project_settings.CONFIG_LOADER_ARGS,
         )
-        self.params = _merge(self.loader["parameters"], self.runtime)
+        merged = OmegaConf.merge(self.loader["parameters"], self.runtime)  # runtime params on top, as a context does
+        self.params = OmegaConf.to_container(merged, resolve=True)
 
     def use_mlflow_store(self) -> None:
         """Point mlflow at the project's store (resolved against the project root), as a run would."""

@@ -227,12 +227,12 @@ def quality_control(
     ]
     max_removed = _guard(qc_params, "max_fraction_removed_per_step")
 
-    def record(step: str, n_cells: int, n_genes: int) -> None:
+    def record(step: str, n_cells: int, n_genes: int, guarded: bool = True, **extra: Any) -> None:
         steps.append(
-            {"step": step, "cells_removed": n_cells - out.n_obs, "genes_removed": n_genes - out.n_vars}
+            {"step": step, "cells_removed": n_cells - out.n_obs, "genes_removed": n_genes - out.n_vars, **extra}
         )
         removed = n_cells - out.n_obs
-        if max_removed is not None and n_cells and removed > float(max_removed) * n_cells:
+        if guarded and max_removed is not None and n_cells and removed > float(max_removed) * n_cells:
             raise ScreenValidationError(
                 ("The screen is empty after QC: " if out.n_obs == 0 else "")
                 + f"QC step data_processing.qc.{step} removed {removed:,} of {n_cells:,} cells "
@@ -277,20 +277,19 @@ def quality_control(
             "count matrix."
         )
     n_cells, n_genes = out.n_obs, out.n_vars
-    dropped = _thin_perturbations(out, _guard(qc_params, "min_cells_per_perturbation"))
+    min_per_perturbation = _guard(qc_params, "min_cells_per_perturbation")
+    dropped = _thin_perturbations(out, min_per_perturbation)
     if dropped:
         out._inplace_subset_obs(~out.obs["perturbation"].astype(str).isin(dropped).to_numpy())
         out.obs["perturbation"] = out.obs["perturbation"].cat.remove_unused_categories()
-    steps.append({
-        "step": f"min_cells_per_perturbation={_guard(qc_params, 'min_cells_per_perturbation')}",
-        "cells_removed": n_cells - out.n_obs, "genes_removed": 0,
-        "perturbations_dropped": ", ".join(sorted(dropped)),
-    })
+    # not guarded by max_fraction_removed_per_step: a screen of only thin perturbations gets its own error
+    record(f"min_cells_per_perturbation={min_per_perturbation}", n_cells, n_genes, guarded=False,
+           perturbations_dropped=", ".join(dropped))
     perturbation = out.obs["perturbation"]
     if dropped and not ((perturbation != CONTROL) & (perturbation != UNPERTURBED)).any():
         raise ScreenValidationError(
             f"Every perturbation has fewer than data_processing.qc.min_cells_per_perturbation="
-            f"{_guard(qc_params, 'min_cells_per_perturbation')} cells after QC, so none is left. Lower "
+            f"{min_per_perturbation} cells after QC, so none is left. Lower "
             "it, or check schema.perturbation_key (a per-cell barcode column gives one cell per label)."
         )
     if (perturbation != UNPERTURBED).any() and not (perturbation == CONTROL).any():

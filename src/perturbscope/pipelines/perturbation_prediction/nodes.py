@@ -32,6 +32,7 @@ from .splits import (
     assert_no_leakage,
     is_applicable,
     make_split,
+    not_applicable_reason,
     perturbations_with_test_cells,
     reference_mask,
     training_mask,
@@ -112,9 +113,9 @@ def make_prediction_split(
     Returns the split table with a ``cell`` column (one row per cell).
     """
     split = make_split(adata.obs, split_params, _separator(schema))
-    if not is_applicable(split):
-        kind = str(split_params.get("kind"))
-        logger.warning("Split %s is not applicable and is skipped: %s.", kind, NOT_APPLICABLE.get(kind, "no test cells"))
+    reason = not_applicable_reason(split)
+    if reason:
+        logger.warning("Split %s is not applicable and is skipped: %s.", split_params.get("kind"), reason)
     counts = split.groupby("role", observed=False).size().to_dict()
     logger.info(
         "Split %s: %s; %d test perturbation(s).",
@@ -180,10 +181,10 @@ def train_cvae(
         held_out_perturbations=held,
         n_training_cells=int(mask.sum()),
     )
-    if not is_applicable(split):
+    reason = not_applicable_reason(split)
+    if reason:
         # nothing is held out, so nothing to predict: the (untrained) model only records why
-        kind = str(split["kind"].iloc[0]) if "kind" in split and len(split) else ""
-        model.metadata["not_applicable"] = NOT_APPLICABLE.get(kind, "no test cells")
+        model.metadata["not_applicable"] = reason
         logger.info("No test cells in this split: the cVAE is not trained.")
         return model, pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "best_epoch"])
     data = model.make_cell_data(train_cells, extra_obs={"screen_row": np.flatnonzero(mask)})
@@ -468,11 +469,10 @@ def plot_perturbations(
     saying why, for a split without test cells).
     """
     split = as_split(split, adata)
-    if not is_applicable(split):  # one figure saying why, so the run's figure folder is never empty
-        kind = str(split["kind"].iloc[0]) if "kind" in split and len(split) else "this split"
-        return {"not_applicable.png": figures.message_figure(
-            f"{kind}: not applicable", NOT_APPLICABLE.get(kind, "no test cells")
-        )}
+    reason = not_applicable_reason(split)
+    if reason:  # one figure saying why, so the run's figure folder is never empty
+        kind = str(split["kind"].iloc[0]) if len(split) else "this split"
+        return {"not_applicable.png": figures.message_figure(f"{kind}: not applicable", reason)}
     return figures.perturbation_figures(adata, split, cvae_predictions, baseline_predictions, metrics, pca, params)
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "canonical",
     "auto_held_out_perturbations",
     "make_split",
+    "not_applicable_reason",
     "assert_no_leakage",
     "training_mask",
     "reference_mask",
@@ -69,6 +70,14 @@ NOT_APPLICABLE = {
 def is_applicable(split: pd.DataFrame) -> bool:
     """Whether a split has test cells to score (a singles-only screen has none to hold out)."""
     return bool((split["role"].astype(str) == "test").any())
+
+
+def not_applicable_reason(split: pd.DataFrame) -> str | None:
+    """Why a split has no test cells (from its ``kind``, see ``NOT_APPLICABLE``); None if it has some."""
+    if is_applicable(split):
+        return None
+    kind = str(split["kind"].iloc[0]) if "kind" in split and len(split) else ""
+    return NOT_APPLICABLE.get(kind, "no test cells")
 
 
 class SplitError(ValueError):
