@@ -64,7 +64,7 @@ bench: setup
 	$(BIN)/python bench/linear_vs_scvi.py
 
 retrain: setup
-	$(BIN)/python -m perturbscope.retrain
+	$(BIN)/python -m perturbscope.ops.retrain
 
 airflow-dag: setup
 	$(BIN)/kedro airflow create --env airflow --jinja-file conf/airflow/retrain_dag.j2

@@ -74,8 +74,10 @@ def pipeline_parameters() -> dict[str, Any]:
     """The contrastive_model parameters of ``conf/base`` (read as YAML: no Kedro in the bench env)."""
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "base" / "parameters_contrastive_model.yml"
-    return yaml.safe_load(path.read_text())["contrastive_model"]
+    conf = Path(__file__).resolve().parents[1] / "conf" / "base"
+    params = yaml.safe_load((conf / "parameters_contrastive_model.yml").read_text())["contrastive_model"]
+    shared = yaml.safe_load((conf / "parameters.yml").read_text())["training"]
+    return {**params, "training": {**shared, **params["training"]}}  # the shared block, then the model's own
 
 
 def make_screen(args: argparse.Namespace):

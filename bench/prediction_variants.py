@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "conf/base/parameters_perturbation_prediction.yml").read_text())[
     "perturbation_prediction"
 ]
+SHARED_TRAINING = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())["training"]
 
 VARIANTS: dict[str, dict] = {
     "default (NB)": {},
@@ -86,12 +87,14 @@ def main() -> None:
             for split_name in args.splits:
                 params = merge(PARAMS, VARIANTS[name])
                 split_params = merge(PARAMS["splits"][split_name], VARIANTS[name].get("split", {}))
-                split_params["seed"] = seed  # the seed moves the split (held-out cells, reference controls) too
-                training = {**params["training"], "seed": seed, "progress": False}
+                training = {**params["training"], "progress": False}
                 start = time.perf_counter()
-                split = nodes.make_prediction_split(screen, split_params, {"double_separator": "+"})
-                model, history = nodes.train_cvae(screen, split, params["model"], training, {})
-                cvae = nodes.predict_cvae(model, screen, split, {**params["generation"], "seed": seed})
+                # the one seed moves the split (held-out cells, reference controls), the model and the draws
+                split = nodes.make_prediction_split(screen, split_params, {"double_separator": "+"}, seed)
+                model, history = nodes.train_cvae(
+                    screen, split, params["model"], training, {}, seed, shared_training=SHARED_TRAINING
+                )
+                cvae = nodes.predict_cvae(model, screen, split, params["generation"], seed)
                 base = nodes.predict_baselines(screen, split, params["generation"], {})
                 table = nodes.evaluate_predictions(screen, split, cvae, base, pca, params["evaluation"])
                 seconds = time.perf_counter() - start

@@ -14,6 +14,32 @@ from typing import Any
 
 CONTROL = "control"
 """The label every control cell carries after validation."""
+UNPERTURBED = "unperturbed"
+"""The label of every cell of a plain count matrix (``schema.perturbation_key: null``)."""
+UNKNOWN_PHASE = "unknown"
+"""``phase`` of every cell when the screen lacks the cell-cycle genes."""
+
+# --- the processed-screen contract: what data_processing writes and every model pipeline reads
+PERTURBATION = "perturbation"
+"""``obs`` column: the perturbation label (controls rewritten as :data:`CONTROL`)."""
+IS_CONTROL = "is_control"
+"""``obs`` column: bool, a non-targeting control cell."""
+CELL_GROUP = "cell_group"
+"""``obs`` column: ``control`` / ``target``."""
+PERTURBED_GENES = "perturbed_genes"
+"""``obs`` column: the perturbed genes joined by the separator (``A+B``; ``""`` for controls)."""
+N_PERTURBED_GENES = "n_perturbed_genes"
+"""``obs`` column: number of perturbed genes (0 controls, 1 singles, 2 doubles)."""
+SPLIT = "split"
+"""``obs`` column: ``train`` / ``validation`` (early stopping of every model)."""
+TRAIN, VALIDATION = "train", "validation"
+"""Values of :data:`SPLIT`."""
+PHASE = "phase"
+"""``obs`` column: cell-cycle phase (``G1``, ``S``, ``G2M`` or :data:`UNKNOWN_PHASE`)."""
+COUNTS_LAYER = "counts"
+"""``layers`` key of the raw UMI counts (``X`` holds log-normalised expression)."""
+PREDICTION_SPLITS = ("held_out_cells", "held_out_perturbations")
+"""The perturbation_prediction evaluations (Kedro namespaces; ``evaluation`` column of its tables)."""
 
 
 class ScreenValidationError(ValueError):

@@ -4,8 +4,7 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from perturbscope.hooks import ProjectStoreHook, RunOutputsHook, ScreenTagHook
-from perturbscope.pipelines.reporting.run_info import RunInfoHook
+from perturbscope.hooks import ProjectStoreHook, RunInfoHook, RunOutputsHook, ScreenTagHook
 
 HOOKS = (ProjectStoreHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook())
 

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
-from kedro.io.core import get_protocol_and_path
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
 
 
 def filesystem(filepath: str, credentials: dict[str, Any] | None, fs_args: dict[str, Any] | None):
@@ -49,3 +49,39 @@ def write_via_local_file(
         local = str(Path(tmpdir) / f"payload{suffix}")
         write(local)
         fs.put(local, target)
+
+
+class VersionedFileDataset(AbstractVersionedDataset):
+    """What the project's file datasets share: an fsspec filesystem, versioned paths, ``_exists``."""
+
+    def _init_file(
+        self,
+        filepath: str,
+        version: Version | None,
+        credentials: dict[str, Any] | None,
+        fs_args: dict[str, Any] | None,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        protocol, path, fs = filesystem(filepath, credentials, fs_args)
+        self._protocol = protocol
+        self._fs = fs
+        self.metadata = metadata
+        AbstractVersionedDataset.__init__(
+            self, filepath=path, version=version, exists_function=fs.exists, glob_function=fs.glob
+        )
+
+    def _load_path(self) -> str:
+        return get_filepath_str(self._get_load_path(), self._protocol)
+
+    def _save_path(self) -> str:
+        return get_filepath_str(self._get_save_path(), self._protocol)
+
+    def _exists(self) -> bool:
+        try:
+            load_path = self._load_path()
+        except DatasetError:
+            return False
+        return self._fs.exists(load_path)
+
+    def _invalidate_cache(self) -> None:
+        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))

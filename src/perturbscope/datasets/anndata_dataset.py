@@ -7,13 +7,13 @@ from typing import Any
 
 import anndata as ad
 import pandas as pd
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
+from kedro.io.core import DatasetError, Version
 from kedro_datasets._typing import TablePreview
 
-from perturbscope.datasets._io import filesystem, write_via_local_file
+from perturbscope.datasets._io import VersionedFileDataset, write_via_local_file
 
 
-class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
+class AnnDataDataset(VersionedFileDataset):
     """Load and save an :class:`anndata.AnnData` as ``.h5ad`` on any fsspec filesystem.
 
     Example catalog entry::
@@ -52,18 +52,9 @@ class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        protocol, path, fs = filesystem(filepath, credentials, fs_args)
-        self._protocol = protocol
-        self._fs = fs
         self._load_args = dict(load_args or {})
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
-        self.metadata = metadata
-        super().__init__(
-            filepath=path,
-            version=version,
-            exists_function=fs.exists,
-            glob_function=fs.glob,
-        )
+        self._init_file(filepath, version, credentials, fs_args, metadata)
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -75,7 +66,7 @@ class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
         }
 
     def load(self) -> ad.AnnData:
-        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        load_path = self._load_path()
         if not self._fs.exists(load_path):
             raise DatasetError(
                 f"No screen file at '{load_path}'. Put the .h5ad there, or run another "
@@ -98,7 +89,7 @@ class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
             raise DatasetError(
                 f"AnnDataDataset can only save an AnnData object, got {type(data).__name__}."
             )
-        save_path = get_filepath_str(self._get_save_path(), self._protocol)
+        save_path = self._save_path()
         write_via_local_file(
             self._protocol,
             self._fs,
@@ -108,24 +99,14 @@ class AnnDataDataset(AbstractVersionedDataset[ad.AnnData, ad.AnnData]):
         )
         self._invalidate_cache()
 
-    def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.exists(load_path)
-
     def _release(self) -> None:
         super()._release()
         self._invalidate_cache()
 
-    def _invalidate_cache(self) -> None:
-        filepath = get_filepath_str(self._filepath, self._protocol)
-        self._fs.invalidate_cache(filepath)
 
     def preview(self, nrows: int = 10) -> TablePreview:
         """The first ``nrows`` rows of ``obs`` (for kedro-viz), read without loading ``X``."""
-        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        load_path = self._load_path()
         if self._protocol == "file":
             adata = ad.read_h5ad(load_path, backed="r")
             obs = adata.obs.head(nrows).copy()

@@ -11,13 +11,13 @@ import io
 from typing import Any
 
 import torch
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
+from kedro.io.core import DatasetError, Version
 from torch import nn
 
-from perturbscope.datasets._io import filesystem, write_via_local_file
+from perturbscope.datasets._io import VersionedFileDataset, write_via_local_file
 
 
-class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
+class TorchModelDataset(VersionedFileDataset):
     """Save and load a perturbscope model (weights, hyperparameters and metadata).
 
     Parameters
@@ -40,14 +40,8 @@ class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        protocol, path, fs = filesystem(filepath, credentials, fs_args)
-        self._protocol = protocol
-        self._fs = fs
         self._map_location = map_location
-        self.metadata = metadata
-        super().__init__(
-            filepath=path, version=version, exists_function=fs.exists, glob_function=fs.glob
-        )
+        self._init_file(filepath, version, credentials, fs_args, metadata)
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -58,7 +52,7 @@ class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
         }
 
     def load(self) -> nn.Module:
-        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        load_path = self._load_path()
         with self._fs.open(load_path, mode="rb") as handle:
             payload = handle.read()
         from perturbscope.models.io import from_checkpoint
@@ -76,16 +70,9 @@ class TorchModelDataset(AbstractVersionedDataset[nn.Module, nn.Module]):
             )
         from perturbscope.models.io import to_checkpoint
 
-        save_path = get_filepath_str(self._get_save_path(), self._protocol)
+        save_path = self._save_path()
         checkpoint = to_checkpoint(data)
         write_via_local_file(
             self._protocol, self._fs, save_path, ".pt", lambda local: torch.save(checkpoint, local)
         )
-        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
-
-    def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.exists(load_path)
+        self._invalidate_cache()

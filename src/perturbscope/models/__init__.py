@@ -1,4 +1,4 @@
-"""Plain-PyTorch model core of perturbscope (no Kedro; usable on its own).
+"""Plain-PyTorch model core of perturbscope (no Kedro, no AnnData; usable on its own).
 
 Modules
 -------
@@ -21,7 +21,8 @@ Modules
 ``cvae``
     :class:`ConditionalVAE`: perturbation prediction conditioned on a
     multi-hot over perturbed genes (Gaussian or NB likelihood); Mode A
-    (``sample_prior``) and Mode B (``transfer_controls``) generation.
+    (``generate_prior``) and Mode B (``generate_from_controls``) generation
+    as arrays.
 ``linear``
     :class:`LinearVAE` (LDVAE): linear decoder with BatchNorm folded into
     genes x factors ``loadings()``; ``init_intercepts``, ``orient``
@@ -29,6 +30,10 @@ Modules
 ``io``
     Checkpoints: :func:`to_checkpoint`, :func:`from_checkpoint`,
     :func:`save_model`, :func:`load_model`.
+``model`` (:mod:`perturbscope.models.model`)
+    The AnnData-facing API: one class per model (``ContrastiveVI``, ``LDVAE``,
+    ``CVAE``) that fits from a screen, embeds / samples and saves / loads.
+    Nothing else in this package imports AnnData or Kedro.
 
 Quick start
 -----------

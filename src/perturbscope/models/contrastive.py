@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, concat_batches
 from .likelihoods import batch_log_likelihood, check_likelihood
@@ -41,11 +42,6 @@ __all__ = ["ContrastiveVAE", "AdditiveSalientDecoder", "DECODERS"]
 DECODERS = ("joint", "additive")
 """``ContrastiveVAE(decoder=...)`` choices."""
 
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
 
 
 class AdditiveSalientDecoder(nn.Module):
@@ -162,12 +158,12 @@ class ContrastiveVAE(BatchLibraryModel):
         decoder: str = "joint",
     ) -> None:
         super().__init__()
-        n_genes = _check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
-        n_background = _check_int("n_background", n_background, 1, "the background latent needs at least one dimension")
-        n_salient = _check_int("n_salient", n_salient, 1, "the salient latent needs at least one dimension")
-        n_hidden = _check_int("n_hidden", n_hidden, 1, "use e.g. 128")
-        n_layers = _check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
-        n_batch = _check_int("n_batch", n_batch, 0, "use 0 for no batch covariate")
+        n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
+        n_background = check_int("n_background", n_background, 1, "the background latent needs at least one dimension")
+        n_salient = check_int("n_salient", n_salient, 1, "the salient latent needs at least one dimension")
+        n_hidden = check_int("n_hidden", n_hidden, 1, "use e.g. 128")
+        n_layers = check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
+        n_batch = check_int("n_batch", n_batch, 0, "use 0 for no batch covariate")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         check_likelihood(likelihood)

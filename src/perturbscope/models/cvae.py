@@ -32,14 +32,16 @@ perturbation condition ``c``: a multi-hot vector over the *perturbed genes*
 Training uses the shared loop :func:`~perturbscope.models.training.fit`
 (β warm-up via ``TrainConfig.kl_warmup_epochs``) on
 :class:`~perturbscope.models.data.MinibatchSampler` batches of a
-:class:`~perturbscope.models.data.CellData` built by :meth:`ConditionalVAE.make_cell_data`.
+:class:`~perturbscope.models.data.CellData` whose ``obs[condition_key]`` is the
+multi-hot of :meth:`ConditionalVAE.encode_conditions`.
 
-Generation returns :class:`anndata.AnnData` of predicted cells on the
-log-normalised scale of the processed screen's ``X``:
+Generation returns :class:`Generated` arrays of predicted cells on the
+log-normalised scale of the processed screen's ``X`` (the AnnData-facing
+:class:`perturbscope.models.model.CVAE` wraps them into AnnData):
 
-* **Mode A** (:meth:`ConditionalVAE.sample_prior`): ``z ~ N(0, I)`` decoded
+* **Mode A** (:meth:`ConditionalVAE.generate_prior`): ``z ~ N(0, I)`` decoded
   under the perturbation;
-* **Mode B** (:meth:`ConditionalVAE.transfer_controls`): real control cells
+* **Mode B** (:meth:`ConditionalVAE.generate_from_controls`): real control cells
   encoded under ``c = 0`` and decoded under the perturbation.
 
 For the NB likelihood, predicted cells are count draws (gamma-Poisson) with a
@@ -52,39 +54,50 @@ Example
 ::
 
     model = ConditionalVAE.from_vocabulary(["KLF1", "MAP2K6"], var_names, likelihood="gaussian")
-    data = model.make_cell_data(adata)                 # adata.obs["perturbed_genes"]: "A+B"
+    data = CellData(x, obs={"condition": model.encode_conditions(labels)})   # labels: "A+B", "" ...
     fit(model, MinibatchSampler(data, train_idx), MinibatchSampler(data, val_idx, shuffle=False),
         TrainConfig(max_epochs=200, kl_warmup_epochs=20))
-    pred_a = model.sample_prior(["KLF1+MAP2K6"], n_cells=200)
-    pred_b = model.transfer_controls(data, control_idx, ["KLF1+MAP2K6"], n_cells=200)
+    pred_a = model.generate_prior(["KLF1+MAP2K6"], n_cells=200)             # Generated arrays
+    pred_b = model.generate_from_controls(data, control_idx, ["KLF1+MAP2K6"], n_cells=200)
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
-import anndata as ad
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perturbscope.schema import CONTROL, parse_perturbation
 
+from ._checks import check_int
 from .base import BaseModel
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, gaussian_log_likelihood
-from .modules import MLP, CountParams, GaussianEncoder, kl_standard_normal
+from .modules import MLP, CountDecoder, CountParams, GaussianEncoder, kl_standard_normal
 
-__all__ = ["ConditionalVAE", "UnknownPerturbationError", "CVAE_LIKELIHOODS", "scale_factors"]
+__all__ = ["ConditionalVAE", "UnknownPerturbationError", "CVAE_LIKELIHOODS", "Generated"]
 
 CVAE_LIKELIHOODS: tuple[str, ...] = ("gaussian", "nb")
 
 
 class UnknownPerturbationError(ValueError):
     """A perturbation names a gene that is not in the model's condition vocabulary."""
+
+
+class Generated(NamedTuple):
+    """Predicted cells of :meth:`ConditionalVAE.generate_prior` / :meth:`~ConditionalVAE.generate_from_controls`."""
+
+    x: np.ndarray
+    """``(n, G)`` float32 log-normalised cells (draws, or the expectation with ``sample=False``)."""
+    expected: np.ndarray
+    """``(n, G)`` float32 each cell's ``E[x | z, c]`` (log-normalised)."""
+    labels: list[str]
+    """The perturbation of each cell."""
+    source: np.ndarray | None
+    """Mode B: position in the data of the control cell each cell comes from; None for Mode A."""
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -98,11 +111,6 @@ class _GradientReversal(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
         return -grad
 
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
 
 
 class ConditionalVAE(BaseModel):
@@ -166,14 +174,14 @@ class ConditionalVAE(BaseModel):
         adversary_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        n_genes = _check_int("n_genes", n_genes, 1, "pass the number of genes of the expression matrix")
-        n_conditions = _check_int(
+        n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the expression matrix")
+        n_conditions = check_int(
             "n_conditions", n_conditions, 1, "the vocabulary needs at least one perturbed gene"
         )
-        n_latent = _check_int("n_latent", n_latent, 1, "use e.g. 10")
-        n_hidden = _check_int("n_hidden", n_hidden, 1, "use e.g. 128")
-        n_layers = _check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
-        n_condition_embedding = _check_int(
+        n_latent = check_int("n_latent", n_latent, 1, "use e.g. 10")
+        n_hidden = check_int("n_hidden", n_hidden, 1, "use e.g. 128")
+        n_layers = check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
+        n_condition_embedding = check_int(
             "n_condition_embedding", n_condition_embedding, 0, "use 0 to feed no embedding to the decoder MLP"
         )
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
@@ -222,8 +230,11 @@ class ConditionalVAE(BaseModel):
         self.embedding = (
             nn.Linear(n_conditions, n_condition_embedding, bias=False) if n_condition_embedding else None
         )
-        self.decoder_net = MLP(n_latent, n_hidden, n_layers, dropout=0.0, n_cov=n_condition_embedding)
-        self.decoder_out = nn.Linear(n_hidden, n_genes)
+        # MLP (with LayerNorm) and expression head; the per-gene scale below is the NB dispersion
+        self.decoder = CountDecoder(
+            n_latent, n_genes, n_hidden=n_hidden, n_layers=n_layers, dropout=0.0, n_cov=n_condition_embedding,
+            likelihood="nb", layer_norm=True, dispersion=False,
+        )
         # per-gene linear shift of each perturbed gene (zero at initialisation)
         self.shift = nn.Parameter(torch.zeros(n_conditions, n_genes)) if condition_shift else None
         # per-gene log variance (Gaussian) or log inverse dispersion (NB)
@@ -233,6 +244,7 @@ class ConditionalVAE(BaseModel):
             if adversary_weight > 0
             else None
         )
+        self._register_load_state_dict_pre_hook(_rename_old_decoder_keys)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -319,57 +331,13 @@ class ConditionalVAE(BaseModel):
             )
         return out
 
-    def make_cell_data(
-        self,
-        adata: ad.AnnData,
-        labels_key: str = "perturbed_genes",
-        counts_layer: str | None = "counts",
-        extra_obs: dict[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> CellData:
-        """:class:`CellData` for this model from an AnnData.
-
-        ``"gaussian"`` models read the log-normalised ``adata.X``; ``"nb"``
-        models read the raw counts in ``adata.layers[counts_layer]`` (``X``
-        if ``counts_layer`` is None). The condition multi-hot of
-        ``adata.obs[labels_key]`` becomes ``obs[condition_key]``.
-
-        Raises
-        ------
-        ValueError
-            Wrong number of genes, missing columns/layers, or unknown genes.
-        """
-        if adata.n_vars != self.n_genes:
-            raise ValueError(
-                f"the AnnData has {adata.n_vars} genes but the model was built for {self.n_genes}; "
-                "use the same genes (in the same order) as in training"
-            )
-        if labels_key not in adata.obs:
-            raise ValueError(
-                f"adata.obs has no {labels_key!r} column with the perturbed genes ('A+B', '' for controls); "
-                f"columns: {list(map(str, adata.obs.columns))}"
-            )
-        if self.likelihood == "gaussian":
-            matrix = adata.X
-        elif counts_layer is None:
-            matrix = adata.X
-        elif counts_layer in adata.layers:
-            matrix = adata.layers[counts_layer]
-        else:
-            raise ValueError(
-                f"likelihood='nb' needs raw counts but adata.layers has no {counts_layer!r} "
-                f"(layers: {list(adata.layers.keys())}); pass counts_layer"
-            )
-        obs = {self.condition_key: self.encode_conditions(adata.obs[labels_key].astype(str).tolist())}
-        obs.update(extra_obs or {})
-        return CellData(matrix, obs=obs, device=device)
-
     # ------------------------------------------------------------------ the model
     def _condition(self, batch: dict[str, Tensor]) -> Tensor:
         if self.condition_key not in batch:
             raise KeyError(
                 f"the batch has no {self.condition_key!r} entry; build the data with "
-                "model.make_cell_data(adata) (or CellData(obs={condition_key: multi-hot}))"
+                "perturbscope.models.model.CVAE(model).cell_data(adata) "
+                "(or CellData(obs={condition_key: model.encode_conditions(labels)}))"
             )
         return batch[self.condition_key].to(self.log_scale.dtype)
 
@@ -379,7 +347,7 @@ class ConditionalVAE(BaseModel):
     def decode_logits(self, z: Tensor, c: Tensor) -> Tensor:
         """Decoder output before the likelihood: the Gaussian mean, or the NB logits ``(B, G)``."""
         emb = self.embedding(c) if self.embedding is not None else None
-        out = self.decoder_out(self.decoder_net(z, emb))
+        out = self.decoder.logits(z, emb)
         if self.shift is not None:
             out = out + c @ self.shift
         return out
@@ -511,21 +479,7 @@ class ConditionalVAE(BaseModel):
         self.encode_conditions(labels)  # validates the genes
         return labels
 
-    def _to_anndata(
-        self, x: np.ndarray, expected: np.ndarray, labels: list[str], mode: str, extra: dict[str, Any]
-    ) -> ad.AnnData:
-        names = self.metadata.get("var_names")
-        if not names or len(names) != self.n_genes:
-            names = [f"gene_{i}" for i in range(self.n_genes)]
-        obs = pd.DataFrame(
-            {"perturbation": pd.Categorical(labels, categories=list(dict.fromkeys(labels))), "mode": mode, **extra}
-        )
-        obs.index = [f"{mode}_{i}" for i in range(len(labels))]
-        return ad.AnnData(
-            X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)), layers={"expected": expected}
-        )
-
-    def sample_prior(
+    def generate_prior(
         self,
         perturbations: Sequence[str],
         n_cells: int = 200,
@@ -536,7 +490,7 @@ class ConditionalVAE(BaseModel):
         seed: int = 0,
         batch_size: int = 1024,
         n_mc: int = 16,
-    ) -> ad.AnnData:
+    ) -> Generated:
         """Mode A: draw ``z ~ N(0, I)`` and decode under each perturbation.
 
         Parameters
@@ -561,15 +515,14 @@ class ConditionalVAE(BaseModel):
 
         Returns
         -------
-        anndata.AnnData
-            ``len(perturbations) * n_cells`` cells, log-normalised ``X``;
-            ``layers["expected"]``: each cell's ``E[x | z, c]`` (log-normalised;
-            average it for a noise-free predicted mean);
-            ``obs["perturbation"]``, ``obs["mode"] = "prior"``.
+        Generated
+            ``len(perturbations) * n_cells`` cells: log-normalised ``x``;
+            ``expected``: each cell's ``E[x | z, c]`` (log-normalised; average it
+            for a noise-free predicted mean); ``labels``; ``source`` None.
         """
         labels = self._prepare_labels(perturbations)
-        n_cells = _check_int("n_cells", n_cells, 1, "ask for at least one cell per perturbation")
-        n_mc = _check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
+        n_cells = check_int("n_cells", n_cells, 1, "ask for at least one cell per perturbation")
+        n_mc = check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
         rng = np.random.default_rng(seed)
         cell_labels = [label for label in labels for _ in range(n_cells)]
         c = np.repeat(self.encode_conditions(labels), n_cells, axis=0)
@@ -585,9 +538,9 @@ class ConditionalVAE(BaseModel):
         self.eval()
         x, expected = self._decode_cells(z, c, rng, sample, lib, sc, batch_size, n_mc)
         self.train(was_training)
-        return self._to_anndata(x, expected, cell_labels, "prior", {})
+        return Generated(x, expected, cell_labels, None)
 
-    def transfer_controls(
+    def generate_from_controls(
         self,
         data: CellData,
         control_idx: Any,
@@ -599,7 +552,7 @@ class ConditionalVAE(BaseModel):
         seed: int = 0,
         batch_size: int = 1024,
         n_mc: int = 16,
-    ) -> ad.AnnData:
+    ) -> Generated:
         """Mode B: encode control cells under ``c = 0``, decode them under each perturbation.
 
         Each control cell's latent is a draw from ``q(z | x, c = 0)``; with
@@ -609,7 +562,7 @@ class ConditionalVAE(BaseModel):
         Parameters
         ----------
         data
-            Cells built with :meth:`make_cell_data` (same genes as training).
+            Cells with the training genes (``perturbscope.models.model.CVAE.cell_data``).
         control_idx
             Positions (or boolean mask) of the control cells in ``data``.
         perturbations
@@ -621,22 +574,21 @@ class ConditionalVAE(BaseModel):
             (aligned with ``control_idx``; default ``1e4 / total counts``).
             The library size is the control cell's own.
         sample, seed, batch_size, n_mc
-            As in :meth:`sample_prior`.
+            As in :meth:`generate_prior`.
 
         Returns
         -------
-        anndata.AnnData
-            As :meth:`sample_prior`; ``obs["perturbation"]``, ``obs["mode"] = "controls"``,
-            ``obs["source_cell"]`` (position of the control cell in ``data``).
+        Generated
+            As :meth:`generate_prior`; ``source``: position of each cell's control cell in ``data``.
         """
         labels = self._prepare_labels(perturbations)
         ctrl = as_index(control_idx, data.n_cells, "control_idx").numpy()
         if ctrl.size == 0:
-            raise ValueError("transfer_controls needs at least one control cell")
+            raise ValueError("Mode B needs at least one control cell")
         if data.n_genes != self.n_genes:
             raise ValueError(f"data has {data.n_genes} genes, the model {self.n_genes}")
-        n_cells = ctrl.size if n_cells is None else _check_int("n_cells", n_cells, 1, "or None for one per control")
-        n_mc = _check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
+        n_cells = ctrl.size if n_cells is None else check_int("n_cells", n_cells, 1, "or None for one per control")
+        n_mc = check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
         rng = np.random.default_rng(seed)
         was_training = self.training
         self.eval()
@@ -665,36 +617,11 @@ class ConditionalVAE(BaseModel):
             cell_labels.extend([label] * n_cells)
             sources.append(ctrl[order])
         self.train(was_training)
-        return self._to_anndata(
-            np.concatenate(xs), np.concatenate(exps), cell_labels, "controls",
-            {"source_cell": np.concatenate(sources)},
-        )
+        return Generated(np.concatenate(xs), np.concatenate(exps), cell_labels, np.concatenate(sources))
 
 
-def scale_factors(adata: ad.AnnData, counts_layer: str = "counts") -> np.ndarray:
-    """Per-cell scale ``s`` with ``X = log1p(counts * s)`` (the processed screen's normalisation).
-
-    Computed as ``sum(expm1(X)) / sum(counts)`` per cell (exact when ``X`` is
-    ``log1p`` of ``counts`` times a per-cell factor); cells without counts get
-    the median scale.
-    """
-    x = adata.X
-    expm1 = x.copy() if sp.issparse(x) else np.asarray(x, dtype=np.float64).copy()
-    if sp.issparse(expm1):
-        expm1 = expm1.astype(np.float64)
-        expm1.data = np.expm1(expm1.data)
-    else:
-        expm1 = np.expm1(expm1)
-    num = np.asarray(expm1.sum(axis=1)).reshape(-1)
-    if counts_layer not in adata.layers:
-        raise ValueError(
-            f"adata.layers has no {counts_layer!r} layer with raw counts (layers: {list(adata.layers.keys())})"
-        )
-    counts = adata.layers[counts_layer]
-    den = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-    ok = den > 0
-    out = np.full(adata.n_obs, np.nan)
-    out[ok] = num[ok] / den[ok]
-    fill = float(np.median(out[ok])) if ok.any() else 1.0
-    out[~ok] = fill
-    return out
+def _rename_old_decoder_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the decoder became a :class:`CountDecoder` load unchanged."""
+    for old, new in (("decoder_net.", "decoder.net."), ("decoder_out.", "decoder.expression.")):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)

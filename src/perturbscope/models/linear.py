@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_float, check_int
 from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, check_likelihood
@@ -73,17 +74,6 @@ ROTATIONS: tuple[str, ...] = ("promax", "varimax", "none")
 """Per-gene normalisation of the linear decoder: ``"batch"`` (BatchNorm, as LDVAE) or ``"none"``."""
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, low: float, high: float, hint: str) -> float:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    if not ok or not (low <= float(value) < high) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}; {hint}")
-    return float(value)
 
 
 class LinearDecoder(nn.Module):
@@ -285,15 +275,15 @@ class LinearVAE(BatchLibraryModel):
         loading_penalty: float = 0.03,
     ) -> None:
         super().__init__()
-        n_genes = _check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
-        n_latent = _check_int("n_latent", n_latent, 1, "the model needs at least one factor (e.g. 10)")
-        n_hidden = _check_int("n_hidden", n_hidden, 1, "use e.g. 128")
-        n_layers = _check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
-        n_batch = _check_int("n_batch", n_batch, 0, "use 0 for no batch covariate")
-        dropout = _check_float("dropout", dropout, 0.0, 1.0, "use e.g. 0.1")
-        norm_momentum = _check_float("norm_momentum", norm_momentum, 1e-6, 1.0 + 1e-9, "use e.g. 0.1")
-        norm_eps = _check_float("norm_eps", norm_eps, 1e-12, math.inf, "use e.g. 1e-3")
-        loading_penalty = _check_float(
+        n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
+        n_latent = check_int("n_latent", n_latent, 1, "the model needs at least one factor (e.g. 10)")
+        n_hidden = check_int("n_hidden", n_hidden, 1, "use e.g. 128")
+        n_layers = check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
+        n_batch = check_int("n_batch", n_batch, 0, "use 0 for no batch covariate")
+        dropout = check_float("dropout", dropout, 0.0, 1.0, "use e.g. 0.1")
+        norm_momentum = check_float("norm_momentum", norm_momentum, 1e-6, 1.0 + 1e-9, "use e.g. 0.1")
+        norm_eps = check_float("norm_eps", norm_eps, 1e-12, math.inf, "use e.g. 1e-3")
+        loading_penalty = check_float(
             "loading_penalty", loading_penalty, 0.0, math.inf, "use e.g. 0.03, or 0 to disable it"
         )
         check_likelihood(likelihood)

@@ -294,6 +294,10 @@ class CountDecoder(nn.Module):
         See :class:`MLP` (decoder dropout defaults to 0).
     likelihood
         ``"zinb"`` (adds the ZI head) or ``"nb"``.
+    dispersion
+        Own the per-gene ``log_theta`` parameter (False: a model that keeps its
+        dispersion elsewhere, e.g. the cVAE's per-gene scale shared with its
+        Gaussian likelihood, and only uses :meth:`logits`).
     layer_norm
         LayerNorm in the hidden layers. Off by default: LayerNorm normalises
         all hidden units jointly, which couples the contributions of
@@ -312,17 +316,22 @@ class CountDecoder(nn.Module):
         n_cov: int = 0,
         likelihood: str = "zinb",
         layer_norm: bool = False,
+        dispersion: bool = True,
     ) -> None:
         super().__init__()
         self.likelihood = check_likelihood(likelihood)
         self.net = MLP(n_in, n_hidden, n_layers, dropout, n_cov, layer_norm=layer_norm)
         self.expression = Linear(n_hidden, n_genes)
         self.zi = Linear(n_hidden, n_genes) if likelihood == "zinb" else None
-        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        self.log_theta = nn.Parameter(torch.zeros(n_genes)) if dispersion else None
+
+    def logits(self, z: Tensor, cov: Tensor | None = None) -> Tensor:
+        """Unnormalised decoder output ``(B, G)`` (before the softmax)."""
+        return self.expression(self.net(z, cov))
 
     def log_proportions(self, z: Tensor, cov: Tensor | None = None) -> Tensor:
         """Log normalised expression ``(B, G)`` (rows of ``exp`` sum to 1)."""
-        return F.log_softmax(self.expression(self.net(z, cov)), dim=-1)
+        return F.log_softmax(self.logits(z, cov), dim=-1)
 
     def forward(self, z: Tensor, log_library: Tensor, cov: Tensor | None = None) -> CountParams:
         """Decode ``z`` ``(B, n_in)`` with log library ``(B,)`` into :class:`CountParams`."""

@@ -172,7 +172,7 @@ class History:
 
     def to_frame(self):  # -> pandas.DataFrame
         """One row per epoch: ``epoch, train_loss, val_loss, kl_weight, seconds,
-        train_<term>..., val_<term>...``."""
+        train_<term>..., val_<term>..., best`` (``best``: the epoch whose weights were kept)."""
         import pandas as pd
 
         cols: dict[str, list[Any]] = {
@@ -188,6 +188,7 @@ class History:
         for k, v in self.val_terms.items():
             if k != "loss":
                 cols[f"val_{k}"] = v
+        cols["best"] = [e == self.best_epoch for e in self.epoch]
         return pd.DataFrame(cols)
 
     def to_dict(self) -> dict[str, Any]:

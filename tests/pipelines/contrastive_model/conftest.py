@@ -30,9 +30,9 @@ def process(raw: ad.AnnData) -> ad.AnnData:
         screen, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2, "mito_prefix": "MT-"}
     )
     screen = dp.normalise(screen, {"target_sum": 10000})
-    screen = dp.score_cell_cycle(screen, {"min_genes_per_phase": 5, "n_bins": 25, "seed": 0})
+    screen = dp.score_cell_cycle(screen, {"min_genes_per_phase": 5, "n_bins": 25}, seed=0)
     screen = dp.select_highly_variable_genes(screen, {"flavor": "seurat_v3", "n_top_genes": 2000, "span": 0.3})
-    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
     # ground truth for the evaluation: the program of cells that responded to their perturbation
     responded = screen.obs["responded"].to_numpy().astype(bool)
     screen.obs["program_responded"] = pd.Categorical(

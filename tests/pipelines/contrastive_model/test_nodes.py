@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from kedro.io.core import Version
 
 from perturbscope.datasets import TorchModelDataset
+from perturbscope.models.model import ContrastiveVI
 from perturbscope.pipelines.contrastive_model import ContrastiveModelError, embed_screen, nodes
 
 from .conftest import MODEL, SCHEMA, TRAINING, Trained
@@ -77,8 +78,8 @@ def test_save_load_through_catalog_dataset_reproduces_embeddings(trained: Traine
     for key in ("X_salient", "X_background"):
         np.testing.assert_array_equal(before.obsm[key], after.obsm[key])
         np.testing.assert_array_equal(before.obsm[key], trained.embedded.obsm[key])
-    with_a, without_a = trained.model.salient_expression(nodes._cell_data(trained.model, trained.screen, None, False), np.arange(50))
-    with_b, without_b = loaded.salient_expression(nodes._cell_data(loaded, trained.screen, None, False), np.arange(50))
+    with_a, without_a = trained.model.salient_expression(ContrastiveVI(trained.model).cell_data(trained.screen), np.arange(50))
+    with_b, without_b = loaded.salient_expression(ContrastiveVI(loaded).cell_data(trained.screen), np.arange(50))
     np.testing.assert_array_equal(with_a, with_b)
     np.testing.assert_array_equal(without_a, without_b)
 

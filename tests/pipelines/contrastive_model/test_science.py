@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from perturbscope import tracking
 from perturbscope.pipelines.contrastive_model import nodes
 
 from .conftest import Trained, simulated, train_and_evaluate
@@ -89,7 +90,7 @@ def test_training_history_and_metadata(trained: Trained) -> None:
     meta = trained.model.metadata
     assert meta["genes"] == list(trained.screen.var_names)
     assert meta["n_control_cells"] == int(trained.screen.obs["is_control"].sum())
-    metrics = nodes.training_history_metrics(history)
+    metrics = tracking.training_history_metrics(history)
     assert len(metrics["train_loss"]) == len(history)
     assert metrics["train_loss"][0] == {"step": 0, "value": pytest.approx(history["train_loss"].iloc[0])}
     assert metrics["best_epoch"]["value"] == float(history.loc[history["best"], "epoch"].iloc[0])

@@ -149,16 +149,16 @@ def test_cell_cycle_unknown_when_genes_missing(caplog: pytest.LogCaptureFixture)
 
 def test_labels_and_split() -> None:
     validated = nodes.validate_screen(_screen(n_obs=200), SCHEMA, "s")
-    out = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 3})
+    out = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2}, seed=3)
     obs = out.obs
     assert obs.loc[obs["perturbation"] == "CEBPA+ctrl", "n_perturbed_genes"].eq(1).all()
     assert obs.loc[obs["perturbation"] == "KLF1+CEBPA", "perturbed_genes"].eq("CEBPA+KLF1").all()
     assert obs.loc[obs["is_control"], "n_perturbed_genes"].eq(0).all()
     shares = obs.groupby("perturbation", observed=True)["split"].apply(lambda s: (s == "validation").mean())
     np.testing.assert_allclose(shares.to_numpy(), 0.2)
-    again = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 3})
+    again = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2}, seed=3)
     assert (again.obs["split"] == obs["split"]).all()
-    other = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2, "seed": 4})
+    other = nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.2}, seed=4)
     assert (other.obs["split"] != obs["split"]).any()
 
 
@@ -178,7 +178,7 @@ def test_nodes_do_not_mutate_inputs() -> None:
     snapshot = validated.copy()
     nodes.score_cell_cycle(validated, {"min_genes_per_phase": 5})
     nodes.select_highly_variable_genes(validated, {"n_top_genes": 10})
-    nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    nodes.label_cells(validated, SCHEMA, {"validation_fraction": 0.1}, seed=0)
     _assert_same(validated, snapshot)
 
 
@@ -206,7 +206,7 @@ def test_plain_count_matrix_without_perturbations() -> None:
     phased = nodes.score_cell_cycle(nodes.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5})
     assert {"G1", "S", "G2M"} >= set(phased.obs["phase"]) and phased.obs["S_score"].notna().all()
     hvg = nodes.select_highly_variable_genes(phased, {"n_top_genes": 500})
-    out = nodes.label_cells(hvg, schema, {"validation_fraction": 0.1, "seed": 0})
+    out = nodes.label_cells(hvg, schema, {"validation_fraction": 0.1}, seed=0)
     assert out.n_vars == 500 and not out.obs["is_control"].any()
     assert out.obs["n_perturbed_genes"].eq(0).all()
 
@@ -266,7 +266,7 @@ def test_thin_perturbations_are_dropped_and_listed(caplog: pytest.LogCaptureFixt
     assert "LONELY (1)" in caplog.text and "min_cells_per_perturbation" in caplog.text
     row = table[table["step"] == "min_cells_per_perturbation=10"].iloc[0]
     assert row["cells_removed"] == 1 and row["perturbations_dropped"] == "LONELY"
-    processed = nodes.label_cells(out, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    processed = nodes.label_cells(out, SCHEMA, {"validation_fraction": 0.1}, seed=0)
     summary, _ = nodes.summarise_screen(nodes.count_cells_per_perturbation(validated), processed, table)
     lonely = summary.set_index("perturbation").loc["LONELY"]
     assert lonely["cells_kept"] == 0 and lonely["note"].startswith("dropped")

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
+from perturbscope import tracking
 from perturbscope.models.linear import LinearVAE
 from perturbscope.pipelines.linear_model import nodes
 from perturbscope.pipelines.linear_model.nodes import (
@@ -146,7 +147,7 @@ def test_train_embed_and_tables_on_a_tiny_screen() -> None:
     assert embedded.obsm["X_ldvae"].shape == (40, 3)
     loadings = nodes.factor_loadings(model)
     assert loadings["gene"].tolist() == list(screen.var_names)
-    metrics = nodes.training_history_metrics(history)
+    metrics = tracking.training_history_metrics(history)
     assert len(metrics["train_loss"]) == 2 and metrics["epochs"]["value"] == 2.0
     table = factor_perturbation_effects(embedded, top_genes_per_factor(loadings, {}), EFFECTS, {})
     assert len(table) == 3 and set(table["perturbation"]) == {"A"}

@@ -30,10 +30,11 @@ SCHEMA = {
     "batch_key": None,
     "double_separator": "+",
 }
-# the shipped defaults (conf/base/parameters_linear_model.yml)
+# the shipped defaults (conf/base/parameters_linear_model.yml over the shared `training` of parameters.yml)
 PARAMS = yaml.safe_load((PROJECT / "conf" / "base" / "parameters_linear_model.yml").read_text())["linear_model"]
+SHARED_TRAINING = yaml.safe_load((PROJECT / "conf" / "base" / "parameters.yml").read_text())["training"]
 MODEL = PARAMS["model"]
-TRAINING = {**PARAMS["training"], "progress": False, "device": "cpu"}
+TRAINING = {**SHARED_TRAINING, **PARAMS["training"], "progress": False, "device": "cpu"}
 FACTORS, EFFECTS = PARAMS["factors"], PARAMS["effects"]
 
 
@@ -47,7 +48,7 @@ def _processed_simulation(seed: int) -> tuple[pd.DataFrame, object]:
     screen, _ = dp.quality_control(screen, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
     screen = dp.normalise(screen, {"target_sum": 10000})
     screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000}, None)
-    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1, "seed": 0})
+    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
     return truth.reindex(screen.var_names), screen
 
 

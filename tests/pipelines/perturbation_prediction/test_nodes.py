@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import perturbscope.models.model.base as model_base
 from perturbscope.pipelines.perturbation_prediction import nodes
 from perturbscope.pipelines.perturbation_prediction.splits import SplitError
 
@@ -90,10 +91,10 @@ def test_no_test_cell_reaches_training(simulated_screen, monkeypatch) -> None:
 
         return History(epoch=[0], train_loss=[0.0], val_loss=[0.0], kl_weight=[1.0], seconds=[0.0])
 
-    monkeypatch.setattr(nodes, "fit", spy_fit)
-    for params in ({"kind": "held_out_perturbations", "perturbations": "auto"},
-                   {"kind": "held_out_cells", "test_fraction": 0.3, "seed": 1}):
-        split = nodes.as_split(nodes.make_prediction_split(simulated_screen, params, SCHEMA), simulated_screen)
+    monkeypatch.setattr(model_base, "fit", spy_fit)  # the one training loop, as the model layer calls it
+    for params, seed in (({"kind": "held_out_perturbations", "perturbations": "auto"}, 0),
+                         ({"kind": "held_out_cells", "test_fraction": 0.3}, 1)):
+        split = nodes.as_split(nodes.make_prediction_split(simulated_screen, params, SCHEMA, seed), simulated_screen)
         seen.clear()
         model, _ = nodes.train_cvae(simulated_screen, split, MODEL, TRAINING, SCHEMA)
         rows = np.concatenate(seen)

@@ -41,7 +41,7 @@ def register_run_info_hook(session: Any) -> None:
     """Register RunInfoHook on a session unless settings.HOOKS already has it."""
     from kedro.framework.project import settings
 
-    from perturbscope.pipelines.reporting.run_info import RunInfoHook
+    from perturbscope.hooks import RunInfoHook
 
     if not any(isinstance(hook, RunInfoHook) for hook in settings.HOOKS):
         session._hook_manager.register(RunInfoHook())  # noqa: SLF001 - until settings.py registers it
@@ -90,9 +90,9 @@ def processed_sim() -> tuple[ad.AnnData, Any, Any]:
     validated = dp.validate_screen(raw, schema, "sim")
     cells_raw = dp.count_cells_per_perturbation(validated)
     qc, qc_table = dp.quality_control(validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
-    phased = dp.score_cell_cycle(dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5, "n_bins": 25, "seed": 0})
+    phased = dp.score_cell_cycle(dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5, "n_bins": 25}, seed=0)
     hvg = dp.select_highly_variable_genes(phased, {"n_top_genes": 2000})
-    processed = dp.label_cells(hvg, schema, {"validation_fraction": 0.1, "seed": 0})
+    processed = dp.label_cells(hvg, schema, {"validation_fraction": 0.1}, seed=0)
     summary, qc_summary = dp.summarise_screen(cells_raw, processed, qc_table)
     return processed, summary, qc_summary
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -173,7 +175,7 @@ def test_ldvae_section_picks_the_right_genes_and_effects() -> None:
 # ------------------------------------------------------------------ perturbation_prediction
 def test_prediction_section_reads_the_pipelines_own_tables() -> None:
     pytest.importorskip("perturbscope.pipelines.perturbation_prediction")
-    from perturbscope.pipelines.perturbation_prediction.nodes import summarise_metrics
+    from perturbscope.pipelines.perturbation_prediction.nodes import plot_summary, summarise_metrics
     from perturbscope.pipelines.reporting.sections import perturbation_prediction as pp
 
     rng = np.random.default_rng(0)
@@ -188,7 +190,11 @@ def test_prediction_section_reads_the_pipelines_own_tables() -> None:
     metrics, summary, _ = summarise_metrics(held_out_cells=pd.DataFrame(rows))
     history = pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_loss": [3.2, 2.1, 1.9]})
     figure_params = {"summary_scores": ["pearson_delta", "mse"]}
-    result = pp.report_perturbation_prediction(summary, metrics, figure_params, PARAMS, history, history)
+    panel = io.BytesIO()  # the pipeline's own summary panel, as the catalog hands it to the report (PNG)
+    plot_summary(summary, metrics, figure_params).savefig(panel, format="png")
+    result = pp.report_perturbation_prediction(
+        summary, metrics, panel.getvalue(), figure_params, PARAMS, history, history
+    )
     section = result["section"]
     assert section.figure_keys == list(pp.FIGURES)
     assert section.facts["test perturbations (held_out_cells)"] == "3"
@@ -230,7 +236,7 @@ def test_data_processing_section_of_a_plain_count_matrix() -> None:
     qc, qc_table = dp.quality_control(validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
     processed = dp.label_cells(
         dp.score_cell_cycle(dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5}),
-        schema, {"validation_fraction": 0.1, "seed": 0},
+        schema, {"validation_fraction": 0.1}, seed=0,
     )
     summary, qc_summary = dp.summarise_screen(dp.count_cells_per_perturbation(validated), processed, qc_table)
     section = dp_section.report_data_processing(processed, summary, qc_summary, PARAMS, schema, "plain")["section"]

@@ -32,6 +32,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, s
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
+from perturbscope.schema import PHASE
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -207,7 +209,7 @@ def evaluate_spaces(
     spaces: Mapping[str, str],
     target_mask: np.ndarray,
     annotation_key: str | None,
-    confounder_keys: Sequence[str] = ("phase",),
+    confounder_keys: Sequence[str] = (PHASE,),
     ignore_labels: Iterable[str] = ("unassigned", "none", "unknown", "control"),
     resolution: float | str | None = "auto",
     n_neighbors: int = 15,

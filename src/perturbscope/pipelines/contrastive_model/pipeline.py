@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
+from perturbscope import tracking
 from perturbscope.pipelines.contrastive_model import nodes
 
 
@@ -18,18 +19,19 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:contrastive_model.training",
                     "params:schema",
                     "params:seed",
+                    "params:training",
                 ],
                 outputs=["contrastive_model", "contrastive_training_history"],
                 name="train_contrastive_model",
             ),
             Node(
-                nodes.model_artifact,
+                tracking.artifact_copy,
                 inputs="contrastive_model",
                 outputs="contrastive_model_mlflow",
                 name="log_contrastive_model",
             ),
             Node(
-                nodes.training_history_metrics,
+                tracking.training_history_metrics,
                 inputs="contrastive_training_history",
                 outputs="contrastive_training_metrics",
                 name="log_contrastive_training_history",

@@ -36,7 +36,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.score_cell_cycle,
-                inputs=["normalised_screen", "params:data_processing.cell_cycle"],
+                inputs=["normalised_screen", "params:data_processing.cell_cycle", "params:seed"],
                 outputs="phased_screen",
                 name="score_cell_cycle",
             ),
@@ -48,7 +48,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.label_cells,
-                inputs=["hvg_screen", "params:schema", "params:data_processing.split"],
+                inputs=["hvg_screen", "params:schema", "params:data_processing.split", "params:seed"],
                 outputs="processed_screen",
                 name="label_cells",
             ),

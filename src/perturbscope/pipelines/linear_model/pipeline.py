@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
+from perturbscope import tracking
 from perturbscope.pipelines.linear_model import nodes
 
 
@@ -19,18 +20,19 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:linear_model.factors",
                     "params:schema",
                     "params:seed",
+                    "params:training",
                 ],
                 outputs=["linear_model", "linear_training_history"],
                 name="train_linear_model",
             ),
             Node(
-                nodes.mlflow_copy,
+                tracking.artifact_copy,
                 inputs="linear_model",
                 outputs="linear_model_mlflow",
                 name="log_linear_model",
             ),
             Node(
-                nodes.training_history_metrics,
+                tracking.training_history_metrics,
                 inputs="linear_training_history",
                 outputs="linear_training_metrics",
                 name="log_linear_training_history",
@@ -48,7 +50,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="linear_factor_loadings",
             ),
             Node(
-                nodes.mlflow_copy,
+                tracking.artifact_copy,
                 inputs="linear_loadings",
                 outputs="linear_loadings_mlflow",
                 name="log_linear_loadings",

@@ -33,6 +33,8 @@ import scipy.sparse as sp
 
 from .splits import training_mask
 
+from perturbscope.schema import IS_CONTROL, PERTURBATION, PERTURBED_GENES
+
 __all__ = ["BASELINES", "column_mean", "baseline_means", "baseline_cells"]
 
 BASELINES: tuple[str, ...] = ("no_change", "perturbed_mean", "same_perturbation", "additive")
@@ -69,9 +71,9 @@ def baseline_means(
     if list(split.index) != list(adata.obs_names.astype(str)):
         split = split.reindex(adata.obs_names.astype(str))
     x = adata.X
-    labels = split["perturbation"].astype(str).to_numpy()
-    genes = split["perturbed_genes"].astype(str).to_numpy()
-    is_control = split["is_control"].astype(bool).to_numpy()
+    labels = split[PERTURBATION].astype(str).to_numpy()
+    genes = split[PERTURBED_GENES].astype(str).to_numpy()
+    is_control = split[IS_CONTROL].astype(bool).to_numpy()
     train = training_mask(split)
     test = split["role"].astype(str).to_numpy() == "test"
     evaluation = split["evaluation"].astype(str).to_numpy()
@@ -137,7 +139,7 @@ def baseline_cells(
     obs = pd.DataFrame(
         {
             "method": pd.Categorical(methods, categories=list(BASELINES)),
-            "perturbation": pd.Categorical(labels),
+            PERTURBATION: pd.Categorical(labels),
             "source_cell": np.concatenate(origin) if origin else np.zeros(0, dtype=np.int64),
         }
     )

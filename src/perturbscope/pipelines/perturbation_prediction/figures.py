@@ -16,8 +16,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .evaluation import dense as _dense
+from .evaluation import mean_of as _mean
 from .metrics import pearson_delta
 from .splits import reference_mask
+
+from perturbscope.schema import PERTURBATION
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "perturbation_figure", "perturbation_figures", "summary_figure"]
 
@@ -46,14 +50,6 @@ SCORE_LABELS = {
     "direction_accuracy_top_de": "direction accuracy, top DE",
     "energy_distance": "energy distance (PCA)",
 }
-
-
-def _mean(x: Any) -> np.ndarray:
-    return np.asarray(x.mean(axis=0), dtype=np.float64).reshape(-1)
-
-
-def _dense(x: Any) -> np.ndarray:
-    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
 
 
 def perturbation_figure(
@@ -159,6 +155,7 @@ def perturbation_figures(
     metrics: pd.DataFrame,
     pca: dict[str, np.ndarray],
     params: dict[str, Any],
+    seed: int = 0,
 ) -> dict[str, Figure]:
     """:func:`perturbation_figure` for up to ``max_figures`` test perturbations of a split.
 
@@ -166,7 +163,7 @@ def perturbation_figures(
     are drawn; files are named ``<perturbation>.png``.
     """
     test = (split["role"] == "test").to_numpy()
-    labels_arr = split["perturbation"].to_numpy()
+    labels_arr = split[PERTURBATION].to_numpy()
     controls = adata.X[reference_mask(split)]
     c = _mean(controls)
     effect = {}
@@ -179,7 +176,7 @@ def perturbation_figures(
         predicted = {}
         for preds in (cvae_predictions, baseline_predictions):
             meth = preds.obs["method"].astype(str).to_numpy()
-            lab = preds.obs["perturbation"].astype(str).to_numpy()
+            lab = preds.obs[PERTURBATION].astype(str).to_numpy()
             for method in sorted(set(meth[lab == label])):
                 predicted[method] = preds.X[(meth == method) & (lab == label)]
         fig = perturbation_figure(
@@ -187,11 +184,11 @@ def perturbation_figures(
             adata.X[test & (labels_arr == label)],
             controls,
             predicted,
-            metrics.loc[metrics["perturbation"] == label],
+            metrics.loc[metrics[PERTURBATION] == label],
             pca,
             primary=str(params.get("method", "cvae_controls")),
             top_k=top_k,
-            seed=int(params.get("seed", 0)),
+            seed=int(seed),
         )
         safe = "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in label)
         out[f"{safe}.png"] = fig

@@ -11,8 +11,9 @@ from __future__ import annotations
 from kedro.pipeline import Node, Pipeline
 
 from perturbscope.pipelines.perturbation_prediction import nodes
+from perturbscope.schema import PREDICTION_SPLITS
 
-SPLITS = ("held_out_cells", "held_out_perturbations")
+SPLITS = PREDICTION_SPLITS
 _P = "params:perturbation_prediction"
 _SHARED_PARAMS = {
     f"{_P}.model",
@@ -21,6 +22,8 @@ _SHARED_PARAMS = {
     f"{_P}.evaluation",
     f"{_P}.figures",
     "params:schema",
+    "params:seed",
+    "params:training",
 }
 
 
@@ -29,25 +32,28 @@ def _split_template() -> Pipeline:
         [
             Node(
                 nodes.make_prediction_split,
-                inputs=["processed_screen", "params:split", "params:schema"],
+                inputs=["processed_screen", "params:split", "params:schema", "params:seed"],
                 outputs="prediction_split",
                 name="make_prediction_split",
             ),
             Node(
                 nodes.train_cvae,
-                inputs=["processed_screen", "prediction_split", f"{_P}.model", f"{_P}.training", "params:schema"],
+                inputs=[
+                    "processed_screen", "prediction_split", f"{_P}.model", f"{_P}.training", "params:schema",
+                    "params:seed", "params:training",
+                ],
                 outputs=["cvae_model", "cvae_training_history"],
                 name="train_cvae",
             ),
             Node(
                 nodes.predict_cvae,
-                inputs=["cvae_model", "processed_screen", "prediction_split", f"{_P}.generation"],
+                inputs=["cvae_model", "processed_screen", "prediction_split", f"{_P}.generation", "params:seed"],
                 outputs="cvae_predictions",
                 name="predict_cvae",
             ),
             Node(
                 nodes.predict_baselines,
-                inputs=["processed_screen", "prediction_split", f"{_P}.generation", "params:schema"],
+                inputs=["processed_screen", "prediction_split", f"{_P}.generation", "params:schema", "params:seed"],
                 outputs="baseline_predictions",
                 name="predict_baselines",
             ),
@@ -55,7 +61,7 @@ def _split_template() -> Pipeline:
                 nodes.evaluate_predictions,
                 inputs=[
                     "processed_screen", "prediction_split", "cvae_predictions", "baseline_predictions",
-                    "expression_pca", f"{_P}.evaluation",
+                    "expression_pca", f"{_P}.evaluation", "params:seed",
                 ],
                 outputs="prediction_metrics",
                 name="evaluate_predictions",
@@ -64,7 +70,7 @@ def _split_template() -> Pipeline:
                 nodes.plot_perturbations,
                 inputs=[
                     "processed_screen", "prediction_split", "cvae_predictions", "baseline_predictions",
-                    "prediction_metrics", "expression_pca", f"{_P}.figures",
+                    "prediction_metrics", "expression_pca", f"{_P}.figures", "params:seed",
                 ],
                 outputs="prediction_figures",
                 name="plot_perturbations",
@@ -78,7 +84,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.fit_expression_pca,
-                inputs=["processed_screen", f"{_P}.evaluation"],
+                inputs=["processed_screen", f"{_P}.evaluation", "params:seed"],
                 outputs="expression_pca",
                 name="fit_expression_pca",
             )

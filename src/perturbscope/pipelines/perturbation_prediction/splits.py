@@ -34,8 +34,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+
+from perturbscope.schema import IS_CONTROL, PERTURBATION, PERTURBED_GENES, SPLIT
 
 __all__ = [
     "SplitError",
@@ -54,7 +57,7 @@ __all__ = [
 
 SPLIT_KINDS = ("held_out_cells", "held_out_perturbations")
 ROLES = ("train", "validation", "test", "reference")
-_REQUIRED = ("perturbation", "perturbed_genes", "is_control", "split")
+_REQUIRED = (PERTURBATION, PERTURBED_GENES, IS_CONTROL, SPLIT)
 
 
 NOT_APPLICABLE = {
@@ -101,12 +104,12 @@ def _check_obs(obs: pd.DataFrame) -> None:
             f"the processed screen lacks obs column(s) {missing}; perturbation_prediction reads the "
             "output of the data_processing pipeline (run `kedro run --pipelines data_processing` first)"
         )
-    if not obs["is_control"].astype(bool).any():
+    if not obs[IS_CONTROL].astype(bool).any():
         raise SplitError(
             "the screen has no control cells; perturbation prediction needs controls (set "
             "schema.control_labels; a plain count matrix with perturbation_key: null cannot be used)"
         )
-    if obs["is_control"].astype(bool).all():
+    if obs[IS_CONTROL].astype(bool).all():
         raise SplitError("the screen has only control cells: nothing to predict")
 
 
@@ -119,8 +122,8 @@ def auto_held_out_perturbations(obs: pd.DataFrame, separator: str = "+") -> list
 
     Returns the perturbation labels (as in ``obs["perturbation"]``), sorted.
     """
-    targets = obs.loc[~obs["is_control"].astype(bool)]
-    per_label = targets.groupby("perturbation", observed=True)["perturbed_genes"].first().astype(str)
+    targets = obs.loc[~obs[IS_CONTROL].astype(bool)]
+    per_label = targets.groupby(PERTURBATION, observed=True)[PERTURBED_GENES].first().astype(str)
     singles = {g for g in per_label if len(_genes(g, separator)) == 1}
     out = [
         str(label)
@@ -137,9 +140,9 @@ def _resolve_held_out(obs: pd.DataFrame, requested: Any, separator: str) -> list
         return auto_held_out_perturbations(obs, separator)
     if isinstance(requested, str):
         requested = [requested]
-    targets = obs.loc[~obs["is_control"].astype(bool)]
+    targets = obs.loc[~obs[IS_CONTROL].astype(bool)]
     by_canonical = (
-        targets.groupby("perturbation", observed=True)["perturbed_genes"].first().astype(str).map(
+        targets.groupby(PERTURBATION, observed=True)[PERTURBED_GENES].first().astype(str).map(
             lambda g: canonical(g, separator)
         )
     )
@@ -195,9 +198,9 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
     kind = params.get("kind")
     if kind not in SPLIT_KINDS:
         raise SplitError(f"split kind {kind!r} is not known; use one of {list(SPLIT_KINDS)}")
-    labels = obs["perturbation"].astype(str).to_numpy()
-    is_control = obs["is_control"].astype(bool).to_numpy()
-    role = np.where(obs["split"].astype(str).to_numpy() == "validation", "validation", "train").astype(object)
+    labels = obs[PERTURBATION].astype(str).to_numpy()
+    is_control = obs[IS_CONTROL].astype(bool).to_numpy()
+    role = np.where(obs[SPLIT].astype(str).to_numpy() == "validation", "validation", "train").astype(object)
     rng = np.random.default_rng(int(params.get("seed", 0)))
     ref_fraction = float(params.get("reference_control_fraction", 0.5))
     if not 0.0 <= ref_fraction < 1.0:
@@ -221,10 +224,10 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
         held = _resolve_held_out(obs, params.get("perturbations", "auto"), separator)
         held_mask = np.isin(labels, held) & ~is_control
         role[held_mask] = "test"
-        trained = obs["perturbed_genes"].astype(str)[~held_mask & ~is_control]
+        trained = obs[PERTURBED_GENES].astype(str)[~held_mask & ~is_control]
         seen = {g for genes in trained for g in _genes(genes, separator)}
         for label in held:
-            genes = obs.loc[labels == label, "perturbed_genes"].astype(str).iloc[0]
+            genes = obs.loc[labels == label, PERTURBED_GENES].astype(str).iloc[0]
             missing = [g for g in _genes(genes, separator) if g not in seen]
             if missing:
                 raise SplitError(
@@ -235,9 +238,9 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
 
     out = pd.DataFrame(
         {
-            "perturbation": labels,
-            "perturbed_genes": obs["perturbed_genes"].astype(str).to_numpy(),
-            "is_control": is_control,
+            PERTURBATION: labels,
+            PERTURBED_GENES: obs[PERTURBED_GENES].astype(str).to_numpy(),
+            IS_CONTROL: is_control,
             "role": pd.Categorical(role, categories=list(ROLES)),
             "evaluation": np.where(role == "test", kind, ""),
             "kind": kind,
@@ -258,7 +261,7 @@ def reference_mask(split: pd.DataFrame) -> np.ndarray:
 
     The ``reference`` controls, or the training controls when the split has none.
     """
-    is_control = split["is_control"].astype(bool).to_numpy()
+    is_control = split[IS_CONTROL].astype(bool).to_numpy()
     ref = split["role"].astype(str).to_numpy() == "reference"
     return ref if ref.any() else is_control & training_mask(split)
 
@@ -266,7 +269,7 @@ def reference_mask(split: pd.DataFrame) -> np.ndarray:
 def perturbations_with_test_cells(split: pd.DataFrame) -> list[str]:
     """Perturbations with test cells, sorted by label."""
     test = split["role"].astype(str) == "test"
-    return sorted(set(split.loc[test, "perturbation"].astype(str)))
+    return sorted(set(split.loc[test, PERTURBATION].astype(str)))
 
 
 def assert_no_leakage(split: pd.DataFrame, training_cells: Iterable[str] | None = None) -> None:
@@ -284,13 +287,13 @@ def assert_no_leakage(split: pd.DataFrame, training_cells: Iterable[str] | None 
     if bad_roles:
         raise LeakageError(f"unknown role(s) {bad_roles} in the split")
     test = roles == "test"
-    if (test & split["is_control"].astype(bool)).any():
+    if (test & split[IS_CONTROL].astype(bool)).any():
         raise LeakageError("control cells are marked as test cells")
-    if ((roles == "reference") & ~split["is_control"].astype(bool)).any():
+    if ((roles == "reference") & ~split[IS_CONTROL].astype(bool)).any():
         raise LeakageError("perturbed cells are marked as reference controls")
-    held = set(split.loc[split["evaluation"] == "held_out_perturbations", "perturbation"].astype(str))
+    held = set(split.loc[split["evaluation"] == "held_out_perturbations", PERTURBATION].astype(str))
     if held:
-        of_held = split["perturbation"].astype(str).isin(held)
+        of_held = split[PERTURBATION].astype(str).isin(held)
         leaked = split.index[of_held & ~test]
         if len(leaked):
             raise LeakageError(
@@ -309,6 +312,30 @@ def assert_no_leakage(split: pd.DataFrame, training_cells: Iterable[str] | None 
         bad = rows.index[rows["role"].astype(str) == "reference"]
         if len(bad):
             raise LeakageError(f"{len(bad)} reference control(s) reached training, e.g. {list(bad[:3])}")
-        bad_labels = sorted(set(rows["perturbation"].astype(str)) & held)
+        bad_labels = sorted(set(rows[PERTURBATION].astype(str)) & held)
         if bad_labels:
             raise LeakageError(f"held-out perturbation(s) {bad_labels} reached training")
+
+
+def as_split(split: pd.DataFrame, adata: ad.AnnData | None = None) -> pd.DataFrame:
+    """Normalise a split table (also after a CSV round trip) and align it to ``adata``'s cells."""
+    out = split.copy()
+    if "cell" in out.columns:
+        out = out.set_index("cell")
+    out.index = pd.Index(out.index.astype(str), name="cell")
+    out[PERTURBATION] = out[PERTURBATION].astype(str)
+    out[PERTURBED_GENES] = out[PERTURBED_GENES].fillna("").astype(str)
+    out[IS_CONTROL] = out[IS_CONTROL].astype(str).str.lower().isin(["true", "1"])
+    out["evaluation"] = out["evaluation"].fillna("").astype(str)
+    out["role"] = out["role"].astype(str)
+    if adata is not None:
+        names = adata.obs_names.astype(str)
+        missing = names.difference(out.index)
+        if len(missing):
+            raise SplitError(
+                f"{len(missing)} cell(s) of the screen are not in the split (e.g. {list(missing[:3])}); "
+                "the split was made for another version of the processed screen: rerun the pipeline"
+            )
+        out = out.loc[names]
+        out.index.name = "cell"
+    return out

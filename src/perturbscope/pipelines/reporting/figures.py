@@ -19,8 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from perturbscope.schema import UNPERTURBED
+
 GREY = "#b8bcc4"
-MUTED_LABELS = frozenset({"control", "unknown", "unassigned", "none", "nan", "other", "unperturbed"})
+MUTED_LABELS = frozenset({"control", "unknown", "unassigned", "none", "nan", "other", UNPERTURBED})
 """Categories drawn in grey (and below the others) in categorical scatter plots."""
 
 

@@ -19,7 +19,7 @@ from perturbscope.pipelines.reporting.report import (
     ReportTable,
     render_report,
 )
-from perturbscope.pipelines.reporting.run_info import NOT_RECORDED
+from perturbscope.hooks import NOT_RECORDED
 
 logger = logging.getLogger(__name__)
 

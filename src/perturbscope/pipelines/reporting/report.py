@@ -62,9 +62,11 @@ class ReportFigure:
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """A matplotlib figure with its report title and caption (what section nodes return)."""
+    """A figure with its report title and caption (what section nodes return): a matplotlib
+    ``Figure`` the section drew, or the PNG bytes of a figure another pipeline drew (read
+    through the catalog)."""
 
-    figure: Figure
+    figure: Figure | bytes
     title: str
     caption: str = ""
 
@@ -108,8 +110,10 @@ class ReportSection:
         return [t.key for t in self.tables]
 
 
-def figure_to_base64(figure: Figure) -> str:
-    """The figure as a base64-encoded PNG (at the figure's own dpi, tight bounding box)."""
+def figure_to_base64(figure: Figure | bytes) -> str:
+    """The figure as a base64-encoded PNG (at the figure's own dpi, tight bounding box; PNG bytes as they are)."""
+    if isinstance(figure, (bytes, bytearray)):
+        return base64.b64encode(bytes(figure)).decode("ascii")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
+from perturbscope.models.model.contrastive import SALIENT_KEY
 from perturbscope.pipelines.reporting.figures import (
     MUTED_LABELS,
     compute_umap,
@@ -28,6 +29,7 @@ from perturbscope.pipelines.reporting.figures import (
 )
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
+from perturbscope.schema import IS_CONTROL, PERTURBATION, PHASE
 
 PIPELINE = "contrastive_model"
 FIGURES = ("contrastive_story", "contrastive_training_curves")
@@ -35,7 +37,6 @@ FIGURES = ("contrastive_story", "contrastive_training_curves")
 # Catalog outputs of the contrastive_model pipeline read here.
 EMBEDDING = "contrastive_embedded_screen"
 """The processed screen with the salient posterior means in ``obsm[SALIENT_KEY]``."""
-SALIENT_KEY = "X_salient"
 HISTORY = "contrastive_training_history"
 """``History.to_frame()`` of the training run."""
 METRICS = "contrastive_evaluation"
@@ -52,21 +53,21 @@ class ContrastiveReportError(ValueError):
 
 def _labels(obs: pd.DataFrame, program_key: str | None, max_categories: int) -> pd.DataFrame:
     out = pd.DataFrame(index=obs.index)
-    out["perturbation"] = obs["perturbation"].astype(str)
-    out["phase"] = obs["phase"].astype(str) if "phase" in obs else "unknown"
+    out[PERTURBATION] = obs[PERTURBATION].astype(str)
+    out[PHASE] = obs[PHASE].astype(str) if PHASE in obs else "unknown"
     if program_key and program_key in obs:
         out["program"] = obs[program_key].astype(str)
-    out["perturbation_top"] = top_categories(out["perturbation"], max_categories)
+    out["perturbation_top"] = top_categories(out[PERTURBATION], max_categories)
     return out
 
 
 def story_umaps(
-    processed: ad.AnnData, embedding: ad.AnnData, params: dict[str, Any], schema: dict[str, Any]
+    processed: ad.AnnData, embedding: ad.AnnData, params: dict[str, Any], schema: dict[str, Any], seed: int = 0
 ) -> pd.DataFrame:
     """UMAPs of the perturbed cells on log-normalised PCA and on the salient space.
 
     Cells are the targeted (non-control) cells of ``processed``, at most
-    ``max_cells`` (a fixed random subset, ``seed``). Returns one row per cell:
+    ``max_cells`` (a fixed random subset drawn with ``seed``). Returns one row per cell:
     ``cell``, ``perturbation``, ``phase``, ``program`` (when annotated),
     ``perturbation_top``, ``pca_umap_1/2`` and ``salient_umap_1/2``.
     """
@@ -75,7 +76,7 @@ def story_umaps(
             f"'{EMBEDDING}' has no obsm['{SALIENT_KEY}'] (obsm keys: {list(embedding.obsm)}); the "
             "contrastive_model pipeline stores the salient posterior means there."
         )
-    target = processed.obs_names[~processed.obs["is_control"].to_numpy(dtype=bool)]
+    target = processed.obs_names[~processed.obs[IS_CONTROL].to_numpy(dtype=bool)]
     missing = target.difference(embedding.obs_names)
     if len(missing):
         raise ContrastiveReportError(
@@ -83,14 +84,14 @@ def story_umaps(
             f"{list(missing[:3])}): the embedding comes from another version of the screen. Rerun "
             "contrastive_model."
         )
-    rng = np.random.default_rng(int(params["seed"]))
+    rng = np.random.default_rng(int(seed))
     max_cells = int(params["max_cells"])
     if len(target) > max_cells:
         target = target[np.sort(rng.choice(len(target), size=max_cells, replace=False))]
     x = processed[target].X
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     salient = np.asarray(embedding[target].obsm[SALIENT_KEY], dtype=np.float32)
-    common = {"n_neighbors": int(params["n_neighbors"]), "min_dist": float(params["min_dist"]), "seed": int(params["seed"])}
+    common = {"n_neighbors": int(params["n_neighbors"]), "min_dist": float(params["min_dist"]), "seed": int(seed)}
     pca_umap = compute_umap(x, n_pcs=int(params["n_pcs"]), **common)
     salient_umap = compute_umap(salient, **common)
     table = _labels(processed.obs.loc[target], schema.get("program_key"), int(params["max_categories"]))
@@ -103,14 +104,14 @@ def story_figure(umap: pd.DataFrame, dpi: int, point_size: float = 6.0) -> Figur
     """The 2-row grid (PCA, salient) x (phase, program, perturbation) of :func:`story_umaps`."""
     colourings: dict[str, pd.Series] = {}
     notes = []
-    known_phases = set(umap["phase"].astype(str)) - {"unknown"}
+    known_phases = set(umap[PHASE].astype(str)) - {"unknown"}
     if known_phases:
-        colourings["cell-cycle phase"] = umap["phase"]
+        colourings["cell-cycle phase"] = umap[PHASE]
     else:
         notes.append("every cell's phase is 'unknown' (the screen lacks the Tirosh genes), so phase is not shown")
     if "program" in umap and (~umap["program"].astype(str).str.lower().isin(MUTED_LABELS)).any():
         colourings["gene program"] = umap["program"]
-    colourings["perturbation"] = umap["perturbation_top"]
+    colourings[PERTURBATION] = umap["perturbation_top"]
     embeddings = {
         label: umap[[f"{rep}_umap_1", f"{rep}_umap_2"]].to_numpy() for rep, label in REPRESENTATIONS.items()
     }
@@ -205,7 +206,7 @@ def create_pipeline() -> Pipeline:
         [
             Node(
                 story_umaps,
-                inputs=["processed_screen", EMBEDDING, "params:reporting.contrastive_model", "params:schema"],
+                inputs=["processed_screen", EMBEDDING, "params:reporting.contrastive_model", "params:schema", "params:seed"],
                 outputs=UMAP_TABLE,
                 name="compute_contrastive_story_umaps",
             ),

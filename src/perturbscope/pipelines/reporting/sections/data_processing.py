@@ -14,20 +14,29 @@ from matplotlib.ticker import ScalarFormatter
 from perturbscope.pipelines.reporting.figures import GREY, new_figure
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
+from perturbscope.schema import (
+    CELL_GROUP,
+    IS_CONTROL,
+    N_PERTURBED_GENES,
+    PERTURBATION,
+    PHASE,
+    SPLIT,
+    UNPERTURBED,
+)
 
 PIPELINE = "data_processing"
 FIGURES = ("cells_per_perturbation", "library_size", "phase_counts")
 PHASE_ORDER = ["G1", "S", "G2M", "unknown"]
 PHASE_COLOURS = {"G1": "#4c78a8", "S": "#f58518", "G2M": "#54a24b", "unknown": GREY}
-KIND_COLOURS = {"control": "#7f7f7f", "single": "#2f6db5", "double": "#d1495b", "unperturbed": "#7f7f7f"}
+KIND_COLOURS = {"control": "#7f7f7f", "single": "#2f6db5", "double": "#d1495b", UNPERTURBED: "#7f7f7f"}
 
 
 def _kind(row: pd.Series) -> str:
-    if bool(row.get("is_control", False)):
+    if bool(row.get(IS_CONTROL, False)):
         return "control"
-    n = row.get("n_perturbed_genes")
+    n = row.get(N_PERTURBED_GENES)
     if pd.isna(n) or int(n) == 0:
-        return "unperturbed"
+        return UNPERTURBED
     return "single" if int(n) == 1 else "double"
 
 
@@ -51,7 +60,7 @@ def cells_per_perturbation_figure(summary: pd.DataFrame, max_shown: int, dpi: in
     ax.barh(y, table["cells_raw"], color="#e3e6eb", label="before QC")
     ax.barh(y, table["cells_kept"], color=[KIND_COLOURS[k] for k in table["kind"]])
     ax.set_yticks(y)
-    ax.set_yticklabels(table["perturbation"].astype(str), fontsize=7)
+    ax.set_yticklabels(table[PERTURBATION].astype(str), fontsize=7)
     kept = table["cells_kept"].to_numpy(dtype=float)
     smallest = kept[kept > 0].min() if (kept > 0).any() else 1.0
     log_scale = kept.max() > 30 * max(smallest, 1.0)
@@ -80,7 +89,7 @@ def library_size_figure(adata: ad.AnnData, dpi: int) -> FigureSpec:
     counts = _counts(adata)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     detected = np.asarray((counts > 0).sum(axis=1)).ravel()
-    group = adata.obs["cell_group"].astype(str).to_numpy() if "cell_group" in adata.obs else np.full(adata.n_obs, "all")
+    group = adata.obs[CELL_GROUP].astype(str).to_numpy() if CELL_GROUP in adata.obs else np.full(adata.n_obs, "all")
     fig = new_figure(9.0, 3.2, dpi)
     axes = fig.subplots(1, 2)
     panels = (
@@ -109,9 +118,9 @@ def library_size_figure(adata: ad.AnnData, dpi: int) -> FigureSpec:
 def phase_table(adata: ad.AnnData) -> pd.DataFrame:
     """Cells per cell-cycle phase and cell group (control/target)."""
     obs = adata.obs
-    phase = obs["phase"].astype(str) if "phase" in obs else pd.Series("unknown", index=obs.index)
-    group = obs["cell_group"].astype(str) if "cell_group" in obs else pd.Series("all", index=obs.index)
-    table = pd.crosstab(phase, group).rename_axis(index="phase", columns=None)
+    phase = obs[PHASE].astype(str) if PHASE in obs else pd.Series("unknown", index=obs.index)
+    group = obs[CELL_GROUP].astype(str) if CELL_GROUP in obs else pd.Series("all", index=obs.index)
+    table = pd.crosstab(phase, group).rename_axis(index=PHASE, columns=None)
     order = [p for p in PHASE_ORDER if p in table.index] + sorted(set(table.index) - set(PHASE_ORDER))
     table = table.loc[order]
     table["total"] = table.sum(axis=1)
@@ -122,8 +131,8 @@ def phase_table(adata: ad.AnnData) -> pd.DataFrame:
 def phase_counts_figure(adata: ad.AnnData, max_shown: int, dpi: int) -> FigureSpec:
     """Stacked bars: share of each phase per perturbation (largest ``max_shown``), controls first."""
     obs = adata.obs
-    phase = obs["phase"].astype(str) if "phase" in obs else pd.Series("unknown", index=obs.index)
-    perturbation = obs["perturbation"].astype(str)
+    phase = obs[PHASE].astype(str) if PHASE in obs else pd.Series("unknown", index=obs.index)
+    perturbation = obs[PERTURBATION].astype(str)
     counts = pd.crosstab(perturbation, phase)
     sizes = counts.sum(axis=1).sort_values(ascending=False)
     order = [p for p in ("control",) if p in sizes.index] + [p for p in sizes.index if p != "control"][:max_shown]
@@ -161,26 +170,26 @@ def screen_facts(adata: ad.AnnData, summary: pd.DataFrame, screen: str, program_
         "perturbations": int((kinds.isin(["single", "double"])).sum()),
         "single perturbations": int((kinds == "single").sum()),
         "double perturbations (A+B)": int((kinds == "double").sum()),
-        "control cells": int(obs["is_control"].sum()) if "is_control" in obs else 0,
+        "control cells": int(obs[IS_CONTROL].sum()) if IS_CONTROL in obs else 0,
         "median UMIs per cell (HVGs)": float(np.median(totals)),
-        "median cells per perturbation": float(summary.loc[~summary["is_control"], "cells_kept"].median())
-        if (~summary["is_control"]).any() else float("nan"),
+        "median cells per perturbation": float(summary.loc[~summary[IS_CONTROL], "cells_kept"].median())
+        if (~summary[IS_CONTROL]).any() else float("nan"),
     }
     if "note" in summary:
-        dropped = summary.loc[summary["note"].fillna("").astype(str).str.startswith("dropped"), "perturbation"]
+        dropped = summary.loc[summary["note"].fillna("").astype(str).str.startswith("dropped"), PERTURBATION]
         if len(dropped):
             facts["perturbations dropped (too few cells after QC)"] = (
                 f"{len(dropped)}: " + ", ".join(map(str, dropped[:20])) + (" ..." if len(dropped) > 20 else "")
             )
-    if "split" in obs:
-        split = obs["split"].astype(str).value_counts()
+    if SPLIT in obs:
+        split = obs[SPLIT].astype(str).value_counts()
         facts["train / validation cells"] = f"{int(split.get('train', 0)):,} / {int(split.get('validation', 0)):,}"
-    if "phase" in obs:
-        phases = obs["phase"].astype(str).value_counts()
+    if PHASE in obs:
+        phases = obs[PHASE].astype(str).value_counts()
         facts["cell-cycle phases"] = ", ".join(f"{p}: {n:,}" for p, n in phases.items())
     if program_key and program_key in obs:
-        programs = obs.loc[~obs.get("is_control", False), program_key].astype(str)
-        annotated = obs.loc[programs.index[~programs.str.lower().isin({"unassigned", "nan", "none"})], "perturbation"]
+        programs = obs.loc[~obs.get(IS_CONTROL, False), program_key].astype(str)
+        annotated = obs.loc[programs.index[~programs.str.lower().isin({"unassigned", "nan", "none"})], PERTURBATION]
         facts[f"annotated programs ({program_key})"] = (
             f"{programs[~programs.str.lower().isin({'unassigned', 'nan', 'none'})].nunique()} programs over "
             f"{annotated.nunique()} perturbations"

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
-from matplotlib.figure import Figure
 
+from perturbscope.models.model.linear import loadings_matrix
 from perturbscope.pipelines.reporting.figures import plot_heatmap, plot_training_curves
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
+from perturbscope.schema import PERTURBATION
 
 PIPELINE = "linear_model"
 FIGURES = ("ldvae_loadings", "ldvae_factor_effects", "ldvae_training_curves")
@@ -24,18 +25,10 @@ EFFECTS = "linear_factor_effects"
 """Long table, one row per perturbation and factor (``effect``, ``standardised_effect``,
 ``q_value``, ``significant``, ``genes_up``/``genes_down``, ``reading``...)."""
 HISTORY = "linear_training_history"
-EFFECT_PARAMS = "params:linear_model.effects"
+HEATMAP = "linear_factor_effects_heatmap"
+"""The pipeline's factor x perturbation heatmap (PNG)."""
 
-READING_COLUMNS = ["perturbation", "factor", "standardised_effect", "q_value", "program", "reading"]
-
-
-def _loadings_matrix(loadings: pd.DataFrame) -> pd.DataFrame:
-    """Genes x factors, numeric, from the ``gene`` column (or the index) and the factor columns."""
-    frame = loadings.set_index("gene") if "gene" in loadings.columns else loadings
-    numeric = frame.select_dtypes(include=[np.number])
-    if numeric.empty:
-        raise ValueError(f"The loadings table has no numeric factor columns: {list(loadings.columns)}.")
-    return numeric
+READING_COLUMNS = [PERTURBATION, "factor", "standardised_effect", "q_value", "program", "reading"]
 
 
 def top_gene_loadings(loadings: pd.DataFrame, n_top: int) -> pd.DataFrame:
@@ -44,7 +37,7 @@ def top_gene_loadings(loadings: pd.DataFrame, n_top: int) -> pd.DataFrame:
     Rows are ordered factor by factor (each factor's top genes, strongest first; a
     gene already listed is not repeated); columns are the factors.
     """
-    matrix = _loadings_matrix(loadings)
+    matrix = loadings_matrix(loadings)
     order: list[str] = []
     for factor in matrix.columns:
         ranked = matrix[factor].abs().sort_values(ascending=False).index[:n_top]
@@ -63,14 +56,10 @@ def loadings_figure(loadings: pd.DataFrame, n_top: int, dpi: int) -> FigureSpec:
     )
 
 
-def effects_figure(effects: pd.DataFrame, effect_params: dict[str, Any], dpi: int) -> FigureSpec:
-    """The linear_model pipeline's own factor x perturbation heatmap, at ``dpi``."""
-    from perturbscope.pipelines.linear_model.nodes import plot_factor_effects
-
-    figure: Figure = plot_factor_effects(effects, effect_params)
-    figure.set_dpi(dpi)
+def effects_figure(heatmap: bytes) -> FigureSpec:
+    """The linear_model pipeline's own factor x perturbation heatmap (its PNG, read through the catalog)."""
     return FigureSpec(
-        figure,
+        heatmap,
         "LDVAE: factor x perturbation effects",
         "How far each perturbation's cells sit from the controls on each factor, in control SDs "
         "(dots: significant after Benjamini-Hochberg). A row is a perturbation, a column a factor.",
@@ -91,8 +80,8 @@ def effect_facts(effects: pd.DataFrame) -> dict[str, Any]:
     if effects.empty:
         return {"factor x perturbation effects": "none (no perturbations or no controls)"}
     significant = effects["significant"].astype(str).str.lower().isin(["true", "1"])
-    n_perturbations = effects["perturbation"].nunique()
-    moving = effects.loc[significant, "perturbation"].nunique()
+    n_perturbations = effects[PERTURBATION].nunique()
+    moving = effects.loc[significant, PERTURBATION].nunique()
     return {
         "perturbations tested": n_perturbations,
         "significant perturbation x factor effects": int(significant.sum()),
@@ -104,7 +93,7 @@ def report_linear_model(
     loadings: pd.DataFrame,
     effects: pd.DataFrame,
     history: pd.DataFrame,
-    effect_params: dict[str, Any],
+    heatmap: bytes,
     params: dict[str, Any],
 ) -> dict[str, Any]:
     """The linear_model section: loadings and effect heatmaps, training curves, strongest effects."""
@@ -113,14 +102,14 @@ def report_linear_model(
     n_top = int(knobs["top_genes_per_factor"])
     figures = {
         "ldvae_loadings": loadings_figure(loadings, n_top, dpi),
-        "ldvae_factor_effects": effects_figure(effects, effect_params, dpi),
+        "ldvae_factor_effects": effects_figure(heatmap),
         "ldvae_training_curves": FigureSpec(
             plot_training_curves({"LDVAE": history}, dpi=dpi),
             "Training curves: LDVAE",
             "Train and validation loss per epoch; the dotted line marks the epoch whose weights were kept.",
         ),
     }
-    n_genes, n_factors = _loadings_matrix(loadings).shape
+    n_genes, n_factors = loadings_matrix(loadings).shape
     facts = {"factors": n_factors, "genes": n_genes, "epochs trained": len(history), **effect_facts(effects)}
     section = make_section(
         PIPELINE,
@@ -148,7 +137,7 @@ def create_pipeline() -> Pipeline:
         [
             Node(
                 report_linear_model,
-                inputs=[LOADINGS, EFFECTS, HISTORY, EFFECT_PARAMS, "params:reporting"],
+                inputs=[LOADINGS, EFFECTS, HISTORY, HEATMAP, "params:reporting"],
                 outputs=SECTION.node_outputs(),
                 name="report_linear_model",
             )

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
-from matplotlib.figure import Figure
 
 from perturbscope.pipelines.reporting.figures import plot_training_curves
+from perturbscope.schema import PERTURBATION, PREDICTION_SPLITS
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
 
@@ -18,12 +18,6 @@ PIPELINE = "perturbation_prediction"
 FIGURES = ("prediction_summary_panel", "prediction_training_curves")
 HEADLINE_SCORE = "pearson_delta"
 """Score used for the 'best method' facts (higher is better)."""
-
-
-def _splits() -> tuple[str, ...]:
-    from perturbscope.pipelines.perturbation_prediction.pipeline import SPLITS
-
-    return tuple(SPLITS)
 
 
 def summary_table(summary: pd.DataFrame, scores: list[str]) -> pd.DataFrame:
@@ -63,30 +57,19 @@ def best_methods(summary: pd.DataFrame, score: str = HEADLINE_SCORE) -> dict[str
     return out
 
 
-def plot_summary_panel(
-    summary: pd.DataFrame, metrics: pd.DataFrame, figure_params: dict[str, Any], dpi: int
-) -> Figure:
-    """The pipeline's own summary panel across methods (its ``plot_summary`` node), at ``dpi``."""
-    from perturbscope.pipelines.perturbation_prediction.nodes import plot_summary
-
-    panel = plot_summary(summary, metrics, figure_params)
-    panel.set_dpi(dpi)
-    return panel
-
-
 def report_perturbation_prediction(
     summary: pd.DataFrame,
     metrics: pd.DataFrame,
+    panel: bytes,
     figure_params: dict[str, Any],
     params: dict[str, Any],
     *histories: pd.DataFrame,
 ) -> dict[str, Any]:
-    """The perturbation_prediction section: the summary panel, the table, training curves."""
+    """The perturbation_prediction section: the pipeline's summary panel (its PNG), the table, training curves."""
     dpi = int(params["figure_dpi"])
-    splits = _splits()
+    splits = PREDICTION_SPLITS
     if len(histories) != len(splits):
         raise ValueError(f"Expected one training history per split {list(splits)}, got {len(histories)}.")
-    panel = plot_summary_panel(summary, metrics, figure_params, dpi)
     scores = [s for s in figure_params.get("summary_scores", []) if f"{s}_mean" in summary]
     skipped = not_applicable(summary)
     figures = {
@@ -105,7 +88,7 @@ def report_perturbation_prediction(
     facts: dict[str, Any] = {
         "methods": ", ".join(dict.fromkeys(metrics["method"].astype(str))),
         **{
-            f"test perturbations ({evaluation})": int(rows["perturbation"].nunique())
+            f"test perturbations ({evaluation})": int(rows[PERTURBATION].nunique())
             for evaluation, rows in metrics.groupby("evaluation", sort=False)
         },
         **best_methods(summary),
@@ -137,9 +120,9 @@ def create_pipeline() -> Pipeline:
             Node(
                 report_perturbation_prediction,
                 inputs=[
-                    "prediction_summary", "prediction_metrics",
+                    "prediction_summary", "prediction_metrics", "prediction_summary_figure",
                     "params:perturbation_prediction.figures", "params:reporting",
-                    *(f"{split}.cvae_training_history" for split in _splits()),
+                    *(f"{split}.cvae_training_history" for split in PREDICTION_SPLITS),
                 ],
                 outputs=SECTION.node_outputs(),
                 name="report_perturbation_prediction",

@@ -1,4 +1,4 @@
-"""ConditionalVAE: construction, conditions, training with the shared loop, generation, checkpoints."""
+"""ConditionalVAE and its AnnData API (CVAE): construction, conditions, training with the shared loop, generation, checkpoints."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import scipy.sparse as sp
 import torch
 
 from perturbscope.models import MinibatchSampler, TrainConfig, fit, from_checkpoint, seeded, to_checkpoint
-from perturbscope.models.cvae import ConditionalVAE, UnknownPerturbationError, scale_factors
+from perturbscope.models.cvae import ConditionalVAE, UnknownPerturbationError
+from perturbscope.models.model.cvae import CVAE, scale_factors
 
-from .synthetic import nb_counts
+from ..synthetic import nb_counts
 
 GENES = 40
 # planted log-scale effects on disjoint gene blocks
@@ -51,7 +52,7 @@ def _train(adata: ad.AnnData, likelihood: str = "gaussian", epochs: int = 60, **
         model = ConditionalVAE.from_vocabulary(
             vocab, list(adata.var_names), likelihood=likelihood, n_hidden=64, n_layers=1, n_latent=4, **kw
         )
-    data = model.make_cell_data(adata)
+    data = CVAE(model).cell_data(adata)
     fit(model, MinibatchSampler(data, batch_size=128, seed=0), None,
         TrainConfig(max_epochs=epochs, kl_warmup_epochs=10, device="cpu", progress=False, lr=3e-3))
     return model
@@ -94,7 +95,7 @@ def test_loss_terms_and_training_reduce_loss(adata: ad.AnnData, likelihood: str)
     with seeded(0):
         model = ConditionalVAE.from_vocabulary(["A", "B", "C"], list(adata.var_names), likelihood=likelihood,
                                                n_hidden=32, n_layers=1)
-    data = model.make_cell_data(adata)
+    data = CVAE(model).cell_data(adata)
     batch = data.batch(torch.arange(64))
     out = model.loss(batch, kl_weight=0.5)
     assert set(out) == {"loss", "reconstruction", "kl"}
@@ -113,7 +114,7 @@ def test_unseen_double_is_predicted_from_its_singles(adata: ad.AnnData, trained:
     truth = _planted_adata(seed=5, labels=("control", "A+B"))
     c = np.asarray(adata.X[adata.obs["perturbation"].to_numpy() == "control"].mean(axis=0)).ravel()
     true_delta = np.asarray(truth.X[truth.obs["perturbation"].to_numpy() == "A+B"].mean(axis=0)).ravel() - c
-    pred = trained.sample_prior(["A+B"], n_cells=300, seed=1)
+    pred = CVAE(trained).sample_prior(["A+B"], n_cells=300, seed=1)
     r = np.corrcoef(_delta(pred, "A+B", c), true_delta)[0, 1]
     assert r > 0.9
     # both blocks move in the planted direction
@@ -123,8 +124,8 @@ def test_unseen_double_is_predicted_from_its_singles(adata: ad.AnnData, trained:
 
 def test_mode_b_keeps_controls_and_moves_them(adata: ad.AnnData, trained: ConditionalVAE) -> None:
     ctrl = np.flatnonzero(adata.obs["perturbation"].to_numpy() == "control")
-    data = trained.make_cell_data(adata)
-    pred = trained.transfer_controls(data, ctrl, ["control", "A"], n_cells=200, seed=0)
+    data = CVAE(trained).cell_data(adata)
+    pred = CVAE(trained).transfer_controls(data, ctrl, ["control", "A"], n_cells=200, seed=0)
     assert pred.n_obs == 400 and set(pred.obs["mode"]) == {"controls"}
     assert set(pred.obs["source_cell"]) <= set(ctrl)
     c = np.asarray(adata.X[ctrl].mean(axis=0)).ravel()
@@ -138,13 +139,13 @@ def test_mode_b_keeps_controls_and_moves_them(adata: ad.AnnData, trained: Condit
 
 
 def test_generation_is_seeded_and_checkpoint_round_trips(trained: ConditionalVAE) -> None:
-    a = trained.sample_prior(["A+B", "C"], n_cells=20, seed=3)
-    b = trained.sample_prior(["A+B", "C"], n_cells=20, seed=3)
+    a = CVAE(trained).sample_prior(["A+B", "C"], n_cells=20, seed=3)
+    b = CVAE(trained).sample_prior(["A+B", "C"], n_cells=20, seed=3)
     np.testing.assert_array_equal(a.X, b.X)
     assert list(a.obs["perturbation"].unique()) == ["A+B", "C"]
     clone = from_checkpoint(to_checkpoint(trained))
     assert clone.metadata["condition_genes"] == ["A", "B", "C"]
-    np.testing.assert_allclose(clone.sample_prior(["A+B", "C"], n_cells=20, seed=3).X, a.X, atol=1e-6)
+    np.testing.assert_allclose(CVAE(clone).sample_prior(["A+B", "C"], n_cells=20, seed=3).X, a.X, atol=1e-6)
 
 
 def test_nb_generation_matches_the_processed_scale(adata: ad.AnnData) -> None:
@@ -153,14 +154,14 @@ def test_nb_generation_matches_the_processed_scale(adata: ad.AnnData) -> None:
     np.testing.assert_allclose(scales, 1e3 / np.asarray(adata.layers["counts"].sum(axis=1)).ravel(), rtol=1e-4)
     ctrl = np.flatnonzero(adata.obs["perturbation"].to_numpy() == "control")
     with pytest.raises(ValueError, match="library"):
-        model.sample_prior(["A"], n_cells=10)
+        CVAE(model).sample_prior(["A"], n_cells=10)
     lib = np.asarray(adata.layers["counts"].sum(axis=1)).ravel()
     a_cells = np.flatnonzero(adata.obs["perturbation"].to_numpy() == "A")
     # NB draws are counts normalised like the screen: X = log1p(counts * scale); the log-normalised
     # mean depends on sequencing depth, so each perturbation gets the libraries of its own cells here
     pred = ad.concat([
-        model.sample_prior(["control"], n_cells=300, library=lib[ctrl], scale=scales[ctrl], seed=0),
-        model.sample_prior(["A"], n_cells=300, library=lib[a_cells], scale=scales[a_cells], seed=0),
+        CVAE(model).sample_prior(["control"], n_cells=300, library=lib[ctrl], scale=scales[ctrl], seed=0),
+        CVAE(model).sample_prior(["A"], n_cells=300, library=lib[a_cells], scale=scales[a_cells], seed=0),
     ], index_unique="-")
     assert (pred.X >= 0).all()
     c = np.asarray(adata.X[ctrl].mean(axis=0)).ravel()
@@ -168,13 +169,13 @@ def test_nb_generation_matches_the_processed_scale(adata: ad.AnnData) -> None:
     true_a = np.asarray(adata.X[a_cells].mean(axis=0)).ravel() - c
     d = _delta(pred, "A", c)
     assert np.corrcoef(d, true_a)[0, 1] > 0.95 and np.abs(d - true_a).mean() < 0.15
-    data = model.make_cell_data(adata)
-    moved = model.transfer_controls(data, ctrl, ["A"], scale=scales[ctrl], seed=0)
+    data = CVAE(model).cell_data(adata)
+    moved = CVAE(model).transfer_controls(data, ctrl, ["A"], scale=scales[ctrl], seed=0)
     assert moved.n_obs == ctrl.size  # default: one predicted cell per control
 
 
 def test_make_cell_data_errors(adata: ad.AnnData, trained: ConditionalVAE) -> None:
     with pytest.raises(ValueError, match="genes"):
-        trained.make_cell_data(adata[:, :10])
+        CVAE(trained).cell_data(adata[:, :10])
     with pytest.raises(ValueError, match="perturbed genes"):
-        trained.make_cell_data(adata, labels_key="missing")
+        CVAE(trained).cell_data(adata, labels_key="missing")

@@ -11,7 +11,8 @@ from kedro.io import DataCatalog
 from kedro.pipeline import Node
 
 from perturbscope.pipelines.reporting.nodes import provenance_section
-from perturbscope.pipelines.reporting.run_info import NOT_RECORDED, RUN_INFO, RunInfoDataset, RunInfoHook
+from perturbscope.datasets import RunInfoDataset
+from perturbscope.hooks import NOT_RECORDED, RUN_INFO, RunInfoHook
 
 OLD, NEW = "2024-01-01T00.00.00.000Z", "2024-02-01T00.00.00.000Z"
 

@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from perturbscope.models import ContrastiveVAE, seeded
-from perturbscope.registry import (
+from perturbscope.ops.registry import (
     MetricRule,
     RegistryConfigError,
     champion_version,

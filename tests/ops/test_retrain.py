@@ -3,7 +3,7 @@
 The ``test`` environment registers two simulated screens (conf/test/screens.yml):
 ``sim_a`` with the default columns and ``sim_b`` whose labels live in ``guide`` with
 ``NTC`` controls; its retrain runs data_processing + contrastive_model with a few
-epochs (conf/test/parameters_retrain.yml). Everything goes under ``test_root``.
+epochs (conf/test/ops/parameters_retrain.yml). Everything goes under ``test_root``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 
 from perturbscope.models import ContrastiveVAE, load_model
 from perturbscope.pipelines.contrastive_model.nodes import embed_screen
-from perturbscope.registry import load_registered_model
-from perturbscope.retrain import main, retrain
+from perturbscope.ops.registry import load_registered_model
+from perturbscope.ops.retrain import main, retrain
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT
 
@@ -210,8 +210,8 @@ def test_bad_screens_are_reported_and_skipped_before_any_session(
 
 
 def test_retrain_parameters_are_checked() -> None:
-    from perturbscope.registry import RegistryConfigError
-    from perturbscope.retrain import RetrainConfig
+    from perturbscope.ops.registry import RegistryConfigError
+    from perturbscope.ops.retrain import RetrainConfig
 
     params = {
         "pipelines": ["data_processing", "contrastive_model"],
@@ -230,7 +230,7 @@ def test_retrain_parameters_are_checked() -> None:
 
 
 def test_command_line_params() -> None:
-    from perturbscope.retrain import _parse_params
+    from perturbscope.ops.retrain import _parse_params
 
     assert _parse_params("retrain.pipelines=[data_processing,contrastive_model],retrain.preflight_cells=null,a=0.5") == {
         "retrain": {"pipelines": ["data_processing", "contrastive_model"], "preflight_cells": None},
@@ -258,3 +258,17 @@ def test_command_line_under_python_m_logs_its_summary(test_root: Path, tmp_path_
     assert done.returncode == 0, output[-3000:]
     assert "would_retrain" in output and "sim_a" in output
     assert not list(elsewhere.iterdir())  # nothing written where it was started
+
+
+def test_old_module_paths_are_the_ops_modules() -> None:
+    """`perturbscope.retrain` / `.registry` / `.screens` (before ops/) are the ops modules themselves."""
+    import perturbscope.ops.registry
+    import perturbscope.ops.retrain
+    import perturbscope.ops.screens
+    import perturbscope.registry
+    import perturbscope.retrain
+    import perturbscope.screens
+
+    assert perturbscope.retrain is perturbscope.ops.retrain
+    assert perturbscope.registry.load_registered_model is perturbscope.ops.registry.load_registered_model
+    assert perturbscope.screens is perturbscope.ops.screens

@@ -12,7 +12,7 @@ import yaml
 from kedro.config import OmegaConfigLoader
 
 from perturbscope.schema import ScreenValidationError
-from perturbscope.screens import (
+from perturbscope.ops.screens import (
     ScreenFileError,
     ScreenRegistryError,
     check_screen_file,
@@ -71,7 +71,7 @@ def conf(tmp_path: Path) -> Path:
     base = tmp_path / "conf" / "base"
     base.mkdir(parents=True)
     (tmp_path / "conf" / "local").mkdir()
-    for name in ("globals.yml", "parameters.yml", "catalog.yml"):
+    for name in ("globals.yml", "parameters.yml", "catalog_data_processing.yml"):
         shutil.copy(PROJECT / "conf" / "base" / name, base / name)
     registry = {
         "screens": {

@@ -1,7 +1,8 @@
-"""What the model pipelines share between screen and model: raw counts, genes, batches, settings.
+"""What every model shares between an AnnData screen and its torch module: raw counts, genes,
+batches, and the one path from parameters to hyperparameters and a :class:`TrainConfig`.
 
-Each function takes the pipeline's own error class (and a hint) so its messages name
-the pipeline and the fix.
+Each function takes the caller's error class (and a hint) so its messages name the
+model's parameter section and the fix.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from perturbscope.models import CellData, TrainConfig
+from perturbscope.models.data import CellData
+from perturbscope.models.training import TrainConfig
+from perturbscope.schema import COUNTS_LAYER
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ def raw_counts(
                 "Pass the layer holding raw UMI counts, or None to use layers['counts'] / X."
             )
         matrix, where = adata.layers[counts_layer], f"layers['{counts_layer}']"
-    elif "counts" in adata.layers:
-        matrix, where = adata.layers["counts"], "layers['counts']"
+    elif COUNTS_LAYER in adata.layers:
+        matrix, where = adata.layers[COUNTS_LAYER], "layers['counts']"
     else:
         matrix, where = adata.X, "X"
     csr = sp.csr_matrix(matrix, dtype=np.float32)
@@ -131,7 +134,7 @@ def screen_metadata(screen: ad.AnnData, batch_key: str | None, categories: list[
     """What a trained model records about its screen, read back by :func:`model_cell_data`."""
     return {
         "genes": [str(g) for g in screen.var_names],
-        "counts_layer": "counts",
+        "counts_layer": COUNTS_LAYER,
         "batch_key": batch_key or None,
         "batch_categories": categories,
         "screen": str((screen.uns.get("perturbscope") or {}).get("screen", "")),
@@ -185,10 +188,19 @@ def model_kwargs(model_cls: type, params: Mapping[str, Any] | None, section: str
 
 
 def train_config(
-    params: Mapping[str, Any] | None, seed: int, section: str, error: type[ValueError]
+    params: Mapping[str, Any] | None,
+    seed: int,
+    section: str,
+    error: type[ValueError],
+    shared: Mapping[str, Any] | None = None,
 ) -> tuple[TrainConfig, int, int]:
-    """``(TrainConfig, batch_size, validation_batch_size)`` from a pipeline's ``training`` parameters."""
-    params = dict(params or {})
+    """``(TrainConfig, batch_size, validation_batch_size)`` from a model's ``training`` parameters.
+
+    ``shared`` is the project-wide ``training`` block (``conf/base/parameters.yml``); a
+    model's own ``<pipeline>.training`` keys override it key by key. ``seed`` (the one
+    ``seed`` parameter) is used unless the merged settings name their own.
+    """
+    params = {**dict(shared or {}), **dict(params or {})}
     allowed = set(TrainConfig.__dataclass_fields__) | {"batch_size", "validation_batch_size"}
     unknown = sorted(set(params) - allowed)
     if unknown:
