@@ -122,6 +122,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from perturbscope.schema import PERTURBATION
+
 __all__ = [
     "CONTROL_LABEL",
     "DOUBLE_SEPARATOR",
@@ -766,7 +768,7 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
     cell_width = len(str(config.n_cells))
     obs = pd.DataFrame(
         {
-            "perturbation": pd.Categorical.from_codes(cells.code, categories=labels),
+            PERTURBATION: pd.Categorical.from_codes(cells.code, categories=labels),
             "program": pd.Categorical(np.asarray(programs, dtype=object)[cells.code]),
             "responded": cells.responded,
             "phase": pd.Categorical.from_codes(cells.phase, categories=list(PHASES)),
@@ -797,7 +799,7 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
             "has_effect": np.any(design.effects != 0, axis=1),
             "n_cells": n_cells_per.astype(np.int64),
         },
-        index=pd.Index(design.perturbations, name="perturbation"),
+        index=pd.Index(design.perturbations, name=PERTURBATION),
     )
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.varm["true_log2fc"] = pd.DataFrame(

@@ -82,7 +82,9 @@ class ModelAPI:
         return cls(load_model(path, map_location=map_location))
 
     # ----------------------------------------------------------------------- data
-    def cell_data(self, adata: ad.AnnData, counts_layer: str | None = None, fill_missing: bool | None = False) -> CellData:
+    def cell_data(
+        self, adata: ad.AnnData, counts_layer: str | None = None, fill_missing: bool | None = False
+    ) -> CellData:
         """A screen's raw counts as :class:`CellData` for this module: its genes (by name) and batches."""
         return model_cell_data(self.module, adata, self.error, self.counts_hint, counts_layer, fill_missing)
 

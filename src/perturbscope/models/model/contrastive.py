@@ -164,7 +164,9 @@ class ContrastiveVI(ModelAPI):
         if val_bg.size and val_tg.size:
             val = PairedSampler(data, val_bg, val_tg, batch_size=val_batch_size, shuffle=False, seed=seed)
         else:
-            logger.warning("No validation controls or targets: training %d epochs without early stopping.", config.max_epochs)
+            logger.warning(
+                "No validation controls or targets: training %d epochs without early stopping.", config.max_epochs
+            )
         logger.info(
             "Training contrastiveVI on %d target and %d control cells (%d / %d for validation), %d genes.",
             train_tg.size, train_bg.size, val_tg.size, val_bg.size, data.n_genes,

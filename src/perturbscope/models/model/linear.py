@@ -67,7 +67,9 @@ class LDVAE(ModelAPI):
     section = "linear_model"
     counts_hint = _COUNTS_HINT
 
-    def cell_data(self, adata: ad.AnnData, counts_layer: str | None = None, fill_missing: bool | None = None) -> CellData:
+    def cell_data(
+        self, adata: ad.AnnData, counts_layer: str | None = None, fill_missing: bool | None = None
+    ) -> CellData:
         """A screen's raw counts for this module (genes by name; missing genes raise)."""
         return super().cell_data(adata, counts_layer, fill_missing)
 
@@ -105,7 +107,9 @@ class LDVAE(ModelAPI):
         is_val = _validation_mask(screen)
         train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         if train_idx.size == 0:
-            raise LinearModelError("Every cell is in the validation split: lower data_processing.split.validation_fraction.")
+            raise LinearModelError(
+                "Every cell is in the validation split: lower data_processing.split.validation_fraction."
+            )
         n_batch = len(categories)
         if kwargs.get("library") == "learned":
             mean, var = data.library_prior(train_idx, BATCH_OBS_KEY if n_batch else None, n_batch)
@@ -127,7 +131,9 @@ class LDVAE(ModelAPI):
             model.cpu().eval()
             data.to("cpu")
             model.orient(data, rotation=rotation)
-            held_out = float(np.mean(model.reconstruction_log_likelihood(data, val_idx))) if val_idx.size else float("nan")
+            held_out = float("nan")
+            if val_idx.size:
+                held_out = float(np.mean(model.reconstruction_log_likelihood(data, val_idx)))
         model.metadata = {
             **screen_metadata(screen, batch_key, categories),
             "rotation": rotation,

@@ -66,6 +66,7 @@ def train_contrastive_model(
     schema_params: dict[str, Any],
     seed: int,
     shared_training: dict[str, Any] | None = None,
+    *,
     callback: Callable[[int, Any, ContrastiveVAE], bool | None] | None = None,
 ) -> tuple[ContrastiveVAE, pd.DataFrame]:
     """Train contrastiveVI: controls are the background, every other cell a target (:meth:`ContrastiveVI.fit`).

@@ -86,7 +86,9 @@ def _fmt(value: float) -> str:
     return f"{value:+.2f}" if np.isfinite(value) else "nan"
 
 
-def _programs(embedded: ad.AnnData, labels: np.ndarray, perturbations: list[str], program_key: str | None) -> dict[str, str]:
+def _programs(
+    embedded: ad.AnnData, labels: np.ndarray, perturbations: list[str], program_key: str | None
+) -> dict[str, str]:
     """Each perturbation's most frequent annotation in ``obs[program_key]`` (none without a key)."""
     if not program_key or program_key not in embedded.obs:
         return {}

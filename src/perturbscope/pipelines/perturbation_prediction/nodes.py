@@ -195,7 +195,8 @@ def predict_baselines(
     split = as_split(split, adata)
     if not is_applicable(split):
         return _no_predictions(adata)
-    return baseline_cells(adata, split, n_cells=int(params.get("n_cells", 200)), seed=seed, separator=_separator(schema))
+    n_cells = int(params.get("n_cells", 200))
+    return baseline_cells(adata, split, n_cells=n_cells, seed=seed, separator=_separator(schema))
 
 
 def evaluate_predictions(

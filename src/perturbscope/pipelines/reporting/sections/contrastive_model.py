@@ -29,7 +29,7 @@ from perturbscope.pipelines.reporting.figures import (
 )
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
-from perturbscope.schema import IS_CONTROL, PERTURBATION, PHASE
+from perturbscope.schema import IS_CONTROL, PERTURBATION, PHASE, ScreenSchema
 
 PIPELINE = "contrastive_model"
 FIGURES = ("contrastive_story", "contrastive_training_curves")
@@ -94,7 +94,7 @@ def story_umaps(
     common = {"n_neighbors": int(params["n_neighbors"]), "min_dist": float(params["min_dist"]), "seed": int(seed)}
     pca_umap = compute_umap(x, n_pcs=int(params["n_pcs"]), **common)
     salient_umap = compute_umap(salient, **common)
-    table = _labels(processed.obs.loc[target], schema.get("program_key"), int(params["max_categories"]))
+    table = _labels(processed.obs.loc[target], ScreenSchema.from_params(schema).program_key, int(params["max_categories"]))
     table[["pca_umap_1", "pca_umap_2"]] = pca_umap
     table[["salient_umap_1", "salient_umap_2"]] = salient_umap
     return table.rename_axis("cell").reset_index()

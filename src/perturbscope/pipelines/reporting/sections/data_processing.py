@@ -22,6 +22,7 @@ from perturbscope.schema import (
     PHASE,
     SPLIT,
     UNPERTURBED,
+    ScreenSchema,
 )
 
 PIPELINE = "data_processing"
@@ -227,7 +228,7 @@ def report_data_processing(
             "The screen after validation, quality control, normalisation (raw counts kept in "
             "layers['counts'], log-normalised X), highly variable genes and cell-cycle scoring."
         ),
-        facts=screen_facts(processed, screen_summary, screen, schema.get("program_key")),
+        facts=screen_facts(processed, screen_summary, screen, ScreenSchema.from_params(schema).program_key),
         tables=tables,
         figures=figures,
     )
