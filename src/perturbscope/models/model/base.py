@@ -13,7 +13,7 @@ registry store) and, after :meth:`fit`, its per-epoch history (``.history``)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import anndata as ad
@@ -105,11 +105,12 @@ class ModelAPI:
         return kwargs, config, batch_size, val_batch_size
 
     @classmethod
-    def _build(cls, seed: int, **kwargs: Any) -> BaseModel:
-        """The module, initialised reproducibly; a bad hyperparameter names its parameter."""
+    def _build(cls, seed: int, factory: Callable[..., BaseModel] | None = None, **kwargs: Any) -> BaseModel:
+        """The module (``factory(**kwargs)``, default the module class), initialised reproducibly;
+        a bad hyperparameter names its parameter."""
         try:
             with seeded(seed):
-                return cls.module_class(**kwargs)
+                return (factory or cls.module_class)(**kwargs)
         except ParameterError as err:  # "<section>.model.n_salient must be ..."
             raise cls.error(f"{cls.section}.model.{err}") from None
         except (TypeError, ValueError) as err:

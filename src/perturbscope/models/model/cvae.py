@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import anndata as ad
@@ -23,9 +24,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from perturbscope.models.cvae import ConditionalVAE, Generated, UnknownPerturbationError
+from perturbscope.models.cvae import ConditionalVAE, Generated
 from perturbscope.models.data import CellData, MinibatchSampler
-from perturbscope.models.training import seeded
 from perturbscope.schema import COUNTS_LAYER, PERTURBATION, PERTURBED_GENES
 
 from .base import ModelAPI
@@ -53,13 +53,8 @@ class CVAE(ModelAPI):
     ) -> CVAE:
         """An untrained model over the perturbed genes ``vocabulary`` (initialised with ``seed``)."""
         kwargs = model_kwargs(ConditionalVAE, model_params, f"{cls.section}.model", cls.error)
-        try:
-            with seeded(seed):
-                return cls(ConditionalVAE.from_vocabulary(vocabulary, list(var_names), separator, **kwargs))
-        except UnknownPerturbationError:
-            raise
-        except (TypeError, ValueError) as err:
-            raise cls.error(f"{cls.section}.model: {err}") from None
+        factory = partial(ConditionalVAE.from_vocabulary, list(vocabulary), list(var_names), separator)
+        return cls(cls._build(seed, factory, **kwargs))
 
     @classmethod
     def fit(
