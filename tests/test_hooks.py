@@ -94,3 +94,24 @@ def test_rerun_keeps_earlier_outputs_and_a_failed_run_leaves_none(run_kedro, tes
 
     run_kedro(["data_processing"])  # a rerun adds a version and keeps the first
     assert len(_versions(processed)) == 2 and _versions(processed)[0] == first[0]
+
+
+def test_a_retired_per_step_seed_stops_the_run_with_its_name(test_root: Path) -> None:
+    """A conf/local or --params that still sets a per-step seed is refused, not silently ignored."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from perturbscope.hooks import retired_parameters
+
+    assert retired_parameters({"seed": 1, "perturbation_prediction": {"splits": {"held_out_cells": {"seed": 2}},
+                                                                       "training": {"seed": 3}}}) == [
+        "perturbation_prediction.splits.held_out_cells.seed: the one `seed` (conf/base/parameters.yml) seeds every "
+        "random draw; remove this key, or set `seed`"
+    ]  # the top-level seed and a model's own training.seed are read
+    bootstrap_project(PROJECT)
+    with KedroSession.create(project_path=PROJECT, env="test",
+                             runtime_params={"data_processing": {"split": {"seed": 3}}}) as session:
+        with pytest.raises(ValueError, match=r"no longer read.*data_processing\.split\.seed: the one `seed`"):
+            session.load_context()
+    with KedroSession.create(project_path=PROJECT, env="test") as session:
+        assert session.load_context().params["seed"] == 0  # the project's own conf passes

@@ -4,9 +4,9 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from perturbscope.hooks import ProjectStoreHook, RunInfoHook, RunOutputsHook, ScreenTagHook
+from perturbscope.hooks import ParametersHook, ProjectStoreHook, RunInfoHook, RunOutputsHook, ScreenTagHook
 
-HOOKS = (ProjectStoreHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook())
+HOOKS = (ParametersHook(), ProjectStoreHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
