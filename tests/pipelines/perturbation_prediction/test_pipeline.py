@@ -73,3 +73,10 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "perturbation_prediction")}
     assert {"perturbation_prediction/prediction_metrics.csv", "perturbation_prediction/prediction_summary.csv",
             "perturbation_prediction/prediction_summary.png", "perturbation_prediction/figures"} <= artifacts
+    # the cVAE training curve of each split, one value per epoch (as for the other two models)
+    client = mlflow.MlflowClient()
+    for split in ("held_out_cells", "held_out_perturbations"):
+        history = pd.read_csv(latest_version(test_root / "data" / "06_models" / screen / split / "cvae_training_history.csv"))
+        losses = client.get_metric_history(run["run_id"], f"perturbation_prediction.{split}.training.train_loss")
+        assert [m.step for m in losses] == history["epoch"].tolist()
+        assert [m.value for m in losses] == history["train_loss"].tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
+from perturbscope import tracking
 from perturbscope.pipelines.perturbation_prediction import nodes
 from perturbscope.schema import PREDICTION_SPLITS
 
@@ -44,6 +45,12 @@ def _split_template() -> Pipeline:
                 ],
                 outputs=["cvae_model", "cvae_training_history"],
                 name="train_cvae",
+            ),
+            Node(
+                tracking.training_history_metrics,
+                inputs="cvae_training_history",
+                outputs="cvae_training_metrics",
+                name="log_cvae_training_history",
             ),
             Node(
                 nodes.predict_cvae,
