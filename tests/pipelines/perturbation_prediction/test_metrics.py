@@ -72,10 +72,24 @@ def test_score_perturbation_keys_and_references() -> None:
     out = M.score_perturbation(true, true, c, m, de_genes=[0, 1], top_k=(2, 25), pred_pcs=np.zeros((3, 2)),
                                true_pcs=np.zeros((4, 2)))
     assert set(out) == {"pearson_delta", "pearson_delta_top_de", "jaccard_top2", "jaccard_top25", "mse",
-                        "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance"}
+                        "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance",
+                        "l2_top_expressed"}
     assert out["pearson_delta"] == pytest.approx(1.0) and out["mse"] == 0.0 and out["energy_distance"] == 0.0
     assert out["jaccard_top2"] == 1.0 and out["direction_accuracy_top_de"] == 1.0
     # predicting the perturbed mean itself: no delta against it, so that correlation is undefined
     shared = M.score_perturbation(m, true, c, m, de_genes=[0, 1])
     assert math.isnan(shared["pearson_delta_vs_perturbed_mean"])
     assert math.isnan(shared["energy_distance"])
+
+
+def test_l2_over_the_genes_most_expressed_in_controls() -> None:
+    """Ahlmann-Eltze et al. 2025: L2 of the predicted vs true means over the top expressed control genes."""
+    control = np.array([0.1, 5.0, 2.0, 5.0, 0.0])
+    assert M.top_expressed_genes(control, 3).tolist() == [1, 3, 2]  # ties in gene order
+    assert M.top_expressed_genes(control, 10).tolist() == [1, 3, 2, 0, 4]  # fewer genes than asked: all
+    pred, true = np.array([9.0, 1.0, 2.0, 3.0, -4.0]), np.array([0.0, 4.0, 2.0, 7.0, 0.0])
+    assert M.l2_of_means(pred, true, [1, 3, 2]) == pytest.approx(5.0)  # sqrt(3² + 4² + 0²); genes 0, 4 ignored
+    assert math.isnan(M.l2_of_means(pred, true, []))
+    scores = M.score_perturbation(pred, true, control, control, [1], expressed_genes=[1, 3])
+    assert scores["l2_top_expressed"] == pytest.approx(5.0) and "l2_top_expressed" in M.METRIC_COLUMNS
+    assert math.isnan(M.score_perturbation(pred, true, control, control, [1])["l2_top_expressed"])

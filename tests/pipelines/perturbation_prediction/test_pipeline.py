@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from perturbscope.datasets import TorchModelDataset
@@ -40,8 +41,11 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     assert (cells.groupby("perturbation")["method"].apply(lambda m: "same_perturbation" in set(m))).all()
     assert doubles["n_true_cells"].min() >= 79  # every cell of a held-out double is a test cell
     for column in ("pearson_delta", "pearson_delta_top_de", "jaccard_top25", "jaccard_top50", "jaccard_top100",
-                   "mse", "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance"):
+                   "mse", "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance",
+                   "l2_top_expressed"):
         assert column in metrics
+    # 169 genes < 1,000: the L2 runs over every gene, so it is the root of G x MSE
+    np.testing.assert_allclose(metrics["l2_top_expressed"], np.sqrt(169 * metrics["mse"]), rtol=1e-9)
     # K = 100 < 169 genes, so J(100) is defined for every method that predicts a change
     assert metrics.loc[metrics["method"] != "no_change", "jaccard_top100"].notna().all()
 

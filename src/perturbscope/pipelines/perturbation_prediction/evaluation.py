@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from perturbscope.schema import IS_CONTROL, N_PERTURBED_GENES, PERTURBATION
 
 from .baselines import BASELINES
-from .metrics import METRIC_COLUMNS, score_perturbation
+from .metrics import METRIC_COLUMNS, score_perturbation, top_expressed_genes
 from .splits import NOT_APPLICABLE, perturbations_with_test_cells, reference_mask, training_mask
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def score_split(
     top_k = [int(k) for k in params.get("top_k", [25, 50, 100])]
     de = top_de_genes(adata, split, labels, int(params.get("n_top_de", 20)), str(params.get("de_method", "t-test")))
     max_cells = int(params.get("max_cells_energy", 300))
+    expressed = top_expressed_genes(c, int(params.get("n_top_expressed", 1000)))
     rng = np.random.default_rng(int(seed))
 
     def subsample(rows: np.ndarray) -> np.ndarray:
@@ -174,7 +175,8 @@ def score_split(
             sel, preds = groups[(method, label)]
             p = mean_of((preds.layers["expected"] if "expected" in preds.layers else preds.X)[sel])
             scores = score_perturbation(
-                p, t, c, m, de[label], top_k, pred_pcs=project(pca, preds.X[subsample(sel)]), true_pcs=true_pcs
+                p, t, c, m, de[label], top_k, pred_pcs=project(pca, preds.X[subsample(sel)]), true_pcs=true_pcs,
+                expressed_genes=expressed,
             )
             rows.append(
                 {

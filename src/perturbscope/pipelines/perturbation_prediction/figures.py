@@ -49,6 +49,7 @@ SCORE_LABELS = {
     "mse": "MSE of means",
     "direction_accuracy_top_de": "direction accuracy, top DE",
     "energy_distance": "energy distance (PCA)",
+    "l2_top_expressed": "L2, top-1000 expressed genes",
 }
 
 

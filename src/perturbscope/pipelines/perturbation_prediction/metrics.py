@@ -27,6 +27,8 @@ __all__ = [
     "top_k_genes",
     "top_k_jaccard",
     "mse_of_means",
+    "l2_of_means",
+    "top_expressed_genes",
     "direction_accuracy",
     "energy_distance",
     "score_perturbation",
@@ -112,6 +114,22 @@ def mse_of_means(pred_mean: Any, true_mean: Any) -> float:
     return float(np.mean((p - t) ** 2))
 
 
+def top_expressed_genes(control_mean: Any, n: int) -> np.ndarray:
+    """Positions of the ``n`` genes most expressed in the controls (highest ``c_g``; ties by position)."""
+    c = _vec(control_mean)
+    return np.argsort(-c, kind="stable")[: max(int(n), 0)]
+
+
+def l2_of_means(pred_mean: Any, true_mean: Any, genes: Sequence[int]) -> float:
+    """``sqrt(sum_g (p_g - t_g)²)`` over ``genes``: the L2 distance of Ahlmann-Eltze, Huber & Anders
+    (Nature Methods 2025) when ``genes`` are the 1,000 genes most expressed in the controls."""
+    genes = np.asarray(genes, dtype=np.int64)
+    if genes.size == 0:
+        return float("nan")
+    p, t = _vec(pred_mean)[genes], _vec(true_mean)[genes]
+    return float(np.sqrt(np.sum((p - t) ** 2)))
+
+
 def direction_accuracy(pred_delta: Any, true_delta: Any, genes: Sequence[int]) -> float:
     """Fraction of ``genes`` where the predicted delta has the sign of the true delta.
 
@@ -164,6 +182,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "direction_accuracy_top_de",
     "pearson_delta_vs_perturbed_mean",
     "energy_distance",
+    "l2_top_expressed",
 )
 """Score columns of the metrics table (``jaccard_top<K>`` for the configured K)."""
 
@@ -177,6 +196,7 @@ def score_perturbation(
     top_k: Sequence[int] = (25, 50, 100),
     pred_pcs: np.ndarray | None = None,
     true_pcs: np.ndarray | None = None,
+    expressed_genes: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Every score of one method on one test perturbation.
 
@@ -195,13 +215,17 @@ def score_perturbation(
     pred_pcs, true_pcs
         Predicted and true cells in the shared PCA space (for the energy
         distance; NaN if not given).
+    expressed_genes
+        Positions of the genes most expressed in the controls (for
+        ``l2_top_expressed``; NaN if not given).
 
     Returns
     -------
     dict
         ``pearson_delta``, ``pearson_delta_top_de``, ``jaccard_top<K>``,
         ``mse``, ``direction_accuracy_top_de``,
-        ``pearson_delta_vs_perturbed_mean``, ``energy_distance``.
+        ``pearson_delta_vs_perturbed_mean``, ``energy_distance``,
+        ``l2_top_expressed`` (:func:`l2_of_means` over ``expressed_genes``).
     """
     c = _vec(control_mean)
     dp, dt = _vec(pred_mean) - c, _vec(true_mean) - c
@@ -216,5 +240,8 @@ def score_perturbation(
     out["pearson_delta_vs_perturbed_mean"] = pearson_delta(pred_mean, true_mean, perturbed_mean)
     out["energy_distance"] = (
         energy_distance(pred_pcs, true_pcs) if pred_pcs is not None and true_pcs is not None else float("nan")
+    )
+    out["l2_top_expressed"] = (
+        l2_of_means(pred_mean, true_mean, expressed_genes) if expressed_genes is not None else float("nan")
     )
     return out
