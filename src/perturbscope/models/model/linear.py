@@ -54,7 +54,7 @@ def loadings_matrix(loadings: pd.DataFrame) -> pd.DataFrame:
     frame = loadings.set_index("gene") if "gene" in loadings.columns else loadings
     factors = [c for c in frame.columns if str(c).startswith("factor_")]
     matrix = frame[factors] if factors else frame.select_dtypes(include=[np.number])
-    if matrix.empty and not len(matrix.columns):
+    if not len(matrix.columns):
         raise LinearModelError(f"The loadings table has no factor_* columns (columns: {list(loadings.columns)}).")
     return matrix.astype(float)
 
