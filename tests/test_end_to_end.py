@@ -23,7 +23,7 @@ import pytest
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT, latest_version
 
-SECTIONS = ("data_processing", "contrastive_model", "linear_model", "perturbation_prediction", "provenance")
+SECTIONS = ("data_processing", "contrastive_model", "perturbation_effects", "linear_model", "perturbation_prediction", "provenance")
 
 
 def _kedro_run(root: Path, screen: str) -> subprocess.CompletedProcess:
@@ -83,6 +83,14 @@ def _check_common(out: dict, n_cells: int) -> tuple[ad.AnnData, pd.DataFrame, pd
     summary = pd.read_csv(latest_version(reporting / "prediction_summary.csv"))
     cells = summary[summary["evaluation"] == "held_out_cells"]
     assert (cells["status"] == "scored").all() and cells["pearson_delta_mean"].notna().all()
+    # the escape gate is off by default: no probability, an empty escape table
+    assert "perturbed_probability" not in embedded.obs
+    assert pd.read_csv(latest_version(reporting / "contrastive_escape.csv")).empty
+    # did each perturbation work: one test per perturbation; DE by both methods
+    tests = pd.read_csv(latest_version(reporting / "perturbation_effect_tests.csv"))
+    assert tests["perturbation"].nunique() >= 10 and tests["q_value"].between(0, 1).all()
+    de = pd.read_csv(latest_version(reporting / "differential_expression.csv"))
+    assert set(de["method"]) == {"pseudobulk_deseq2", "wilcoxon"} and de["p_value"].notna().mean() > 0.5
     for model in ("contrastive_model.pt", "linear_model.pt"):
         assert latest_version(out["models"] / model).stat().st_size > 10_000
     page = latest_version(reporting / "report.html").read_text()
@@ -104,6 +112,12 @@ def test_singles_only_knockout_screen(tmp_path: Path) -> None:
     assert {"program", "phase"} <= set(evaluation["key"])  # programs scored, phase leakage measured
     assert set(evaluation["space"]) >= {"salient", "background", "pca"}
     assert (screen_summary["n_perturbed_genes"] <= 1).all()
+    # the effect test calls every perturbation with a true effect, and neither null one
+    truth = ad.read_h5ad(tmp_path / "data" / "01_raw" / "sim_singles.h5ad", backed="r").uns["perturbation_truth"]
+    tests = pd.read_csv(latest_version(out["reporting"] / "perturbation_effect_tests.csv")).set_index("perturbation")
+    has_effect = pd.Series(truth["has_effect"]).astype(bool)
+    assert tests.loc[has_effect[has_effect].index, "significant"].all(), tests
+    assert not tests.loc[has_effect[~has_effect].index, "significant"].any(), tests
 
 
 @pytest.mark.e2e

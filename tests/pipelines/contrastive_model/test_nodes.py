@@ -154,3 +154,43 @@ def test_diverging_training_names_the_kedro_parameter(sim_screen: ad.AnnData) ->
     assert "contrastive_model.training.grad_clip" in message
     assert "contrastive_model.model.likelihood" in message
     assert "TrainConfig" not in message
+
+
+def test_escape_gate_outputs_through_the_nodes(sim_screen) -> None:
+    """escape_gate: true writes the probability, the escape table, and the called-perturbed scores."""
+    from .conftest import EVALUATION, MODEL, SCHEMA, TRAINING
+
+    model, _ = nodes.train_contrastive_model(
+        sim_screen, {**MODEL, "escape_gate": True}, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, SCHEMA, 0
+    )
+    assert float(model.escaper_odds) > 0 and float(model.escaper_odds) != 1.0  # calibrated on the controls
+    embedded = nodes.embed_cells(sim_screen, model, {"umap": False, "call_threshold": 0.5}, 0)
+    probability = embedded.obs["perturbed_probability"].to_numpy()
+    assert ((probability >= 0) & (probability <= 1)).all()
+    is_control = embedded.obs["is_control"].to_numpy().astype(bool)
+    assert not embedded.obs["called_perturbed"].to_numpy()[is_control].any()
+    np.testing.assert_array_equal(embedded.obs["called_perturbed"].to_numpy()[~is_control], probability[~is_control] > 0.5)
+
+    escape = nodes.escape_table(embedded)
+    assert escape["perturbation"].iloc[0] == "control"
+    targets = escape.iloc[1:]
+    assert targets["n_cells"].sum() == (~is_control).sum()
+    assert targets["n_called_perturbed"].sum() == embedded.obs["called_perturbed"].sum()
+
+    table = nodes.evaluate_embeddings(embedded, {**EVALUATION, "responder_key": "responded"}, SCHEMA, 0)
+    assert set(table["cells"]) == {"perturbed", "called_perturbed", "targets"}
+    auroc = table[table["metric"] == "perturbed_probability_auroc"]
+    responded = embedded.obs["responded"].to_numpy().astype(bool)[~is_control]
+    from sklearn.metrics import roc_auc_score
+
+    assert auroc["value"].iloc[0] == pytest.approx(roc_auc_score(responded, probability[~is_control]))
+    metrics = nodes.evaluation_metrics(table)
+    assert metrics["perturbed_probability_auroc"]["value"] == auroc["value"].iloc[0]
+    called_rows = table[table["cells"] == "called_perturbed"]
+    # scored over the called cells, or one row saying why not (8 epochs call few cells)
+    assert called_rows["value"].notna().all() or called_rows["note"].str.contains("called_perturbed").all()
+
+    genes = nodes.rank_salient_genes(sim_screen, model, {"top_genes": 5})
+    called = escape.set_index("perturbation")["n_called_perturbed"]
+    assert (genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(
+        genes["perturbation"].unique())).all()

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import PROJECT
 from tests.pipelines.reporting.conftest import FinishedRun, env_for_subprocess
 
-FIVE = {"data_processing", "contrastive_model", "linear_model", "perturbation_prediction", "reporting"}
+FIVE = {"data_processing", "contrastive_model", "perturbation_effects", "linear_model", "perturbation_prediction", "reporting"}
 PREVIEWED_TYPES = ("AnnDataDataset", "CSVDataset")
 
 

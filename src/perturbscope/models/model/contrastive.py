@@ -34,6 +34,8 @@ __all__ = [
     "ContrastiveVI",
     "SALIENT_KEY",
     "UMAP_KEYS",
+    "PERTURBED_PROBABILITY",
+    "CALLED_PERTURBED",
     "align_counts",
     "cell_groups",
     "embed_screen",
@@ -43,6 +45,9 @@ SALIENT_KEY, BACKGROUND_KEY = "X_salient", "X_background"
 """``obsm`` keys of the two latent spaces (posterior means)."""
 UMAP_KEYS = {"salient": "X_umap_salient", "background": "X_umap_background"}
 """``obsm`` keys of the UMAPs of both spaces."""
+PERTURBED_PROBABILITY, CALLED_PERTURBED = "perturbed_probability", "called_perturbed"
+"""``obs`` keys written by a model with an escape gate: each cell's probability of having been
+perturbed, and whether a target cell is called perturbed (probability above the threshold)."""
 
 _COUNTS_HINT = "contrastiveVI models counts: pass counts_layer= the layer with raw counts."
 
@@ -97,6 +102,20 @@ def cell_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         logger.warning("The screen has no obs['split']: training on every cell, no early stopping.")
         is_val = np.zeros(screen.n_obs, dtype=bool)
     return is_control, is_target, is_val
+
+
+def _is_target(adata: ad.AnnData) -> np.ndarray:
+    """Target cells of any screen: not a control, not unperturbed (all cells without labels)."""
+    obs = adata.obs
+    if IS_CONTROL in obs:
+        target = ~obs[IS_CONTROL].to_numpy().astype(bool)
+    elif PERTURBATION in obs:
+        target = (obs[PERTURBATION].astype(str) != CONTROL).to_numpy()
+    else:
+        return np.ones(adata.n_obs, dtype=bool)
+    if PERTURBATION in obs:
+        target &= (obs[PERTURBATION].astype(str) != UNPERTURBED).to_numpy()
+    return target
 
 
 def _umap(adata: ad.AnnData, obsm_key: str, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
@@ -173,6 +192,11 @@ class ContrastiveVI(ModelAPI):
         )
         history = api._fit(train, val, config, callback=callback)
         api.module.cpu().eval()
+        if api.module.gate is not None:
+            # the escapers' odds from controls the gate did not learn from, where there are any
+            controls = val_bg if val_bg.size else train_bg
+            odds = api.module.calibrate_gate(CellData(counts, obs=obs), controls, batch_size=val_batch_size)
+            logger.info("Escape gate calibrated on %d control cells: escaper odds %.3f.", controls.size, odds)
         api.module.metadata = {
             **screen_metadata(screen, batch_key, categories),
             "n_target_cells": int(is_target.sum()),
@@ -197,8 +221,13 @@ class ContrastiveVI(ModelAPI):
         n_neighbors: int = 15,
         min_dist: float = 0.5,
         seed: int = 0,
+        call_threshold: float = 0.5,
     ) -> ad.AnnData:
         """A copy of ``adata`` with ``obsm["X_salient"]`` and ``obsm["X_background"]``.
+
+        A model with an escape gate also writes ``obs["perturbed_probability"]`` (every cell,
+        controls included) and ``obs["called_perturbed"]`` (target cells whose probability
+        exceeds ``call_threshold``; False for controls).
 
         Genes are matched by name to the model's training genes (extra genes are
         ignored; missing ones raise, or are zero with ``fill_missing``). Raw counts come
@@ -211,13 +240,18 @@ class ContrastiveVI(ModelAPI):
         out = adata.copy()
         out.obsm[BACKGROUND_KEY] = background
         out.obsm[SALIENT_KEY] = salient
+        probability = self.module.perturbed_probability(data, batch_size=batch_size)
+        if probability is not None:
+            out.obs[PERTURBED_PROBABILITY] = probability.astype(np.float32)
+            out.obs[CALLED_PERTURBED] = _is_target(out) & (probability > float(call_threshold))
         if umap:
             for space, key in UMAP_KEYS.items():
                 out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)
         return out
 
     def salient_log_fold_change(
-        self, data: CellData, idx: np.ndarray, scale: float = 1e4, pseudocount: float = 0.01, batch_size: int = 1024
+        self, data: CellData, idx: np.ndarray, scale: float = 1e4, pseudocount: float = 0.01, batch_size: int = 1024,
+        weights: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Per gene, what the salient code does to the decoded expression of cells ``idx``.
 
@@ -225,21 +259,29 @@ class ContrastiveVI(ModelAPI):
         ``lfc = log2((with + c) / (without + c))`` on expression per ``scale`` counts.
         Returns ``mean_log2fc``, ``fraction_same_direction`` (cells whose lfc has the sign
         of the mean), ``mean_with_salient`` and ``mean_without_salient`` (per ``scale``).
+        ``weights`` (one per cell of ``idx``, e.g. each cell's probability of having been
+        perturbed) turn every mean into a weighted mean, so escapers count little.
         """
         n_genes = data.n_genes
+        w_all = np.ones(idx.size) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w_all.shape != (idx.size,) or not np.all(np.isfinite(w_all)) or (w_all < 0).any():
+            raise ContrastiveModelError("weights must be one finite, non-negative number per cell of idx")
+        if w_all.sum() <= 0:
+            w_all = np.ones(idx.size)
         sums, positive = np.zeros(n_genes), np.zeros(n_genes)
         with_sum, without_sum = np.zeros(n_genes), np.zeros(n_genes)
         for start in range(0, idx.size, batch_size):
             chunk = idx[start : start + batch_size]
+            w = w_all[start : start + batch_size, None]
             with_s, without_s = self.module.salient_expression(data, chunk, batch_size=batch_size)
             with_s = with_s.astype(np.float64) * scale
             without_s = without_s.astype(np.float64) * scale
             lfc = np.log2(with_s + pseudocount) - np.log2(without_s + pseudocount)
-            sums += lfc.sum(0)
-            positive += (lfc > 0).sum(0)
-            with_sum += with_s.sum(0)
-            without_sum += without_s.sum(0)
-        n = idx.size
+            sums += (w * lfc).sum(0)
+            positive += (w * (lfc > 0)).sum(0)
+            with_sum += (w * with_s).sum(0)
+            without_sum += (w * without_s).sum(0)
+        n = w_all.sum()
         mean_lfc = sums / n
         up_share = positive / n
         return {

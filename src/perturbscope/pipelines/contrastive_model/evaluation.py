@@ -28,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score, silhouette_score
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -46,8 +46,11 @@ __all__ = [
     "metrics_for_mlflow",
 ]
 
-TABLE_COLUMNS = ["metric", "key", "space", "value", "chance_level", "n_cells", "n_classes", "note"]
-"""Columns of the evaluation table (one row per metric x space; a skipped check has one row, a note)."""
+TABLE_COLUMNS = ["metric", "key", "space", "value", "chance_level", "n_cells", "n_classes", "note", "cells"]
+"""Columns of the evaluation table (one row per metric x space; a skipped check has one row, a note).
+``cells``: which cells a row scores -- ``perturbed`` (every annotated target cell), ``called_perturbed``
+(those the escape gate calls perturbed) or ``targets`` (the gate's AUROC)."""
+ALL_CELLS, CALLED_CELLS = "perturbed", "called_perturbed"
 
 _MISSING = {"", "nan", "none", "null", "unknown", "na", "n/a"}
 
@@ -199,9 +202,50 @@ def program_scores(
 
 
 def _row(metric: str, key: str, space: str, value: float, chance: float = float("nan"),
-         n_cells: int = 0, n_classes: int = 0, note: str = "") -> dict[str, Any]:
+         n_cells: int = 0, n_classes: int = 0, note: str = "", cells: str = ALL_CELLS) -> dict[str, Any]:
     return {"metric": metric, "key": key, "space": space, "value": value, "chance_level": chance,
-            "n_cells": n_cells, "n_classes": n_classes, "note": note}
+            "n_cells": n_cells, "n_classes": n_classes, "note": note, "cells": cells}
+
+
+def _program_rows(
+    adata: ad.AnnData, spaces: Mapping[str, str], mask: np.ndarray, annotation_key: str,
+    ignore_labels: Iterable[str], cells: str, score: Any,
+) -> list[dict[str, Any]]:
+    """Program-score rows of every space over the annotated cells of ``mask``."""
+    mask = mask & _usable_labels(adata.obs[annotation_key], ignore_labels)
+    labels = adata.obs[annotation_key].astype(str).to_numpy()[mask]
+    n_classes = len(np.unique(labels))
+    if n_classes < 2:
+        note = (f"fewer than two annotated classes among {cells} cells in '{annotation_key}' "
+                f"(ignoring {sorted(set(ignore_labels))})")
+        logger.info("Program scores skipped: %s.", note)
+        return [_row("ari", annotation_key, "", float("nan"), n_cells=int(mask.sum()),
+                     n_classes=n_classes, note=note, cells=cells)]
+    chance = chance_accuracy(labels)
+    rows = []
+    for space, obsm_key in spaces.items():
+        for metric, value in score(adata.obsm[obsm_key][mask], labels).items():
+            rows.append(_row(metric, annotation_key, space, value,
+                             chance if metric == "knn_accuracy" else float("nan"),
+                             int(mask.sum()), n_classes, cells=cells))
+    return rows
+
+
+def _auroc_rows(adata: ad.AnnData, target_mask: np.ndarray, probability: np.ndarray | None,
+                responder_key: str | None) -> list[dict[str, Any]]:
+    """AUROC of the gate's probability for the target cells that truly responded (ground truth)."""
+    if probability is None or not responder_key:
+        return []
+    metric = "perturbed_probability_auroc"
+    if responder_key not in adata.obs:
+        return [_row(metric, responder_key, "gate", float("nan"), note=f"obs has no column '{responder_key}'",
+                     cells="targets")]
+    truth = adata.obs[responder_key].to_numpy().astype(bool)[target_mask]
+    if truth.all() or not truth.any():
+        return [_row(metric, responder_key, "gate", float("nan"), n_cells=int(target_mask.sum()),
+                     note=f"'{responder_key}' has a single value among target cells", cells="targets")]
+    value = float(roc_auc_score(truth, np.asarray(probability)[target_mask]))
+    return [_row(metric, responder_key, "gate", value, 0.5, int(target_mask.sum()), 2, cells="targets")]
 
 
 def evaluate_spaces(
@@ -217,6 +261,9 @@ def evaluate_spaces(
     max_cells: int | None = 20000,
     seed: int = 0,
     leiden_runs: int = 1,
+    called_mask: np.ndarray | None = None,
+    probability: np.ndarray | None = None,
+    responder_key: str | None = None,
 ) -> pd.DataFrame:
     """The evaluation table of several embeddings of the same cells.
 
@@ -239,6 +286,12 @@ def evaluate_spaces(
         Annotation labels that do not count as an annotation.
     resolution, n_neighbors, folds, max_cells, seed, leiden_runs
         See :func:`program_scores`.
+    called_mask
+        Cells called perturbed by the escape gate: the program scores are repeated over
+        the annotated ones (rows with ``cells == "called_perturbed"``).
+    probability, responder_key
+        The gate's per-cell probability and an ``obs`` column of ground truth (True for
+        cells that truly responded): adds ``perturbed_probability_auroc`` over the targets.
 
     Returns
     -------
@@ -260,24 +313,14 @@ def evaluate_spaces(
         logger.info("Program scores skipped: %s.", note)
         rows.append(_row("ari", annotation_key, "", float("nan"), note=note))
     else:
-        mask = target_mask & _usable_labels(adata.obs[annotation_key], ignore_labels)
-        labels = adata.obs[annotation_key].astype(str).to_numpy()[mask]
-        n_classes = len(np.unique(labels))
-        if n_classes < 2:
-            note = (f"fewer than two annotated classes among perturbed cells in '{annotation_key}' "
-                    f"(ignoring {sorted(set(ignore_labels))})")
-            logger.info("Program scores skipped: %s.", note)
-            rows.append(_row("ari", annotation_key, "", float("nan"), n_cells=int(mask.sum()),
-                             n_classes=n_classes, note=note))
-        else:
-            chance = chance_accuracy(labels)
-            for space, obsm_key in spaces.items():
-                scores = program_scores(adata.obsm[obsm_key][mask], labels, resolution, n_neighbors,
-                                        folds, max_cells, seed, leiden_runs)
-                for metric, value in scores.items():
-                    rows.append(_row(metric, annotation_key, space, value,
-                                     chance if metric == "knn_accuracy" else float("nan"),
-                                     int(mask.sum()), n_classes))
+        def score(embedding: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+            return program_scores(embedding, labels, resolution, n_neighbors, folds, max_cells, seed, leiden_runs)
+
+        rows += _program_rows(adata, spaces, target_mask, annotation_key, ignore_labels, ALL_CELLS, score)
+        if called_mask is not None:
+            called = target_mask & np.asarray(called_mask, dtype=bool)
+            rows += _program_rows(adata, spaces, called, annotation_key, ignore_labels, CALLED_CELLS, score)
+    rows += _auroc_rows(adata, target_mask, probability, responder_key)
 
     # --- confounder leakage -------------------------------------------------------
     for key in confounder_keys:
@@ -318,7 +361,8 @@ def _metric_name(*parts: str) -> str:
 def metrics_for_mlflow(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
     """``{name: {"value", "step": 0}}`` for ``MlflowMetricsHistoryDataset``.
 
-    Names are ``<metric>.<space>`` for program scores (``ari.salient``) and
+    Names are ``<metric>.<space>`` for program scores (``ari.salient``; over the cells
+    called perturbed ``ari.called_perturbed.salient``), ``perturbed_probability_auroc`` and
     ``<metric>.<key>.<space>`` for leakage (``leakage_knn_accuracy.phase.salient``)
     plus ``...<key>.chance``; skipped checks (NaN values) are left out.
     """
@@ -326,7 +370,11 @@ def metrics_for_mlflow(table: pd.DataFrame) -> dict[str, dict[str, float | int]]
     for row in table.itertuples(index=False):
         if not np.isfinite(row.value):
             continue
-        if row.metric == "leakage_knn_accuracy":
+        if row.metric == "perturbed_probability_auroc":
+            out[row.metric] = {"value": float(row.value), "step": 0}
+        elif getattr(row, "cells", ALL_CELLS) == CALLED_CELLS:
+            out[_metric_name(row.metric, CALLED_CELLS, row.space)] = {"value": float(row.value), "step": 0}
+        elif row.metric == "leakage_knn_accuracy":
             out[_metric_name(row.metric, row.key, row.space)] = {"value": float(row.value), "step": 0}
             out[_metric_name(row.metric, row.key, "chance")] = {"value": float(row.chance_level), "step": 0}
         else:

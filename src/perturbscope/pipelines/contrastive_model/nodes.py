@@ -26,6 +26,8 @@ import scipy.sparse as sp
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.model.contrastive import (
     BACKGROUND_KEY,
+    CALLED_PERTURBED,
+    PERTURBED_PROBABILITY,
     SALIENT_KEY,
     ContrastiveModelError,
     ContrastiveVI,
@@ -33,7 +35,7 @@ from perturbscope.models.model.contrastive import (
     cell_groups,
     embed_screen,
 )
-from perturbscope.schema import PERTURBATION, ScreenSchema
+from perturbscope.schema import CONTROL, PERTURBATION, ScreenSchema
 
 from .evaluation import evaluate_spaces, metrics_for_mlflow
 from .figures import plot_embeddings
@@ -46,6 +48,7 @@ __all__ = [
     "align_counts",
     "embed_cells",
     "embed_screen",
+    "escape_table",
     "evaluate_embeddings",
     "evaluation_metrics",
     "plot_embeddings",
@@ -56,7 +59,9 @@ __all__ = [
 PCA_KEY = "X_pca_baseline"
 """``obsm`` key of the PCA baseline of the evaluation."""
 SALIENT_GENE_COLUMNS = [PERTURBATION, "rank", "gene", "mean_log2fc", "direction", "fraction_same_direction",
-                        "mean_with_salient", "mean_without_salient", "n_cells"]
+                        "mean_with_salient", "mean_without_salient", "n_cells", "n_called_perturbed"]
+ESCAPE_COLUMNS = [PERTURBATION, "n_cells", "n_called_perturbed", "fraction_called_perturbed",
+                  "mean_perturbed_probability", "median_perturbed_probability"]
 
 
 def train_contrastive_model(
@@ -89,12 +94,15 @@ def embed_cells(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any
     ``obsm["X_pca_baseline"]`` (PCA of the log-normalised ``X`` with as many
     components as both latents together, the evaluation baseline),
     ``obsm["X_umap_salient"]``, ``obsm["X_umap_background"]`` and
-    ``uns["contrastive_model"]`` (hyperparameters and training summary).
+    ``uns["contrastive_model"]`` (hyperparameters and training summary); with the escape
+    gate also ``obs["perturbed_probability"]`` and ``obs["called_perturbed"]`` (above
+    ``call_threshold``).
     """
     params = dict(params or {})
     out = embed_screen(
         model, screen, batch_size=int(params.get("batch_size", 1024)), umap=bool(params.get("umap", True)),
         n_neighbors=int(params.get("n_neighbors", 15)), min_dist=float(params.get("umap_min_dist", 0.5)), seed=seed,
+        call_threshold=float(params.get("call_threshold", 0.5)),
     )
     n_comps = params.get("pca_components") or (model.n_background + model.n_salient)
     n_comps = int(min(n_comps, out.n_obs - 1, out.n_vars - 1))
@@ -120,7 +128,10 @@ def evaluate_embeddings(
     (``evaluation.confounders`` plus ``schema.batch_key``) over perturbed
     cells, next to its chance level; a confounder that is absent or unknown
     (e.g. ``phase`` on a screen without cell-cycle genes) is skipped with a
-    logged note and a note row.
+    logged note and a note row. With the escape gate, the program scores are also
+    computed over the cells called perturbed (``cells`` = ``called_perturbed``), and on a
+    screen with ground truth (``evaluation.responder_key``, e.g. a simulation's
+    ``responded``) the AUROC of ``perturbed_probability`` for the cells that truly responded.
     """
     params = dict(params or {})
     schema = ScreenSchema.from_params(schema_params or {})
@@ -143,6 +154,11 @@ def evaluate_embeddings(
         max_cells=params.get("max_cells", 20000),
         seed=seed,
         leiden_runs=params.get("leiden_runs", 1),
+        called_mask=(embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool)
+                     if CALLED_PERTURBED in embedded.obs else None),
+        probability=(embedded.obs[PERTURBED_PROBABILITY].to_numpy()
+                     if PERTURBED_PROBABILITY in embedded.obs else None),
+        responder_key=params.get("responder_key"),
     )
     for row in table.itertuples(index=False):
         if np.isfinite(row.value):
@@ -164,7 +180,9 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     whose log2 fold change has the sign of the mean), ``mean_with_salient`` /
     ``mean_without_salient`` (mean decoded expression per ``scale`` counts); ranked by
     ``|mean_log2fc|`` (``rank`` 1 = the most moved), the top ``top_genes`` per
-    perturbation (null = all genes).
+    perturbation (null = all genes). With the escape gate every mean is weighted by the
+    cells' probability of having been perturbed (escapers count little) and
+    ``n_called_perturbed`` counts the cells above ``call_threshold``.
     """
     params = dict(params or {})
     top = params.get("top_genes", 50)
@@ -176,15 +194,20 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     labels = (screen.obs[PERTURBATION].astype(str).to_numpy() if PERTURBATION in screen.obs
               else np.full(screen.n_obs, "target"))
     frames = []
+    probability = model.perturbed_probability(data, batch_size=int(params.get("batch_size", 1024)))
+    threshold = float(params.get("call_threshold", 0.5))
     for label in sorted(np.unique(labels[is_target])):
         idx = np.flatnonzero(is_target & (labels == label))
         if idx.size < min_cells:
             continue
+        weights = None if probability is None else probability[idx]
         shift = api.salient_log_fold_change(
             data, idx, scale=float(params.get("scale", 1e4)), pseudocount=float(params.get("pseudocount", 0.01)),
-            batch_size=int(params.get("batch_size", 1024)),
+            batch_size=int(params.get("batch_size", 1024)), weights=weights,
         )
-        frame = pd.DataFrame({PERTURBATION: label, "gene": genes, **shift, "n_cells": idx.size})
+        n_called = idx.size if weights is None else int((weights > threshold).sum())
+        frame = pd.DataFrame({PERTURBATION: label, "gene": genes, **shift, "n_cells": idx.size,
+                              "n_called_perturbed": n_called})
         frame = frame.reindex(frame["mean_log2fc"].abs().sort_values(ascending=False, kind="stable").index)
         frame.insert(1, "rank", np.arange(1, len(frame) + 1))
         frame.insert(4, "direction", np.where(frame["mean_log2fc"] >= 0, "up", "down"))
@@ -192,3 +215,35 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     if not frames:
         return pd.DataFrame(columns=SALIENT_GENE_COLUMNS)
     return pd.concat(frames, ignore_index=True)[SALIENT_GENE_COLUMNS]
+
+
+def escape_table(embedded: ad.AnnData) -> pd.DataFrame:
+    """Per perturbation: cells, cells called perturbed, and their probability of having been perturbed.
+
+    The first row, ``control``, is the reference: the controls' probabilities (a good gate gives
+    them values near 0, so ``fraction_called_perturbed`` there is the false-call rate). Empty
+    for a model without the escape gate.
+    """
+    if PERTURBED_PROBABILITY not in embedded.obs:
+        logger.info("The model has no escape gate (contrastive_model.model.escape_gate): no escape table.")
+        return pd.DataFrame(columns=ESCAPE_COLUMNS)
+    is_control, is_target, _ = cell_groups(embedded)
+    probability = embedded.obs[PERTURBED_PROBABILITY].to_numpy().astype(np.float64)
+    called = (embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool) if CALLED_PERTURBED in embedded.obs
+              else probability > 0.5)
+    labels = embedded.obs[PERTURBATION].astype(str).to_numpy()
+    rows = []
+    for label, mask in [(CONTROL, is_control)] + [(str(g), is_target & (labels == g))
+                                                   for g in sorted(np.unique(labels[is_target]))]:
+        p = probability[mask]
+        n_called = int((p > 0.5).sum()) if label == CONTROL else int(called[mask].sum())
+        rows.append({PERTURBATION: label, "n_cells": int(mask.sum()), "n_called_perturbed": n_called,
+                     "fraction_called_perturbed": n_called / max(int(mask.sum()), 1),
+                     "mean_perturbed_probability": float(p.mean()),
+                     "median_perturbed_probability": float(np.median(p))})
+    table = pd.DataFrame(rows, columns=ESCAPE_COLUMNS)
+    targets = table.iloc[1:]
+    logger.info("Escape gate: %d of %d target cells called perturbed; controls' mean probability %.3f.",
+                int(targets["n_called_perturbed"].sum()), int(targets["n_cells"].sum()),
+                float(table["mean_perturbed_probability"].iloc[0]))
+    return table

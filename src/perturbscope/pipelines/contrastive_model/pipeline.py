@@ -66,6 +66,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="rank_salient_genes",
             ),
             Node(
+                nodes.escape_table,
+                inputs="contrastive_embedded_screen",
+                outputs="contrastive_escape",
+                name="tabulate_escape",
+            ),
+            Node(
                 nodes.plot_embeddings,
                 inputs=["contrastive_embedded_screen", "params:contrastive_model.evaluation", "params:schema"],
                 outputs="contrastive_umaps",

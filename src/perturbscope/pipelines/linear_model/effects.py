@@ -4,12 +4,14 @@ the genes a shift moves and a sentence per row (the ``linear_factor_effects`` ta
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from perturbscope.models.model.linear import LATENT_KEY, LinearModelError
 from perturbscope.schema import CONTROL, PERTURBATION, UNPERTURBED
@@ -50,36 +52,34 @@ def _gene_lists(top_genes: pd.DataFrame, n_shown: int) -> dict[tuple[str, str], 
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (NaNs are left out and stay NaN)."""
+    """Benjamini-Hochberg adjusted p-values (statsmodels' ``fdr_bh``); NaNs are left out and stay NaN."""
     q = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    if ok.size == 0:
-        return q
-    order = ok[np.argsort(p[ok])]
-    ranked = p[order] * ok.size / np.arange(1, ok.size + 1)
-    q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = multipletests(p[ok], method="fdr_bh")[1]
     return q
 
 
 def welch(
     x: np.ndarray, y: np.ndarray, confidence: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-column Welch difference of means ``x - y``: (diff, half-width, p, se); NaN below 2 cells."""
+    """Per-column Welch t-test of ``x - y`` (scipy): (diff, CI half-width, p, se); NaN below 2 cells.
+
+    A column without variance in either group has p = 1 when the means agree and 0 otherwise.
+    """
     nx, ny = x.shape[0], y.shape[0]
     diff = x.mean(0) - y.mean(0)
     if nx < 2 or ny < 2:
         nan = np.full(diff.shape, np.nan)
         return diff, nan, nan, nan
-    vx, vy = x.var(0, ddof=1) / nx, y.var(0, ddof=1) / ny
-    se = np.sqrt(vx + vy)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = (vx + vy) ** 2 / (vx**2 / (nx - 1) + vy**2 / (ny - 1))
-        t = diff / se
-    df = np.where(np.isfinite(df), df, nx + ny - 2)
-    half = stats.t.ppf(0.5 + confidence / 2.0, df) * se
-    p = 2.0 * stats.t.sf(np.abs(t), df)
-    p = np.where(se > 0, p, np.where(diff == 0, 1.0, 0.0))
-    return diff, half, p, se
+    se = np.sqrt(x.var(0, ddof=1) / nx + y.var(0, ddof=1) / ny)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant columns: handled below
+        test = stats.ttest_ind(x, y, axis=0, equal_var=False)
+        interval = test.confidence_interval(confidence)
+    half = (np.asarray(interval.high) - np.asarray(interval.low)) / 2.0
+    p = np.where(se > 0, test.pvalue, np.where(diff == 0, 1.0, 0.0))
+    return diff, np.where(se > 0, half, 0.0), p, se
 
 
 def _fmt(value: float) -> str:

@@ -11,6 +11,7 @@ from perturbscope.pipelines.reporting.sections import (
     contrastive_model,
     data_processing,
     linear_model,
+    perturbation_effects,
     perturbation_prediction,
 )
 from perturbscope.pipelines.reporting.sections.base import Section, figure_output, section_output
@@ -18,6 +19,7 @@ from perturbscope.pipelines.reporting.sections.base import Section, figure_outpu
 SECTIONS: tuple[Section, ...] = (
     data_processing.SECTION,
     contrastive_model.SECTION,
+    perturbation_effects.SECTION,
     linear_model.SECTION,
     perturbation_prediction.SECTION,
 )

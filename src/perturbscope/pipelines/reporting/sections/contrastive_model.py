@@ -127,12 +127,24 @@ def story_figure(umap: pd.DataFrame, dpi: int, point_size: float = 6.0) -> Figur
     return FigureSpec(fig, "The contrastive story: log-normalised PCA vs salient space", caption)
 
 
+def _named_by_cells(evaluation: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored over other cells than every perturbed one carry it in the metric's name,
+    e.g. ``ari (called perturbed)``."""
+    if "cells" not in evaluation or "metric" not in evaluation:
+        return evaluation
+    cells = evaluation["cells"].astype(str)
+    other = evaluation["cells"].notna() & ~cells.isin(["perturbed", "targets", "nan"])
+    out = evaluation.copy()
+    out.loc[other, "metric"] = out.loc[other, "metric"] + " (" + cells[other].str.replace("_", " ") + ")"
+    return out
+
+
 def evaluation_table(evaluation: pd.DataFrame) -> pd.DataFrame:
     """The evaluation as one row per (metric, key) and one column per space, plus chance level."""
     needed = {"metric", "key", "space", "value"}
     if not needed <= set(evaluation.columns):
         return evaluation
-    scored = evaluation.dropna(subset=["space", "value"])
+    scored = _named_by_cells(evaluation).dropna(subset=["space", "value"])
     table = scored.pivot_table(index=["metric", "key"], columns="space", values="value", aggfunc="first", sort=False)
     spaces = [s for s in ("salient", "background", "pca") if s in table.columns]
     table = table[spaces + [c for c in table.columns if c not in spaces]]
@@ -145,8 +157,12 @@ def evaluation_facts(evaluation: pd.DataFrame) -> dict[str, str]:
     """Headline: program kNN accuracy per space (salient vs PCA), with chance level."""
     if not {"metric", "space", "value"} <= set(evaluation.columns):
         return {}
+    evaluation = _named_by_cells(evaluation)
     knn = evaluation[evaluation["metric"] == "knn_accuracy"].dropna(subset=["value"])
     facts = {}
+    auroc = evaluation[evaluation["metric"] == "perturbed_probability_auroc"].dropna(subset=["value"])
+    if len(auroc):
+        facts["escape gate AUROC (true responders)"] = f"{auroc['value'].iloc[0]:.3f}"
     for key, rows in knn.groupby("key", sort=False):
         values = rows.set_index("space")["value"]
         shown = ", ".join(f"{space} {values[space]:.2f}" for space in ("salient", "background", "pca") if space in values)

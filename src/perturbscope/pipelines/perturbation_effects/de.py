@@ -1,0 +1,191 @@
+"""Differential expression of each perturbation against the controls, with statistics.
+
+Two methods, one long table (``differential_expression.csv``):
+
+* ``pseudobulk_deseq2`` -- PyDESeq2 (Muzellec et al., Bioinformatics 2023) on
+  pseudobulk samples: the raw counts of a perturbation's cells are summed per
+  replicate. A screen with a batch column uses its batches as replicates (and
+  ``~batch + condition`` as the design); a screen without one is split at random
+  into ``n_pseudo_replicates`` pseudo-replicates per perturbation (and per the
+  controls). One dataset holds every perturbation's samples, so dispersions are
+  shared; each perturbation is then a Wald test of its level against the
+  controls, with DESeq2's BH ``padj``.
+* ``wilcoxon`` -- scanpy's ``rank_genes_groups`` (Wilcoxon rank-sum on the
+  log-normalised cells of the perturbation vs the controls, BH-adjusted).
+
+Columns: perturbation, gene, method, log2_fold_change, p_value, q_value,
+base_mean (DESeq2's mean normalised count; the control mean of log-normalised
+expression for Wilcoxon), n_cells, n_control, n_replicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from perturbscope.schema import CONTROL, COUNTS_LAYER, IS_CONTROL, PERTURBATION, UNPERTURBED
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DE_COLUMNS", "DESEQ2", "WILCOXON", "pseudobulk", "pseudobulk_deseq2", "wilcoxon"]
+
+DESEQ2, WILCOXON = "pseudobulk_deseq2", "wilcoxon"
+DE_COLUMNS = [PERTURBATION, "gene", "method", "log2_fold_change", "p_value", "q_value", "base_mean",
+              "n_cells", "n_control", "n_replicates"]
+
+
+def _labels(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    labels = screen.obs[PERTURBATION].astype(str).to_numpy()
+    if IS_CONTROL in screen.obs:
+        is_control = screen.obs[IS_CONTROL].to_numpy().astype(bool)
+    else:
+        is_control = labels == CONTROL
+    return labels, is_control
+
+
+def tested_perturbations(screen: ad.AnnData, min_cells: int) -> list[str]:
+    """Perturbations with at least ``min_cells`` cells (controls and unperturbed cells excluded)."""
+    labels, is_control = _labels(screen)
+    counts = pd.Series(labels[~is_control & (labels != UNPERTURBED)]).value_counts()
+    return sorted(counts.index[counts >= min_cells].astype(str))
+
+
+def pseudobulk(
+    screen: ad.AnnData,
+    perturbations: list[str],
+    n_pseudo_replicates: int,
+    batch_key: str | None,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(counts, metadata)``: one row per (condition, replicate) of summed raw counts.
+
+    ``condition`` is the perturbation label or ``control``; ``replicate`` is the batch
+    (with ``batch_key``) or a random pseudo-replicate (``rep1`` ...) of the cells.
+    """
+    counts = screen.layers[COUNTS_LAYER] if COUNTS_LAYER in screen.layers else screen.X
+    counts = sp.csr_matrix(counts)
+    labels, is_control = _labels(screen)
+    condition = np.where(is_control, CONTROL, labels)
+    rng = np.random.default_rng(seed)
+    use_batches = bool(batch_key) and batch_key in screen.obs and screen.obs[batch_key].nunique() > 1
+    replicate = np.empty(screen.n_obs, dtype=object)
+    if use_batches:
+        replicate[:] = screen.obs[batch_key].astype(str).to_numpy()
+    for name in [CONTROL, *perturbations]:
+        members = np.flatnonzero(condition == name)
+        if not use_batches:
+            # a random, balanced split of the cells into pseudo-replicates
+            replicate[rng.permutation(members)] = [
+                f"rep{1 + i % n_pseudo_replicates}" for i in range(members.size)
+            ]
+    keep = np.isin(condition, [CONTROL, *perturbations])
+    keys = pd.DataFrame({"condition": condition[keep], "replicate": replicate[keep]})
+    groups = keys.groupby(["condition", "replicate"], sort=True).indices
+    rows = np.flatnonzero(keep)
+    names, meta, sums = [], [], []
+    for (cond, rep), idx in groups.items():
+        names.append(f"{cond}|{rep}")
+        meta.append({"condition": cond, "replicate": rep, "n_cells": idx.size})
+        sums.append(np.asarray(counts[rows[idx]].sum(0)).ravel())
+    matrix = pd.DataFrame(np.rint(np.vstack(sums)).astype(np.int64), index=names,
+                          columns=screen.var_names.astype(str))
+    return matrix, pd.DataFrame(meta, index=names)
+
+
+def pseudobulk_deseq2(
+    screen: ad.AnnData,
+    perturbations: list[str],
+    n_pseudo_replicates: int = 3,
+    batch_key: str | None = None,
+    seed: int = 0,
+    n_cpus: int = 1,
+) -> pd.DataFrame:
+    """PyDESeq2 on pseudobulk samples, one Wald test per perturbation vs the controls."""
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.default_inference import DefaultInference
+    from pydeseq2.ds import DeseqStats
+
+    if not perturbations:
+        return pd.DataFrame(columns=DE_COLUMNS)
+    counts, meta = pseudobulk(screen, perturbations, n_pseudo_replicates, batch_key, seed)
+    # formula-safe level names; the labels come back in the table
+    codes = {CONTROL: "ctrl", **{p: f"p{i:05d}" for i, p in enumerate(perturbations)}}
+    meta = meta.assign(level=meta["condition"].map(codes))
+    by_batch = bool(batch_key) and batch_key in screen.obs and screen.obs[batch_key].nunique() > 1
+    design = "~replicate + level" if by_batch else "~level"
+    keep_genes = counts.columns[counts.sum(0).to_numpy() > 0]
+    inference = DefaultInference(n_cpus=n_cpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(counts=counts[keep_genes], metadata=meta[["level", "replicate"]], design=design,
+                           refit_cooks=True, inference=inference, quiet=True)
+        dds.deseq2()
+    n_control = int(meta.loc[meta["condition"] == CONTROL, "n_cells"].sum())
+    frames = []
+    for label in perturbations:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stats = DeseqStats(dds, contrast=["level", codes[label], "ctrl"], inference=inference, quiet=True)
+            stats.summary()
+        res = stats.results_df
+        mine = meta["condition"] == label
+        frames.append(pd.DataFrame({
+            PERTURBATION: label,
+            "gene": res.index.astype(str),
+            "method": DESEQ2,
+            "log2_fold_change": res["log2FoldChange"].to_numpy(),
+            "p_value": res["pvalue"].to_numpy(),
+            "q_value": res["padj"].to_numpy(),
+            "base_mean": res["baseMean"].to_numpy(),
+            "n_cells": int(meta.loc[mine, "n_cells"].sum()),
+            "n_control": n_control,
+            "n_replicates": int(mine.sum()),
+        }))
+    return pd.concat(frames, ignore_index=True)[DE_COLUMNS]
+
+
+def wilcoxon(screen: ad.AnnData, perturbations: list[str], max_cells: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """scanpy's Wilcoxon rank-sum test of each perturbation vs the controls on log-normalised ``X``.
+
+    ``max_cells``: cells per group subsampled (with ``seed``) before the test; None = all.
+    """
+    if not perturbations:
+        return pd.DataFrame(columns=DE_COLUMNS)
+    labels, is_control = _labels(screen)
+    group = np.where(is_control, CONTROL, labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for name in [CONTROL, *perturbations]:
+        members = np.flatnonzero(group == name)
+        if max_cells is not None and members.size > max_cells:
+            members = np.sort(rng.choice(members, size=int(max_cells), replace=False))
+        keep.append(members)
+    idx = np.sort(np.concatenate(keep))
+    cells = ad.AnnData(X=screen.X[idx], obs=pd.DataFrame({"group": pd.Categorical(group[idx])},
+                                                         index=screen.obs_names[idx]),
+                       var=pd.DataFrame(index=screen.var_names.astype(str)))
+    sc.tl.rank_genes_groups(cells, "group", groups=perturbations, reference=CONTROL, method="wilcoxon",
+                            corr_method="benjamini-hochberg", use_raw=False, key_added="de")
+    table = sc.get.rank_genes_groups_df(cells, group=perturbations, key="de")
+    sizes = pd.Series(group[idx]).value_counts()
+    control = cells.X[(cells.obs["group"] == CONTROL).to_numpy()]
+    control_mean = pd.Series(np.asarray(control.mean(0)).ravel(), index=cells.var_names)
+    return pd.DataFrame({
+        PERTURBATION: table["group"].astype(str).to_numpy(),
+        "gene": table["names"].astype(str).to_numpy(),
+        "method": WILCOXON,
+        "log2_fold_change": table["logfoldchanges"].to_numpy(),
+        "p_value": table["pvals"].to_numpy(),
+        "q_value": table["pvals_adj"].to_numpy(),
+        "base_mean": control_mean.reindex(table["names"].astype(str)).to_numpy(),
+        "n_cells": table["group"].astype(str).map(sizes).to_numpy(),
+        "n_control": int(sizes.get(CONTROL, 0)),
+        "n_replicates": np.nan,
+    })[DE_COLUMNS]
