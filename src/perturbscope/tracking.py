@@ -13,9 +13,20 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-__all__ = ["artifact_copy", "training_history_metrics"]
+__all__ = ["artifact_copy", "metric_name", "training_history_metrics"]
 
 T = TypeVar("T")
+
+
+def metric_name(*parts: Any) -> str:
+    """An MLflow metric name from parts joined by ``.``: characters other than letters, digits,
+    ``_`` and ``-`` become ``_`` (e.g. a perturbation ``A+B``), empty parts are left out."""
+    clean = []
+    for part in parts:
+        text = "".join(ch if (ch.isalnum() or ch in "_-") else "_" for ch in str(part))
+        if text:
+            clean.append(text)
+    return ".".join(clean)
 
 
 def artifact_copy(value: T) -> T:

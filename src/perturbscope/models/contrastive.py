@@ -355,16 +355,15 @@ class ContrastiveVAE(BatchLibraryModel):
         return term, {"gate_cross_entropy": term.mean().detach(), "gate_accuracy": correct}
 
     @torch.no_grad()
+    def _odds(self, salient: np.ndarray) -> np.ndarray:
+        """The gate's odds ``g / (1 - g)`` (target vs control) of salient means ``(n, n_salient)``."""
+        device = next(self.gate.parameters()).device
+        logits = self.gate(torch.as_tensor(np.asarray(salient, dtype=np.float32), device=device)).squeeze(-1)
+        return logits.exp().cpu().numpy().astype(np.float64)
+
     def _gate_odds(self, data: CellData, idx: Any, batch_size: int) -> np.ndarray:
-        """The gate's odds ``g / (1 - g)`` (target vs control) of cells ``idx``, from their salient means."""
-        was_training = self.training
-        self.eval()
-        out = []
-        for b in self.iter_batches(data, idx, batch_size):
-            (_, _), (s, _), _ = self._encode(torch.log1p(b["x"]), self._cov(b))
-            out.append(self.gate(s).squeeze(-1).exp().unsqueeze(-1))
-        self.train(was_training)
-        return self._to_numpy(out, 1)[:, 0].astype(np.float64)
+        """The gate's odds of cells ``idx``, from their salient means (:meth:`embed`)."""
+        return self._odds(self.embed(data, idx, batch_size)[1])
 
     @torch.no_grad()
     def calibrate_gate(self, data: CellData, control_idx: Any, batch_size: int = 1024) -> float:
@@ -413,15 +412,18 @@ class ContrastiveVAE(BatchLibraryModel):
         self.train(was_training)
         return self._to_numpy(zs, self.n_background), self._to_numpy(ss, self.n_salient)
 
-    def perturbed_probability(self, data: CellData, idx: Any = None, batch_size: int = 1024) -> np.ndarray | None:
+    def perturbed_probability(
+        self, data: CellData | None, idx: Any = None, batch_size: int = 1024, salient: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Each cell's probability of having been perturbed: ``1 - (1 - pi) / odds(s)`` in [0, 1].
 
         None for a model without ``escape_gate``. Computed for controls too (a calibrated gate
-        gives most of them 0). ``data``, ``idx``, ``batch_size``: as in :meth:`embed`.
+        gives most of them 0). ``data``, ``idx``, ``batch_size``: as in :meth:`embed`;
+        ``salient``: the cells' salient means when already embedded (``data`` is then not read).
         """
         if self.gate is None:
             return None
-        odds = self._gate_odds(data, idx, batch_size)
+        odds = self._odds(salient) if salient is not None else self._gate_odds(data, idx, batch_size)
         return np.clip(1.0 - float(self.escaper_odds) / np.maximum(odds, 1e-12), 0.0, 1.0).astype(np.float32)
 
     @torch.no_grad()

@@ -72,18 +72,12 @@ def align_counts(
 def cell_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(is_control, is_target, is_validation)`` masks of a processed screen, with clear errors."""
     obs = screen.obs
-    if IS_CONTROL in obs:
-        is_control = obs[IS_CONTROL].to_numpy().astype(bool)
-    elif PERTURBATION in obs:
-        is_control = (obs[PERTURBATION].astype(str) == CONTROL).to_numpy()
-    else:
+    if IS_CONTROL not in obs and PERTURBATION not in obs:
         raise ContrastiveModelError(
             "The screen has neither obs['is_control'] nor obs['perturbation']: run the data_processing "
             "pipeline first (it labels control and target cells)."
         )
-    is_target = ~is_control
-    if PERTURBATION in obs:
-        is_target &= (obs[PERTURBATION].astype(str) != UNPERTURBED).to_numpy()
+    is_control, is_target = _control_target(screen)
     if not is_target.any():
         raise ContrastiveModelError(
             "The screen has no target (perturbed) cells: contrastiveVI contrasts perturbed cells with "
@@ -104,18 +98,20 @@ def cell_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return is_control, is_target, is_val
 
 
-def _is_target(adata: ad.AnnData) -> np.ndarray:
-    """Target cells of any screen: not a control, not unperturbed (all cells without labels)."""
+def _control_target(adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_control, is_target)`` of any screen: targets are neither controls nor unperturbed
+    (without labels every cell is a target)."""
     obs = adata.obs
     if IS_CONTROL in obs:
-        target = ~obs[IS_CONTROL].to_numpy().astype(bool)
+        is_control = obs[IS_CONTROL].to_numpy().astype(bool)
     elif PERTURBATION in obs:
-        target = (obs[PERTURBATION].astype(str) != CONTROL).to_numpy()
+        is_control = (obs[PERTURBATION].astype(str) == CONTROL).to_numpy()
     else:
-        return np.ones(adata.n_obs, dtype=bool)
+        is_control = np.zeros(adata.n_obs, dtype=bool)
+    is_target = ~is_control
     if PERTURBATION in obs:
-        target &= (obs[PERTURBATION].astype(str) != UNPERTURBED).to_numpy()
-    return target
+        is_target &= (obs[PERTURBATION].astype(str) != UNPERTURBED).to_numpy()
+    return is_control, is_target
 
 
 def _umap(adata: ad.AnnData, obsm_key: str, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
@@ -240,10 +236,10 @@ class ContrastiveVI(ModelAPI):
         out = adata.copy()
         out.obsm[BACKGROUND_KEY] = background
         out.obsm[SALIENT_KEY] = salient
-        probability = self.module.perturbed_probability(data, batch_size=batch_size)
+        probability = self.module.perturbed_probability(None, salient=salient)
         if probability is not None:
             out.obs[PERTURBED_PROBABILITY] = probability.astype(np.float32)
-            out.obs[CALLED_PERTURBED] = _is_target(out) & (probability > float(call_threshold))
+            out.obs[CALLED_PERTURBED] = _control_target(out)[1] & (probability > float(call_threshold))
         if umap:
             for space, key in UMAP_KEYS.items():
                 out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)

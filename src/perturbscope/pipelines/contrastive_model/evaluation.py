@@ -33,6 +33,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
 from perturbscope.schema import PHASE
+from perturbscope.tracking import metric_name
 
 logger = logging.getLogger(__name__)
 
@@ -349,15 +350,6 @@ def evaluate_spaces(
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
-def _metric_name(*parts: str) -> str:
-    clean = []
-    for part in parts:
-        text = "".join(ch if (ch.isalnum() or ch in "_-") else "_" for ch in str(part))
-        if text:
-            clean.append(text)
-    return ".".join(clean)
-
-
 def metrics_for_mlflow(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
     """``{name: {"value", "step": 0}}`` for ``MlflowMetricsHistoryDataset``.
 
@@ -373,12 +365,12 @@ def metrics_for_mlflow(table: pd.DataFrame) -> dict[str, dict[str, float | int]]
         if row.metric == "perturbed_probability_auroc":
             out[row.metric] = {"value": float(row.value), "step": 0}
         elif getattr(row, "cells", ALL_CELLS) == CALLED_CELLS:
-            out[_metric_name(row.metric, CALLED_CELLS, row.space)] = {"value": float(row.value), "step": 0}
+            out[metric_name(row.metric, CALLED_CELLS, row.space)] = {"value": float(row.value), "step": 0}
         elif row.metric == "leakage_knn_accuracy":
-            out[_metric_name(row.metric, row.key, row.space)] = {"value": float(row.value), "step": 0}
-            out[_metric_name(row.metric, row.key, "chance")] = {"value": float(row.chance_level), "step": 0}
+            out[metric_name(row.metric, row.key, row.space)] = {"value": float(row.value), "step": 0}
+            out[metric_name(row.metric, row.key, "chance")] = {"value": float(row.chance_level), "step": 0}
         else:
-            out[_metric_name(row.metric, row.space)] = {"value": float(row.value), "step": 0}
+            out[metric_name(row.metric, row.space)] = {"value": float(row.value), "step": 0}
             if row.metric == "knn_accuracy":
-                out[_metric_name(row.metric, "chance")] = {"value": float(row.chance_level), "step": 0}
+                out[metric_name(row.metric, "chance")] = {"value": float(row.chance_level), "step": 0}
     return out

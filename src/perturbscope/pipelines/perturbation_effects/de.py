@@ -41,7 +41,8 @@ DE_COLUMNS = [PERTURBATION, "gene", "method", "log2_fold_change", "p_value", "q_
               "n_cells", "n_control", "n_replicates"]
 
 
-def _labels(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+def screen_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """``(perturbation labels, is_control)`` of every cell of a processed screen."""
     labels = screen.obs[PERTURBATION].astype(str).to_numpy()
     if IS_CONTROL in screen.obs:
         is_control = screen.obs[IS_CONTROL].to_numpy().astype(bool)
@@ -50,9 +51,18 @@ def _labels(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
     return labels, is_control
 
 
+def subsample(members: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most ``n`` of ``members`` (sorted, drawn with ``rng``); all of them when ``n`` is None."""
+    return np.sort(rng.choice(members, size=int(n), replace=False)) if n is not None and members.size > n else members
+
+
+def _batches_are_replicates(screen: ad.AnnData, batch_key: str | None) -> bool:
+    return bool(batch_key) and batch_key in screen.obs and screen.obs[batch_key].nunique() > 1
+
+
 def tested_perturbations(screen: ad.AnnData, min_cells: int) -> list[str]:
     """Perturbations with at least ``min_cells`` cells (controls and unperturbed cells excluded)."""
-    labels, is_control = _labels(screen)
+    labels, is_control = screen_groups(screen)
     counts = pd.Series(labels[~is_control & (labels != UNPERTURBED)]).value_counts()
     return sorted(counts.index[counts >= min_cells].astype(str))
 
@@ -71,20 +81,17 @@ def pseudobulk(
     """
     counts = screen.layers[COUNTS_LAYER] if COUNTS_LAYER in screen.layers else screen.X
     counts = sp.csr_matrix(counts)
-    labels, is_control = _labels(screen)
+    labels, is_control = screen_groups(screen)
     condition = np.where(is_control, CONTROL, labels)
     rng = np.random.default_rng(seed)
-    use_batches = bool(batch_key) and batch_key in screen.obs and screen.obs[batch_key].nunique() > 1
     replicate = np.empty(screen.n_obs, dtype=object)
-    if use_batches:
+    if _batches_are_replicates(screen, batch_key):
         replicate[:] = screen.obs[batch_key].astype(str).to_numpy()
-    for name in [CONTROL, *perturbations]:
-        members = np.flatnonzero(condition == name)
-        if not use_batches:
-            # a random, balanced split of the cells into pseudo-replicates
-            replicate[rng.permutation(members)] = [
-                f"rep{1 + i % n_pseudo_replicates}" for i in range(members.size)
-            ]
+    else:
+        for name in [CONTROL, *perturbations]:
+            # a random, balanced split of each group's cells into pseudo-replicates
+            members = np.flatnonzero(condition == name)
+            replicate[rng.permutation(members)] = [f"rep{1 + i % n_pseudo_replicates}" for i in range(members.size)]
     keep = np.isin(condition, [CONTROL, *perturbations])
     keys = pd.DataFrame({"condition": condition[keep], "replicate": replicate[keep]})
     groups = keys.groupby(["condition", "replicate"], sort=True).indices
@@ -118,8 +125,7 @@ def pseudobulk_deseq2(
     # formula-safe level names; the labels come back in the table
     codes = {CONTROL: "ctrl", **{p: f"p{i:05d}" for i, p in enumerate(perturbations)}}
     meta = meta.assign(level=meta["condition"].map(codes))
-    by_batch = bool(batch_key) and batch_key in screen.obs and screen.obs[batch_key].nunique() > 1
-    design = "~replicate + level" if by_batch else "~level"
+    design = "~replicate + level" if _batches_are_replicates(screen, batch_key) else "~level"
     keep_genes = counts.columns[counts.sum(0).to_numpy() > 0]
     inference = DefaultInference(n_cpus=n_cpus)
     with warnings.catch_warnings():
@@ -158,16 +164,11 @@ def wilcoxon(screen: ad.AnnData, perturbations: list[str], max_cells: int | None
     """
     if not perturbations:
         return pd.DataFrame(columns=DE_COLUMNS)
-    labels, is_control = _labels(screen)
+    labels, is_control = screen_groups(screen)
     group = np.where(is_control, CONTROL, labels)
     rng = np.random.default_rng(seed)
-    keep = []
-    for name in [CONTROL, *perturbations]:
-        members = np.flatnonzero(group == name)
-        if max_cells is not None and members.size > max_cells:
-            members = np.sort(rng.choice(members, size=int(max_cells), replace=False))
-        keep.append(members)
-    idx = np.sort(np.concatenate(keep))
+    idx = np.sort(np.concatenate([subsample(np.flatnonzero(group == name), max_cells, rng)
+                                  for name in [CONTROL, *perturbations]]))
     cells = ad.AnnData(X=screen.X[idx], obs=pd.DataFrame({"group": pd.Categorical(group[idx])},
                                                          index=screen.obs_names[idx]),
                        var=pd.DataFrame(index=screen.var_names.astype(str)))

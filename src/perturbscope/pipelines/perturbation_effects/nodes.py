@@ -29,7 +29,8 @@ import scanpy as sc  # noqa: E402
 from scipy import stats  # noqa: E402
 from statsmodels.stats.multitest import multipletests  # noqa: E402
 
-from perturbscope.schema import CONTROL, IS_CONTROL, PERTURBATION, UNPERTURBED, ScreenSchema  # noqa: E402
+from perturbscope.schema import PERTURBATION, UNPERTURBED, ScreenSchema  # noqa: E402
+from perturbscope.tracking import metric_name  # noqa: E402
 
 from . import de  # noqa: E402
 from .energy import DISTANCES, energy_test  # noqa: E402
@@ -62,9 +63,7 @@ def _groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
         raise PerturbationEffectsError(
             "The screen has no obs['perturbation']: run the data_processing pipeline first (it labels the cells)."
         )
-    labels = screen.obs[PERTURBATION].astype(str).to_numpy()
-    is_control = (screen.obs[IS_CONTROL].to_numpy().astype(bool) if IS_CONTROL in screen.obs
-                  else labels == CONTROL)
+    labels, is_control = de.screen_groups(screen)
     if not is_control.any():
         raise PerturbationEffectsError(
             "The screen has no control cells: every test compares a perturbation with the controls. "
@@ -80,10 +79,6 @@ def _positive_int(params: dict[str, Any], key: str, section: str, minimum: int =
             f"perturbation_effects.{section}.{key} must be an integer >= {minimum}, got {value!r}"
         )
     return int(value)
-
-
-def _subsample(members: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.sort(rng.choice(members, size=n, replace=False)) if members.size > n else members
 
 
 def run_effect_tests(screen: ad.AnnData, params: dict[str, Any], seed: int) -> pd.DataFrame:
@@ -109,7 +104,7 @@ def run_effect_tests(screen: ad.AnnData, params: dict[str, Any], seed: int) -> p
     alpha = float(params.get("alpha", 0.05))
     labels, is_control = _groups(screen)
     rng = np.random.default_rng(seed)
-    controls = _subsample(np.flatnonzero(is_control), max_control, rng)
+    controls = de.subsample(np.flatnonzero(is_control), max_control, rng)
     sizes = pd.Series(labels[~is_control & (labels != UNPERTURBED)]).value_counts()
     tested = sorted(sizes.index[sizes >= min_cells].astype(str))
     if len(sizes) > len(tested):
@@ -117,7 +112,7 @@ def run_effect_tests(screen: ad.AnnData, params: dict[str, Any], seed: int) -> p
                     len(sizes) - len(tested), min_cells)
     if not tested or controls.size < 2:
         return pd.DataFrame(columns=EFFECT_TEST_COLUMNS)
-    members = {label: _subsample(np.flatnonzero(labels == label), max_cells, rng) for label in tested}
+    members = {label: de.subsample(np.flatnonzero(labels == label), max_cells, rng) for label in tested}
     cells = np.concatenate([controls, *members.values()])
     n_comps = int(min(n_pcs, cells.size - 1, screen.n_vars - 1))
     pcs = sc.pp.pca(screen.X[cells].astype(np.float32), n_comps=n_comps, random_state=seed)
@@ -147,9 +142,9 @@ def effect_test_metrics(table: pd.DataFrame) -> dict[str, dict[str, float | int]
         "n_significant": {"value": int(table["significant"].astype(bool).sum()) if len(table) else 0, "step": 0},
     }
     for row in table.itertuples(index=False):
-        name = "".join(ch if (ch.isalnum() or ch in "_-") else "_" for ch in str(getattr(row, PERTURBATION)))
-        out[f"energy_distance.{name}"] = {"value": float(row.energy_distance), "step": 0}
-        out[f"q_value.{name}"] = {"value": float(row.q_value), "step": 0}
+        label = getattr(row, PERTURBATION)
+        out[metric_name("energy_distance", label)] = {"value": float(row.energy_distance), "step": 0}
+        out[metric_name("q_value", label)] = {"value": float(row.q_value), "step": 0}
     return out
 
 
