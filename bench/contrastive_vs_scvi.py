@@ -87,8 +87,12 @@ def make_screen(args: argparse.Namespace):
         cell_cycle_strength=args.cell_cycle_strength, high_expression_share=args.high_expression_share,
         seed=args.seed,
     )
-    # what data_processing produces (that package needs Kedro, absent from the bench environment):
-    # raw counts in layers["counts"], log-normalised X, is_control, a split stratified by perturbation
+    return raw, processed_like(raw)
+
+
+def processed_like(raw):
+    """What data_processing produces (that package needs Kedro, absent from the bench environment):
+    raw counts in layers["counts"], log-normalised X, is_control, a split stratified by perturbation."""
     screen = raw.copy()
     screen.layers["counts"] = screen.X.copy()
     sc.pp.normalize_total(screen, target_sum=1e4)
@@ -103,7 +107,7 @@ def make_screen(args: argparse.Namespace):
         n_val = min(int(round(0.1 * members.size)), members.size - 1)
         split[rng.choice(members, size=n_val, replace=False)] = "validation"
     screen.obs["split"] = pd.Categorical(split, categories=["train", "validation"])
-    return raw, screen
+    return screen
 
 
 class Scorer:

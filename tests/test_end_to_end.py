@@ -83,9 +83,15 @@ def _check_common(out: dict, n_cells: int) -> tuple[ad.AnnData, pd.DataFrame, pd
     summary = pd.read_csv(latest_version(reporting / "prediction_summary.csv"))
     cells = summary[summary["evaluation"] == "held_out_cells"]
     assert (cells["status"] == "scored").all() and cells["pearson_delta_mean"].notna().all()
-    # the escape gate is off by default: no probability, an empty escape table
-    assert "perturbed_probability" not in embedded.obs
-    assert pd.read_csv(latest_version(reporting / "contrastive_escape.csv")).empty
+    # escapers: a probability for every target cell of a fitted perturbation, 0 for controls, one row each
+    probability = embedded.obs["perturbed_probability"].to_numpy()
+    is_control = embedded.obs["is_control"].to_numpy().astype(bool)
+    assert (probability[is_control] == 0).all()
+    assert np.isfinite(probability[~is_control]).mean() > 0.9
+    assert np.nanmin(probability) >= 0 and np.nanmax(probability) <= 1
+    escape = pd.read_csv(latest_version(reporting / "contrastive_escape.csv"))
+    assert escape["n_cells"].sum() == (~is_control).sum()
+    assert escape["estimated_perturbed_share"].between(0, 1).all()
     # did each perturbation work: one test per perturbation; DE by both methods
     tests = pd.read_csv(latest_version(reporting / "perturbation_effect_tests.csv"))
     assert tests["perturbation"].nunique() >= 10 and tests["q_value"].between(0, 1).all()
@@ -118,6 +124,12 @@ def test_singles_only_knockout_screen(tmp_path: Path) -> None:
     has_effect = pd.Series(truth["has_effect"]).astype(bool)
     assert tests.loc[has_effect[has_effect].index, "significant"].all(), tests
     assert not tests.loc[has_effect[~has_effect].index, "significant"].any(), tests
+    # escapers: scored against the simulation's responders (3 epochs here: tests/pipelines/contrastive_model
+    # /test_science.py and bench/escape_vs_scvi.py score a trained model); null perturbations call nobody
+    auroc = evaluation.loc[evaluation["metric"] == "perturbed_probability_auroc", "value"]
+    assert len(auroc) == 1 and 0 <= auroc.iloc[0] <= 1, evaluation
+    escape = pd.read_csv(latest_version(out["reporting"] / "contrastive_escape.csv")).set_index("perturbation")
+    assert (escape.loc[has_effect[~has_effect].index, "n_called_perturbed"] == 0).all(), escape
 
 
 @pytest.mark.e2e

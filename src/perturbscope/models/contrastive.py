@@ -12,31 +12,8 @@ parameters for both groups. To keep ``s`` free of shared variation, the
 control cells' salient posterior is additionally pulled to a point mass at 0
 with a 2-Wasserstein penalty.
 
-Escapers. In a CRISPR screen a share of the cells that carry a guide show no
-effect (20-50 % in published knockout screens: Papalexi et al. 2021, Mixscape).
-With ``escape_gate=True`` the model also learns each target cell's probability of
-having been perturbed, from its salient code. A small gate network ``g(s)`` is
-trained, in the same loss and the same optimiser steps as the model, to tell the
-target cells of a paired batch from the control cells (cross-entropy; the salient
-means enter without gradient, so the gate shapes nothing else). Targets are a
-mixture of perturbed cells and escapers, and escapers look like controls, so with
-balanced batches the gate's odds ``g / (1 - g)`` estimate the density ratio
-``p_target(s) / p_control(s) = (1 - pi) + pi p_perturbed(s) / p_control(s)``, where
-``1 - pi`` is the escaper share; where perturbed cells never go, the odds equal
-``1 - pi`` (positive-unlabelled learning, Elkan & Noto 2008). After training,
-:meth:`ContrastiveVAE.calibrate_gate` sets ``1 - pi`` to the controls' median odds and
-the probability that a target cell was perturbed is
-
-    P(perturbed | s) = 1 - (1 - pi) / odds(s),   clipped to [0, 1].
-
-The salient code is where perturbations separate from what controls share (the
-cell cycle is in ``z``), which is what makes this tractable: a gate on the raw
-counts would see the confounders too. The idea of a per-cell perturbed probability
-in contrastiveVI follows ContrastiveVI+ (Weinberger, Conrad & Ashuach 2024); the
-formulation here is our own. A generative gate (a binary latent ``c`` summed out of
-the ELBO) was tried first and left every cell called escaped or every cell called
-perturbed on simulated screens: the background code absorbs the effect of a
-perturbation as soon as it is allowed to explain a target cell alone.
+Escapers (target cells a perturbation did not reach) are called after training from
+the salient code: :mod:`perturbscope.models.escape`.
 """
 
 from __future__ import annotations
@@ -53,7 +30,6 @@ from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, concat_batches
 from .likelihoods import batch_log_likelihood, check_likelihood
 from .modules import (
-    MLP,
     CountDecoder,
     CountParams,
     GaussianEncoder,
@@ -160,18 +136,17 @@ class ContrastiveVAE(BatchLibraryModel):
         log-expression effect (:class:`AdditiveSalientDecoder`); on
         simulated screens this keeps the cell-cycle phase out of the
         salient space at the same program separation.
-    escape_gate
-        Learn a per-cell probability that a target cell was perturbed (see the
-        module docstring). False (the paper's model) treats every target cell as
-        perturbed.
-    gate_hidden
-        Width of the gate network's hidden layer (``escape_gate`` only).
 
     Notes
     -----
     ``loss`` expects a paired batch ``{"background": ..., "target": ...}``
     as yielded by :class:`~perturbscope.models.data.PairedSampler`.
     """
+
+    retired_hparams = ("escape_gate", "gate_hidden")
+    """Constructor arguments of earlier versions, ignored when a checkpoint is loaded."""
+    retired_state = ("gate.", "escaper_odds")
+    """State-dict prefixes of earlier versions (the escape gate), dropped when a checkpoint is loaded."""
 
     def __init__(
         self,
@@ -189,8 +164,6 @@ class ContrastiveVAE(BatchLibraryModel):
         library_log_var: list[float] | None = None,
         wasserstein_penalty: float = 1.0,
         decoder: str = "joint",
-        escape_gate: bool = False,
-        gate_hidden: int = 32,
     ) -> None:
         super().__init__()
         n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
@@ -206,9 +179,6 @@ class ContrastiveVAE(BatchLibraryModel):
             raise ValueError(f"wasserstein_penalty must be a number >= 0 (0 disables it), got {wasserstein_penalty!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder={decoder!r} is not supported; use one of {list(DECODERS)}")
-        if not isinstance(escape_gate, bool):
-            raise ValueError(f"escape_gate must be true or false, got {escape_gate!r}")
-        gate_hidden = check_int("gate_hidden", gate_hidden, 1, "use e.g. 32")
         library_log_mean, library_log_var = check_library_prior(
             library, library_log_mean, library_log_var, n_batch
         )
@@ -227,15 +197,12 @@ class ContrastiveVAE(BatchLibraryModel):
             library_log_var=library_log_var,
             wasserstein_penalty=float(wasserstein_penalty),
             decoder=decoder,
-            escape_gate=escape_gate,
-            gate_hidden=gate_hidden,
         )
         self.n_genes = n_genes
         self.n_background = n_background
         self.n_salient = n_salient
         self.likelihood = likelihood
         self.wasserstein_penalty = float(wasserstein_penalty)
-        self.escape_gate = escape_gate
 
         enc = dict(n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, n_cov=n_batch)
         self.background_encoder = GaussianEncoder(n_genes, n_background, **enc)
@@ -252,13 +219,6 @@ class ContrastiveVAE(BatchLibraryModel):
                 n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
                 likelihood=likelihood,
             )
-
-        # created last, so that the other modules' initial weights do not depend on it
-        self.gate: nn.Sequential | None = None
-        if escape_gate:
-            self.gate = nn.Sequential(MLP(n_salient, gate_hidden, 1, 0.0), nn.Linear(gate_hidden, 1))
-            # the escapers' odds p_target / p_control where perturbed cells never go (calibrate_gate)
-            self.register_buffer("escaper_odds", torch.ones(()))
 
     # ------------------------------------------------------------------
     def _encode(
@@ -317,11 +277,10 @@ class ContrastiveVAE(BatchLibraryModel):
         recon = -batch_log_likelihood(self.likelihood, both, p.log_mu, p.log_theta, p.zi_logits)
         kl_z = kl_standard_normal(z_mean, z_var)
         kl_s = kl_standard_normal(s_mean[n_bg:], s_var[n_bg:])
-        gate_term, extra = self._gate_loss(s_mean, n_bg)
         w2 = wasserstein_to_origin(s_mean[:n_bg], s_var[:n_bg])
 
         kl_all = kl_z if kl_lib is None else kl_z + kl_lib
-        per_cell = recon + kl_weight * kl_all + gate_term
+        per_cell = recon + kl_weight * kl_all
         bg_term = per_cell[:n_bg].mean() + self.wasserstein_penalty * w2.mean()
         tg_term = per_cell[n_bg:].mean() + kl_weight * kl_s.mean()
         out = {
@@ -333,51 +292,7 @@ class ContrastiveVAE(BatchLibraryModel):
         }
         if kl_lib is not None:
             out["kl_library"] = kl_lib.mean()
-        if extra:
-            # early stopping watches the model's own objective, not the gate's
-            gate_mean = gate_term.detach()
-            out["monitor"] = out["loss"].detach() - 0.5 * (gate_mean[:n_bg].mean() + gate_mean[n_bg:].mean())
-            out.update(extra)
         return out
-
-    def _gate_loss(self, s_mean: Tensor, n_bg: int) -> tuple[Tensor | float, dict[str, Tensor]]:
-        """Per-cell cross-entropy of the gate telling targets (1) from controls (0), and logged extras.
-
-        The salient means enter without gradient: the gate learns from the salient space and
-        leaves it as it is. ``(0.0, {})`` without ``escape_gate``.
-        """
-        if self.gate is None:
-            return 0.0, {}
-        logits = self.gate(s_mean.detach()).squeeze(-1)
-        term = torch.cat([F.softplus(logits[:n_bg]), F.softplus(-logits[n_bg:])])
-        with torch.no_grad():
-            correct = torch.cat([logits[:n_bg] < 0, logits[n_bg:] > 0]).float().mean()
-        return term, {"gate_cross_entropy": term.mean().detach(), "gate_accuracy": correct}
-
-    @torch.no_grad()
-    def _odds(self, salient: np.ndarray) -> np.ndarray:
-        """The gate's odds ``g / (1 - g)`` (target vs control) of salient means ``(n, n_salient)``."""
-        device = next(self.gate.parameters()).device
-        logits = self.gate(torch.as_tensor(np.asarray(salient, dtype=np.float32), device=device)).squeeze(-1)
-        return logits.exp().cpu().numpy().astype(np.float64)
-
-    def _gate_odds(self, data: CellData, idx: Any, batch_size: int) -> np.ndarray:
-        """The gate's odds of cells ``idx``, from their salient means (:meth:`embed`)."""
-        return self._odds(self.embed(data, idx, batch_size)[1])
-
-    @torch.no_grad()
-    def calibrate_gate(self, data: CellData, control_idx: Any, batch_size: int = 1024) -> float:
-        """Set the escapers' odds (``1 - pi``) to the median gate odds of control cells ``control_idx``.
-
-        Use controls the model did not train on where there are (the validation controls).
-        Returns the odds; 1.0 (nothing called perturbed but clear responders) when no control is given.
-        """
-        if self.gate is None:
-            raise ValueError("calibrate_gate needs a model with escape_gate=True")
-        odds = self._gate_odds(data, control_idx, batch_size)
-        value = float(np.median(odds)) if odds.size else 1.0
-        self.escaper_odds.fill_(value)
-        return value
 
     # ------------------------------------------------------------------
     @torch.no_grad()
@@ -411,20 +326,6 @@ class ContrastiveVAE(BatchLibraryModel):
             ss.append(s)
         self.train(was_training)
         return self._to_numpy(zs, self.n_background), self._to_numpy(ss, self.n_salient)
-
-    def perturbed_probability(
-        self, data: CellData | None, idx: Any = None, batch_size: int = 1024, salient: np.ndarray | None = None
-    ) -> np.ndarray | None:
-        """Each cell's probability of having been perturbed: ``1 - (1 - pi) / odds(s)`` in [0, 1].
-
-        None for a model without ``escape_gate``. Computed for controls too (a calibrated gate
-        gives most of them 0). ``data``, ``idx``, ``batch_size``: as in :meth:`embed`;
-        ``salient``: the cells' salient means when already embedded (``data`` is then not read).
-        """
-        if self.gate is None:
-            return None
-        odds = self._odds(salient) if salient is not None else self._gate_odds(data, idx, batch_size)
-        return np.clip(1.0 - float(self.escaper_odds) / np.maximum(odds, 1e-12), 0.0, 1.0).astype(np.float32)
 
     @torch.no_grad()
     def salient_expression(

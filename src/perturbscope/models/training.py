@@ -480,9 +480,7 @@ def _fit(
 
             stop = False
             if val_sampler is not None and beta >= 1.0:
-                # a model whose loss carries an auxiliary term (e.g. contrastiveVI's escape gate)
-                # reports the objective to stop on as "monitor"
-                val_loss = val_means.get("monitor", val_means["loss"])
+                val_loss = val_means["loss"]
                 if val_loss < best_loss - config.min_delta:
                     best_loss = val_loss
                     history.best_epoch = epoch

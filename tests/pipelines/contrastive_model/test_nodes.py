@@ -127,8 +127,11 @@ def test_normalised_matrix_without_counts_is_rejected(trained: Trained) -> None:
 def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
     screen = trained.screen[:200].copy()
     before_obs, before_obsm = screen.obs.copy(), set(screen.obsm)
-    nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
-    nodes.rank_salient_genes(screen, trained.model, {"top_genes": 5})
+    embedded = nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
+    before_embedded = embedded.obs.copy()
+    nodes.rank_salient_genes(embedded, trained.model, {"top_genes": 5})
+    nodes.escape_table(embedded, trained.model)
+    assert embedded.obs.equals(before_embedded)
     assert set(screen.obsm) == before_obsm
     assert screen.obs.equals(before_obs)
 
@@ -156,41 +159,61 @@ def test_diverging_training_names_the_kedro_parameter(sim_screen: ad.AnnData) ->
     assert "TrainConfig" not in message
 
 
-def test_escape_gate_outputs_through_the_nodes(sim_screen) -> None:
-    """escape_gate: true writes the probability, the escape table, and the called-perturbed scores."""
+def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
+    """The escape mixture (on by default) writes the probability, the escape table and the called-perturbed scores."""
     from .conftest import EVALUATION, MODEL, SCHEMA, TRAINING
 
     model, _ = nodes.train_contrastive_model(
-        sim_screen, {**MODEL, "escape_gate": True}, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, SCHEMA, 0
+        sim_screen, MODEL, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, SCHEMA, 0, None, {"min_cells": 10}
     )
-    assert float(model.escaper_odds) > 0 and float(model.escaper_odds) != 1.0  # calibrated on the controls
+    fitted = model.metadata["escape_mixture"]
     embedded = nodes.embed_cells(sim_screen, model, {"umap": False, "call_threshold": 0.5}, 0)
     probability = embedded.obs["perturbed_probability"].to_numpy()
-    assert ((probability >= 0) & (probability <= 1)).all()
     is_control = embedded.obs["is_control"].to_numpy().astype(bool)
+    assert (probability[is_control] == 0).all()
+    labels = embedded.obs["perturbation"].astype(str).to_numpy()
+    has_mixture = np.isin(labels, fitted["perturbations"])
+    assert np.isnan(probability[~is_control & ~has_mixture]).all()
+    scored = probability[~is_control & has_mixture]
+    assert ((scored >= 0) & (scored <= 1)).all()
     assert not embedded.obs["called_perturbed"].to_numpy()[is_control].any()
-    np.testing.assert_array_equal(embedded.obs["called_perturbed"].to_numpy()[~is_control], probability[~is_control] > 0.5)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(embedded.obs["called_perturbed"].to_numpy()[~is_control],
+                                      probability[~is_control] > 0.5)
 
-    escape = nodes.escape_table(embedded)
-    assert escape["perturbation"].iloc[0] == "control"
-    targets = escape.iloc[1:]
-    assert targets["n_cells"].sum() == (~is_control).sum()
-    assert targets["n_called_perturbed"].sum() == embedded.obs["called_perturbed"].sum()
+    escape = nodes.escape_table(embedded, model)
+    assert "control" not in set(escape["perturbation"])
+    assert escape["n_cells"].sum() == (~is_control).sum()
+    assert escape["n_called_perturbed"].sum() == embedded.obs["called_perturbed"].sum()
+    shares = escape.set_index("perturbation")["estimated_perturbed_share"].dropna()
+    assert set(shares.index) == set(fitted["perturbations"])
+    assert ((shares >= 0) & (shares <= 1)).all()
 
     table = nodes.evaluate_embeddings(embedded, {**EVALUATION, "responder_key": "responded"}, SCHEMA, 0)
     assert set(table["cells"]) == {"perturbed", "called_perturbed", "targets"}
     auroc = table[table["metric"] == "perturbed_probability_auroc"]
-    responded = embedded.obs["responded"].to_numpy().astype(bool)[~is_control]
+    responded = embedded.obs["responded"].to_numpy().astype(bool)
     from sklearn.metrics import roc_auc_score
 
-    assert auroc["value"].iloc[0] == pytest.approx(roc_auc_score(responded, probability[~is_control]))
+    mask = ~is_control & has_mixture
+    assert auroc["value"].iloc[0] == pytest.approx(roc_auc_score(responded[mask], probability[mask]))
     metrics = nodes.evaluation_metrics(table)
     assert metrics["perturbed_probability_auroc"]["value"] == auroc["value"].iloc[0]
     called_rows = table[table["cells"] == "called_perturbed"]
     # scored over the called cells, or one row saying why not (8 epochs call few cells)
     assert called_rows["value"].notna().all() or called_rows["note"].str.contains("called_perturbed").all()
 
-    genes = nodes.rank_salient_genes(sim_screen, model, {"top_genes": 5})
+    # the escape mixture off: no probability, an empty table, every cell weighs the same
+    plain, _ = nodes.train_contrastive_model(
+        sim_screen, MODEL, {**TRAINING, "max_epochs": 1, "kl_warmup_epochs": 0}, SCHEMA, 0, None, {"enabled": False}
+    )
+    plain_embedded = nodes.embed_cells(sim_screen, plain, {"umap": False}, 0)
+    assert "perturbed_probability" not in plain_embedded.obs
+    assert nodes.escape_table(plain_embedded, plain).empty
+    with pytest.raises(ContrastiveModelError, match="Unknown contrastive_model.escape settings"):
+        nodes.train_contrastive_model(sim_screen, MODEL, FAST, SCHEMA, 0, None, {"min_cell": 5})
+
+    genes = nodes.rank_salient_genes(embedded, model, {"top_genes": 5})
     called = escape.set_index("perturbation")["n_called_perturbed"]
     assert (genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(
         genes["perturbation"].unique())).all()

@@ -31,7 +31,9 @@ def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
     assert len(history) == 4 and history["best"].sum() == 1  # conf/test: max_epochs 4
 
     evaluation = pd.read_csv(latest_version(data / "08_reporting" / screen / "contrastive_evaluation.csv"))
-    program = evaluation[evaluation["key"] == "gene_program"]
+    program = evaluation[(evaluation["key"] == "gene_program") & (evaluation["cells"] == "perturbed")]
+    # the escape mixture is on by default: the program scores again over the cells called perturbed
+    assert (evaluation["cells"] == "called_perturbed").any()
     assert set(program["space"]) == {"salient", "background", "pca"}
     assert set(program["metric"]) == {"ari", "nmi", "silhouette", "knn_accuracy"}
     assert (program["n_classes"] == 5).all()  # 'unassigned' and controls left out

@@ -15,8 +15,10 @@ KEY = "program_responded"
 PHASE = "phase_original"
 
 
-def _value(table: pd.DataFrame, metric: str, key: str, space: str, column: str = "value") -> float:
-    row = table[(table["metric"] == metric) & (table["key"] == key) & (table["space"] == space)]
+def _value(table: pd.DataFrame, metric: str, key: str, space: str, column: str = "value",
+           cells: str = "perturbed") -> float:
+    row = table[(table["metric"] == metric) & (table["key"] == key) & (table["space"] == space)
+                & (table["cells"] == cells)]
     assert len(row) == 1, f"no {metric}/{key}/{space} row in\n{table}"
     return float(row[column].iloc[0])
 
@@ -46,6 +48,22 @@ def _check_science(run: Trained) -> None:
 
 def test_salient_space_separates_programs_and_drops_phase(trained: Trained) -> None:
     _check_science(trained)
+
+
+def test_escape_probability_ranks_responders_and_spares_null_perturbations(trained: Trained) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    obs = trained.embedded.obs
+    probability = obs["perturbed_probability"].to_numpy()
+    target = ~obs["is_control"].to_numpy().astype(bool)
+    effect = target & (obs["program"].astype(str) != "none").to_numpy()
+    responded = obs["responded"].to_numpy().astype(bool)
+    scored = effect & np.isfinite(probability)
+    auroc = roc_auc_score(responded[scored], probability[scored])
+    null = target & (obs["program"].astype(str) == "none").to_numpy()
+    called_null = float(np.mean(probability[null] > 0.5))
+    assert auroc >= 0.95, f"escape AUROC {auroc:.3f}"  # measured 0.996
+    assert called_null <= 0.05, f"cells of null perturbations called perturbed: {called_null:.3f}"  # measured 0
 
 
 def test_science_holds_on_another_screen() -> None:

@@ -126,6 +126,19 @@ def test_contrastive_umaps_tell_the_story(processed_sim) -> None:
     story = result["contrastive_story"]
     assert len(story.axes) >= 2 * 3  # 2 representations x (phase, program, perturbation) + legends
     assert result["section"].figure_keys == list(cm.FIGURES)
+    assert [t.key for t in result["section"].tables] == ["contrastive_evaluation"]  # no escape table given
+
+    escape = pd.DataFrame({"perturbation": ["A", "B"], "n_cells": [100, 80], "n_called_perturbed": [70, 0],
+                           "fraction_called_perturbed": [0.7, 0.0]})
+    with_escape = cm.report_contrastive_model(
+        umap, pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
+        pd.DataFrame({"metric": ["asw_program"], "value": [0.5]}),
+        {**PARAMS, "contrastive_model": {"point_size": 4}}, escape,
+    )["section"]
+    table = {t.key: t for t in with_escape.tables}["contrastive_escape"]
+    assert list(table.frame["perturbation"]) == ["B", "A"]  # the lowest called share first
+    assert with_escape.facts["target cells called perturbed"] == "70 of 180"
+    assert with_escape.facts["perturbations calling no cell perturbed"] == "1"
 
 
 def test_contrastive_umaps_refuse_a_foreign_embedding(processed_sim) -> None:

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler
+from perturbscope.models.escape import EscapeMixture, fit_escape_mixture
 from perturbscope.models.training import resolve_device
 from perturbscope.schema import CONTROL, IS_CONTROL, PERTURBATION, SPLIT, UNPERTURBED, VALIDATION
 
@@ -46,8 +47,12 @@ SALIENT_KEY, BACKGROUND_KEY = "X_salient", "X_background"
 UMAP_KEYS = {"salient": "X_umap_salient", "background": "X_umap_background"}
 """``obsm`` keys of the UMAPs of both spaces."""
 PERTURBED_PROBABILITY, CALLED_PERTURBED = "perturbed_probability", "called_perturbed"
-"""``obs`` keys written by a model with an escape gate: each cell's probability of having been
-perturbed, and whether a target cell is called perturbed (probability above the threshold)."""
+"""``obs`` keys written by a model with an escape mixture: each target cell's probability of
+having been perturbed (0 for controls; NaN for perturbations too rare to fit), and whether a
+target cell is called perturbed (probability above the threshold)."""
+ESCAPE_METADATA = "escape_mixture"
+"""``module.metadata`` key of the fitted :class:`~perturbscope.models.escape.EscapeMixture`."""
+_NULL_MIN_CELLS = 20
 
 _COUNTS_HINT = "contrastiveVI models counts: pass counts_layer= the layer with raw counts."
 
@@ -142,13 +147,17 @@ class ContrastiveVI(ModelAPI):
         batch_key: str | None = None,
         seed: int = 0,
         callback: Callable[[int, Any, ContrastiveVAE], bool | None] | None = None,
+        escape: Mapping[str, Any] | None = None,
     ) -> ContrastiveVI:
-        """Train contrastiveVI on a processed screen.
+        """Train contrastiveVI on a processed screen, then call its escapers.
 
         ``obs["split"] == "validation"`` cells drive early stopping and the restored
         weights; raw counts come from ``layers["counts"]``; ``batch_key``, when set, is a
         one-hot covariate of encoders and decoder. ``callback`` goes to
         :func:`~perturbscope.models.fit` (e.g. to score the embedding every few epochs).
+        ``escape``: settings of the escape mixture fitted after training
+        (:mod:`perturbscope.models.escape`; ``enabled``, ``min_cells``, ``min_separation``,
+        ``folds``; default enabled), stored in ``metadata["escape_mixture"]``.
         The module ends in eval mode on the CPU; its ``metadata`` holds the genes, batch
         categories and training summary.
         """
@@ -188,12 +197,13 @@ class ContrastiveVI(ModelAPI):
         )
         history = api._fit(train, val, config, callback=callback)
         api.module.cpu().eval()
-        if api.module.gate is not None:
-            # the escapers' odds from controls the gate did not learn from, where there are any
-            controls = val_bg if val_bg.size else train_bg
-            odds = api.module.calibrate_gate(CellData(counts, obs=obs), controls, batch_size=val_batch_size)
-            logger.info("Escape gate calibrated on %d control cells: escaper odds %.3f.", controls.size, odds)
+        escape = dict(escape or {})
+        mixture = None
+        if escape.pop("enabled", True) and PERTURBATION in screen.obs:
+            mixture = api._fit_escape(CellData(counts, obs=obs), screen, val_bg, train_bg, is_target,
+                                      val_batch_size, seed, escape)
         api.module.metadata = {
+            **({ESCAPE_METADATA: mixture.to_dict()} if mixture is not None else {}),
             **screen_metadata(screen, batch_key, categories),
             "n_target_cells": int(is_target.sum()),
             "n_control_cells": int(is_control.sum()),
@@ -206,6 +216,62 @@ class ContrastiveVI(ModelAPI):
             float(best.iloc[0]) if len(best) else float("nan"),
         )
         return api
+
+    def _fit_escape(
+        self, data: CellData, screen: ad.AnnData, val_bg: np.ndarray, train_bg: np.ndarray, is_target: np.ndarray,
+        batch_size: int, seed: int, settings: Mapping[str, Any],
+    ) -> EscapeMixture:
+        """Fit the escape mixture on the trained model's salient codes (null: held-out controls)."""
+        unknown = set(settings) - {"min_cells", "min_separation", "folds"}
+        if unknown:
+            raise ContrastiveModelError(
+                f"Unknown contrastive_model.escape settings {sorted(unknown)}: use enabled, min_cells, "
+                "min_separation and folds."
+            )
+        null = val_bg
+        if null.size < _NULL_MIN_CELLS:
+            logger.warning(
+                "Only %d validation controls: the escape mixture's null uses the training controls, which the "
+                "model pulled to 0, so escapers may be called perturbed. Raise "
+                "data_processing.split.validation_fraction.", null.size,
+            )
+            null = np.concatenate([val_bg, train_bg])
+        _, salient = self.module.embed(data, batch_size=batch_size)
+        labels = screen.obs[PERTURBATION].astype(str).to_numpy()
+        try:
+            mixture, _ = fit_escape_mixture(salient[is_target], labels[is_target], salient[null], seed=seed,
+                                            **{k: settings[k] for k in settings})
+        except (TypeError, ValueError) as err:
+            raise ContrastiveModelError(f"contrastive_model.escape: {err}") from None
+        called = sum(int(round(w * n)) for w, n in zip(mixture.weight, mixture.n_cells, strict=True))
+        logger.info(
+            "Escape mixture on %d perturbations (null: %d held-out controls): about %d of %d target cells "
+            "perturbed; %d perturbations call nobody.", len(mixture.perturbations), null.size, called,
+            int(is_target.sum()), int((mixture.weight == 0).sum()),
+        )
+        return mixture
+
+    @property
+    def escape_mixture(self) -> EscapeMixture | None:
+        """The fitted escape mixture (None for a model trained without it)."""
+        stored = (self.module.metadata or {}).get(ESCAPE_METADATA)
+        return EscapeMixture.from_dict(stored) if stored else None
+
+    def perturbed_probability(self, embedded: ad.AnnData) -> np.ndarray | None:
+        """Each cell's probability of having been perturbed, from ``obsm["X_salient"]`` and its label.
+
+        0 for controls, NaN for target cells whose perturbation has no fitted mixture (too rare,
+        or unseen in training); None for a model without an escape mixture or a screen without
+        ``obs["perturbation"]``.
+        """
+        mixture = self.escape_mixture
+        if mixture is None or PERTURBATION not in embedded.obs:
+            return None
+        probability = mixture.probability(embedded.obsm[SALIENT_KEY], embedded.obs[PERTURBATION].astype(str))
+        is_control, is_target = _control_target(embedded)
+        probability[is_control] = 0.0
+        probability[~is_control & ~is_target] = np.nan
+        return probability
 
     def embed(
         self,
@@ -221,9 +287,9 @@ class ContrastiveVI(ModelAPI):
     ) -> ad.AnnData:
         """A copy of ``adata`` with ``obsm["X_salient"]`` and ``obsm["X_background"]``.
 
-        A model with an escape gate also writes ``obs["perturbed_probability"]`` (every cell,
-        controls included) and ``obs["called_perturbed"]`` (target cells whose probability
-        exceeds ``call_threshold``; False for controls).
+        A model with an escape mixture also writes ``obs["perturbed_probability"]``
+        (:meth:`perturbed_probability`) and ``obs["called_perturbed"]`` (target cells whose
+        probability exceeds ``call_threshold``; False for controls).
 
         Genes are matched by name to the model's training genes (extra genes are
         ignored; missing ones raise, or are zero with ``fill_missing``). Raw counts come
@@ -236,10 +302,11 @@ class ContrastiveVI(ModelAPI):
         out = adata.copy()
         out.obsm[BACKGROUND_KEY] = background
         out.obsm[SALIENT_KEY] = salient
-        probability = self.module.perturbed_probability(None, salient=salient)
+        probability = self.perturbed_probability(out)
         if probability is not None:
             out.obs[PERTURBED_PROBABILITY] = probability.astype(np.float32)
-            out.obs[CALLED_PERTURBED] = _control_target(out)[1] & (probability > float(call_threshold))
+            with np.errstate(invalid="ignore"):
+                out.obs[CALLED_PERTURBED] = _control_target(out)[1] & (probability > float(call_threshold))
         if umap:
             for space, key in UMAP_KEYS.items():
                 out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)

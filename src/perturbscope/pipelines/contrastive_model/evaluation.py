@@ -50,7 +50,7 @@ __all__ = [
 TABLE_COLUMNS = ["metric", "key", "space", "value", "chance_level", "n_cells", "n_classes", "note", "cells"]
 """Columns of the evaluation table (one row per metric x space; a skipped check has one row, a note).
 ``cells``: which cells a row scores -- ``perturbed`` (every annotated target cell), ``called_perturbed``
-(those the escape gate calls perturbed) or ``targets`` (the gate's AUROC)."""
+(those the escape mixture calls perturbed) or ``targets`` (the escape AUROC)."""
 ALL_CELLS, CALLED_CELLS = "perturbed", "called_perturbed"
 
 _MISSING = {"", "nan", "none", "null", "unknown", "na", "n/a"}
@@ -234,19 +234,21 @@ def _program_rows(
 
 def _auroc_rows(adata: ad.AnnData, target_mask: np.ndarray, probability: np.ndarray | None,
                 responder_key: str | None) -> list[dict[str, Any]]:
-    """AUROC of the gate's probability for the target cells that truly responded (ground truth)."""
+    """AUROC of the escape probability for the target cells that truly responded (ground truth);
+    cells without a probability (perturbations too rare to fit) are left out."""
     if probability is None or not responder_key:
         return []
     metric = "perturbed_probability_auroc"
     if responder_key not in adata.obs:
-        return [_row(metric, responder_key, "gate", float("nan"), note=f"obs has no column '{responder_key}'",
+        return [_row(metric, responder_key, "escape", float("nan"), note=f"obs has no column '{responder_key}'",
                      cells="targets")]
-    truth = adata.obs[responder_key].to_numpy().astype(bool)[target_mask]
+    scored = target_mask & np.isfinite(np.asarray(probability, dtype=np.float64))
+    truth = adata.obs[responder_key].to_numpy().astype(bool)[scored]
     if truth.all() or not truth.any():
-        return [_row(metric, responder_key, "gate", float("nan"), n_cells=int(target_mask.sum()),
-                     note=f"'{responder_key}' has a single value among target cells", cells="targets")]
-    value = float(roc_auc_score(truth, np.asarray(probability)[target_mask]))
-    return [_row(metric, responder_key, "gate", value, 0.5, int(target_mask.sum()), 2, cells="targets")]
+        return [_row(metric, responder_key, "escape", float("nan"), n_cells=int(scored.sum()),
+                     note=f"'{responder_key}' has a single value among scored target cells", cells="targets")]
+    value = float(roc_auc_score(truth, np.asarray(probability)[scored]))
+    return [_row(metric, responder_key, "escape", value, 0.5, int(scored.sum()), 2, cells="targets")]
 
 
 def evaluate_spaces(
@@ -288,10 +290,10 @@ def evaluate_spaces(
     resolution, n_neighbors, folds, max_cells, seed, leiden_runs
         See :func:`program_scores`.
     called_mask
-        Cells called perturbed by the escape gate: the program scores are repeated over
+        Cells called perturbed by the escape mixture: the program scores are repeated over
         the annotated ones (rows with ``cells == "called_perturbed"``).
     probability, responder_key
-        The gate's per-cell probability and an ``obs`` column of ground truth (True for
+        The escape mixture's per-cell probability and an ``obs`` column of ground truth (True for
         cells that truly responded): adds ``perturbed_probability_auroc`` over the targets.
 
     Returns

@@ -35,7 +35,7 @@ from perturbscope.models.model.contrastive import (
     cell_groups,
     embed_screen,
 )
-from perturbscope.schema import CONTROL, PERTURBATION, ScreenSchema
+from perturbscope.schema import PERTURBATION, ScreenSchema
 
 from .evaluation import evaluate_spaces, metrics_for_mlflow
 from .figures import plot_embeddings
@@ -61,7 +61,8 @@ PCA_KEY = "X_pca_baseline"
 SALIENT_GENE_COLUMNS = [PERTURBATION, "rank", "gene", "mean_log2fc", "direction", "fraction_same_direction",
                         "mean_with_salient", "mean_without_salient", "n_cells", "n_called_perturbed"]
 ESCAPE_COLUMNS = [PERTURBATION, "n_cells", "n_called_perturbed", "fraction_called_perturbed",
-                  "mean_perturbed_probability", "median_perturbed_probability"]
+                  "mean_perturbed_probability", "median_perturbed_probability", "estimated_perturbed_share",
+                  "separation", "control_false_call_rate"]
 
 
 def train_contrastive_model(
@@ -71,10 +72,14 @@ def train_contrastive_model(
     schema_params: dict[str, Any],
     seed: int,
     shared_training: dict[str, Any] | None = None,
+    escape_params: dict[str, Any] | None = None,
     *,
     callback: Callable[[int, Any, ContrastiveVAE], bool | None] | None = None,
 ) -> tuple[ContrastiveVAE, pd.DataFrame]:
     """Train contrastiveVI: controls are the background, every other cell a target (:meth:`ContrastiveVI.fit`).
+
+    ``escape_params`` (``contrastive_model.escape``) set the escape mixture fitted on the
+    trained salient codes: each target cell's probability of having been perturbed.
 
     ``callback`` (not a pipeline input) goes to :func:`~perturbscope.models.fit`, e.g. to
     score the embedding every few epochs in a benchmark. Returns the trained module (eval
@@ -83,6 +88,7 @@ def train_contrastive_model(
     api = ContrastiveVI.fit(
         screen, model_params, training_params, shared_training=shared_training,
         batch_key=ScreenSchema.from_params(schema_params or {}).batch_key, seed=seed, callback=callback,
+        escape=escape_params,
     )
     return api.module, api.history
 
@@ -95,7 +101,7 @@ def embed_cells(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any
     components as both latents together, the evaluation baseline),
     ``obsm["X_umap_salient"]``, ``obsm["X_umap_background"]`` and
     ``uns["contrastive_model"]`` (hyperparameters and training summary); with the escape
-    gate also ``obs["perturbed_probability"]`` and ``obs["called_perturbed"]`` (above
+    mixture also ``obs["perturbed_probability"]`` and ``obs["called_perturbed"]`` (above
     ``call_threshold``).
     """
     params = dict(params or {})
@@ -108,7 +114,7 @@ def embed_cells(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any
     n_comps = int(min(n_comps, out.n_obs - 1, out.n_vars - 1))
     matrix = out.X.astype(np.float32) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
     out.obsm[PCA_KEY] = np.asarray(sc.pp.pca(matrix, n_comps=n_comps, random_state=seed), dtype=np.float32)
-    meta = {k: v for k, v in (model.metadata or {}).items() if k not in ("genes", "train_config")}
+    meta = {k: v for k, v in (model.metadata or {}).items() if k not in ("genes", "train_config", "escape_mixture")}
     out.uns["contrastive_model"] = {
         "hparams": {k: v for k, v in model.hparams.items() if v is not None},
         "training": {k: v for k, v in meta.items() if v is not None and v != []},
@@ -128,7 +134,7 @@ def evaluate_embeddings(
     (``evaluation.confounders`` plus ``schema.batch_key``) over perturbed
     cells, next to its chance level; a confounder that is absent or unknown
     (e.g. ``phase`` on a screen without cell-cycle genes) is skipped with a
-    logged note and a note row. With the escape gate, the program scores are also
+    logged note and a note row. With the escape mixture, the program scores are also
     computed over the cells called perturbed (``cells`` = ``called_perturbed``), and on a
     screen with ground truth (``evaluation.responder_key``, e.g. a simulation's
     ``responded``) the AUROC of ``perturbed_probability`` for the cells that truly responded.
@@ -172,7 +178,7 @@ def evaluation_metrics(table: pd.DataFrame) -> dict[str, Any]:
     return metrics_for_mlflow(table)
 
 
-def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any]) -> pd.DataFrame:
+def rank_salient_genes(embedded: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any]) -> pd.DataFrame:
     """Genes each perturbation moves: decoded expression with the salient code vs ``s = 0``.
 
     Per perturbation (see :meth:`ContrastiveVI.salient_log_fold_change`):
@@ -180,10 +186,12 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     whose log2 fold change has the sign of the mean), ``mean_with_salient`` /
     ``mean_without_salient`` (mean decoded expression per ``scale`` counts); ranked by
     ``|mean_log2fc|`` (``rank`` 1 = the most moved), the top ``top_genes`` per
-    perturbation (null = all genes). With the escape gate every mean is weighted by the
-    cells' probability of having been perturbed (escapers count little) and
+    perturbation (null = all genes). With ``obs["perturbed_probability"]`` (the escape
+    mixture) every mean is weighted by the cells' probability of having been perturbed
+    (escapers count little; a cell without a probability counts fully) and
     ``n_called_perturbed`` counts the cells above ``call_threshold``.
     """
+    screen = embedded
     params = dict(params or {})
     top = params.get("top_genes", 50)
     min_cells = int(params.get("min_cells", 1))
@@ -194,7 +202,9 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     labels = (screen.obs[PERTURBATION].astype(str).to_numpy() if PERTURBATION in screen.obs
               else np.full(screen.n_obs, "target"))
     frames = []
-    probability = model.perturbed_probability(data, batch_size=int(params.get("batch_size", 1024)))
+    probability = None
+    if PERTURBED_PROBABILITY in screen.obs:
+        probability = np.nan_to_num(screen.obs[PERTURBED_PROBABILITY].to_numpy(dtype=np.float64), nan=1.0)
     threshold = float(params.get("call_threshold", 0.5))
     for label in sorted(np.unique(labels[is_target])):
         idx = np.flatnonzero(is_target & (labels == label))
@@ -217,33 +227,37 @@ def rank_salient_genes(screen: ad.AnnData, model: ContrastiveVAE, params: dict[s
     return pd.concat(frames, ignore_index=True)[SALIENT_GENE_COLUMNS]
 
 
-def escape_table(embedded: ad.AnnData) -> pd.DataFrame:
-    """Per perturbation: cells, cells called perturbed, and their probability of having been perturbed.
+def escape_table(embedded: ad.AnnData, model: ContrastiveVAE) -> pd.DataFrame:
+    """Per perturbation: cells, cells called perturbed, their probability of having been perturbed,
+    and the escape mixture's fit.
 
-    The first row, ``control``, is the reference: the controls' probabilities (a good gate gives
-    them values near 0, so ``fraction_called_perturbed`` there is the false-call rate). Empty
-    for a model without the escape gate.
+    ``estimated_perturbed_share`` is the mixture's weight of perturbed cells (0: the perturbation
+    calls nobody), ``separation`` the distance of its two components in null sds, and
+    ``control_false_call_rate`` the share of held-out controls it would call perturbed. Empty for
+    a model without an escape mixture (``contrastive_model.escape.enabled: false``).
     """
-    if PERTURBED_PROBABILITY not in embedded.obs:
-        logger.info("The model has no escape gate (contrastive_model.model.escape_gate): no escape table.")
+    mixture = ContrastiveVI(model).escape_mixture
+    if PERTURBED_PROBABILITY not in embedded.obs or mixture is None:
+        logger.info("The model has no escape mixture (contrastive_model.escape.enabled): no escape table.")
         return pd.DataFrame(columns=ESCAPE_COLUMNS)
-    is_control, is_target, _ = cell_groups(embedded)
+    is_target = cell_groups(embedded)[1]
     probability = embedded.obs[PERTURBED_PROBABILITY].to_numpy().astype(np.float64)
-    called = (embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool) if CALLED_PERTURBED in embedded.obs
-              else probability > 0.5)
+    called = embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool)
     labels = embedded.obs[PERTURBATION].astype(str).to_numpy()
+    fits = {row[PERTURBATION]: row for row in mixture.table()}
     rows = []
-    for label, mask in [(CONTROL, is_control)] + [(str(g), is_target & (labels == g))
-                                                   for g in sorted(np.unique(labels[is_target]))]:
+    for label in sorted(np.unique(labels[is_target])):
+        mask = is_target & (labels == label)
         p = probability[mask]
-        n_called = int((p > 0.5).sum()) if label == CONTROL else int(called[mask].sum())
-        rows.append({PERTURBATION: label, "n_cells": int(mask.sum()), "n_called_perturbed": n_called,
-                     "fraction_called_perturbed": n_called / max(int(mask.sum()), 1),
-                     "mean_perturbed_probability": float(p.mean()),
-                     "median_perturbed_probability": float(np.median(p))})
+        fit = fits.get(label, {})
+        fitted = bool(np.isfinite(p).any())
+        rows.append({PERTURBATION: label, "n_cells": int(mask.sum()), "n_called_perturbed": int(called[mask].sum()),
+                     "fraction_called_perturbed": float(called[mask].mean()),
+                     "mean_perturbed_probability": float(np.nanmean(p)) if fitted else np.nan,
+                     "median_perturbed_probability": float(np.nanmedian(p)) if fitted else np.nan,
+                     **{k: fit.get(k, np.nan) for k in ESCAPE_COLUMNS[6:]}})
     table = pd.DataFrame(rows, columns=ESCAPE_COLUMNS)
-    targets = table.iloc[1:]
-    logger.info("Escape gate: %d of %d target cells called perturbed; controls' mean probability %.3f.",
-                int(targets["n_called_perturbed"].sum()), int(targets["n_cells"].sum()),
-                float(table["mean_perturbed_probability"].iloc[0]))
+    logger.info("Escape mixture: %d of %d target cells called perturbed; %d of %d perturbations call nobody.",
+                int(table["n_called_perturbed"].sum()), int(table["n_cells"].sum()),
+                int((table["estimated_perturbed_share"] == 0).sum()), len(table))
     return table

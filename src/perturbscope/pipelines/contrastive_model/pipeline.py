@@ -20,6 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:schema",
                     "params:seed",
                     "params:training",
+                    "params:contrastive_model.escape",
                 ],
                 outputs=["contrastive_model", "contrastive_training_history"],
                 name="train_contrastive_model",
@@ -61,13 +62,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.rank_salient_genes,
-                inputs=["processed_screen", "contrastive_model", "params:contrastive_model.salient_expression"],
+                inputs=["contrastive_embedded_screen", "contrastive_model", "params:contrastive_model.salient_expression"],
                 outputs="contrastive_salient_genes",
                 name="rank_salient_genes",
             ),
             Node(
                 nodes.escape_table,
-                inputs="contrastive_embedded_screen",
+                inputs=["contrastive_embedded_screen", "contrastive_model"],
                 outputs="contrastive_escape",
                 name="tabulate_escape",
             ),

@@ -42,6 +42,9 @@ HISTORY = "contrastive_training_history"
 METRICS = "contrastive_evaluation"
 """Program separation and confounder leakage per space (``metric, key, space, value, chance_level``)."""
 
+ESCAPE = "contrastive_escape"
+"""Per perturbation: cells, cells called perturbed, the escape mixture's fit (empty without it)."""
+
 UMAP_TABLE = "contrastive_story_umap"
 """Reporting's own output: the UMAP coordinates of the story figure."""
 REPRESENTATIONS = {"pca": "log-normalised expression (PCA)", "salient": "contrastiveVI salient space"}
@@ -162,7 +165,7 @@ def evaluation_facts(evaluation: pd.DataFrame) -> dict[str, str]:
     facts = {}
     auroc = evaluation[evaluation["metric"] == "perturbed_probability_auroc"].dropna(subset=["value"])
     if len(auroc):
-        facts["escape gate AUROC (true responders)"] = f"{auroc['value'].iloc[0]:.3f}"
+        facts["escape AUROC (true responders)"] = f"{auroc['value'].iloc[0]:.3f}"
     for key, rows in knn.groupby("key", sort=False):
         values = rows.set_index("space")["value"]
         shown = ", ".join(f"{space} {values[space]:.2f}" for space in ("salient", "background", "pca") if space in values)
@@ -174,9 +177,10 @@ def evaluation_facts(evaluation: pd.DataFrame) -> dict[str, str]:
 
 
 def report_contrastive_model(
-    umap: pd.DataFrame, history: pd.DataFrame, evaluation: pd.DataFrame, params: dict[str, Any]
+    umap: pd.DataFrame, history: pd.DataFrame, evaluation: pd.DataFrame, params: dict[str, Any],
+    escape: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """The contrastive_model section: the story figure, training curves, evaluation table."""
+    """The contrastive_model section: the story figure, training curves, evaluation and escape tables."""
     dpi = int(params["figure_dpi"])
     figures = {
         "contrastive_story": story_figure(umap, dpi, float(params["contrastive_model"]["point_size"])),
@@ -191,6 +195,28 @@ def report_contrastive_model(
         "epochs trained": len(history),
         **evaluation_facts(evaluation),
     }
+    tables = [
+        ReportTable(
+            "contrastive_evaluation", "Evaluation per space",
+            evaluation_table(evaluation),
+            "Program separation (ARI, NMI, silhouette, kNN accuracy over annotated perturbed cells) "
+            "and confounder leakage (kNN accuracy of e.g. the phase; lower is better) in the salient "
+            "space, the background space and the PCA baseline.",
+        )
+    ]
+    if escape is not None and len(escape):
+        facts["target cells called perturbed"] = (
+            f"{int(escape['n_called_perturbed'].sum())} of {int(escape['n_cells'].sum())}"
+        )
+        facts["perturbations calling no cell perturbed"] = int((escape["n_called_perturbed"] == 0).sum())
+        tables.append(ReportTable(
+            ESCAPE, "Escapers per perturbation",
+            escape.sort_values("fraction_called_perturbed", kind="stable").reset_index(drop=True),
+            "Per perturbation, the cells called perturbed (probability > 0.5) by the escape mixture on the "
+            "salient code; the others look like controls (escapers). estimated_perturbed_share: the "
+            "mixture's weight; separation: its two components' distance in null sds; "
+            "control_false_call_rate: held-out controls it would call perturbed. Lowest share first.",
+        ))
     notes = []
     if "note" in evaluation:
         notes = [f"{row.metric} ({row.key}): {row.note}" for row in evaluation.dropna(subset=["note"]).itertuples()]
@@ -202,15 +228,7 @@ def report_contrastive_model(
             "controls and a salient latent that holds only what the perturbation changed."
         ),
         facts=facts,
-        tables=[
-            ReportTable(
-                "contrastive_evaluation", "Evaluation per space",
-                evaluation_table(evaluation),
-                "Program separation (ARI, NMI, silhouette, kNN accuracy over annotated perturbed cells) "
-                "and confounder leakage (kNN accuracy of e.g. the phase; lower is better) in the salient "
-                "space, the background space and the PCA baseline.",
-            )
-        ],
+        tables=tables,
         figures=figures,
         notes=notes,
     )
@@ -228,7 +246,7 @@ def create_pipeline() -> Pipeline:
             ),
             Node(
                 report_contrastive_model,
-                inputs=[UMAP_TABLE, HISTORY, METRICS, "params:reporting"],
+                inputs=[UMAP_TABLE, HISTORY, METRICS, "params:reporting", ESCAPE],
                 outputs=SECTION.node_outputs(),
                 name="report_contrastive_model",
             ),
