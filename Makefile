@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python -m pip install -e ".[test,bench]"
 	$(BIN)/python bench/contrastive_vs_scvi.py
 	$(BIN)/python bench/linear_vs_scvi.py
+	$(BIN)/python bench/escape_vs_scvi.py
 
 retrain: setup
 	$(BIN)/python -m perturbscope.ops.retrain
