@@ -83,14 +83,8 @@ class EscapeMixture:
 
     def posterior(self, t: np.ndarray, row: int) -> np.ndarray:
         """``P(perturbed | t)`` of projections ``t`` under perturbation ``row``'s mixture."""
-        pi = float(self.weight[row])
-        if pi <= 0.0:
-            return np.zeros(t.shape)
-        if pi >= 1.0:
-            return np.ones(t.shape)
-        log_odds = (np.log(pi) + norm.logpdf(t, self.mean[row], self.sd[row])
-                    - np.log1p(-pi) - norm.logpdf(t, self.null_mean[row], self.null_sd[row]))
-        return expit(log_odds)
+        return _posterior(t, float(self.weight[row]), self.mean[row], self.sd[row], self.null_mean[row],
+                          self.null_sd[row])
 
     def probability(self, salient: np.ndarray, labels: Sequence[str]) -> np.ndarray:
         """Each cell's probability of having been perturbed by its label's perturbation.
@@ -100,13 +94,31 @@ class EscapeMixture:
         returns the cross-fitted probabilities of the cells it was fitted on).
         """
         salient = np.asarray(salient, dtype=np.float64)
-        labels = np.asarray(labels, dtype=str)
         out = np.full(salient.shape[0], np.nan)
-        for row, p in enumerate(self.perturbations):
-            members = np.flatnonzero(labels == p)
-            if members.size:
+        rows = {p: row for row, p in enumerate(self.perturbations)}
+        for label, members in _groups(labels).items():
+            row = rows.get(label)
+            if row is not None:
                 out[members] = self.posterior((salient[members] - self.center) @ self.directions[row], row)
         return out
+
+
+def _groups(labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """Cell positions of each label, in one pass over the labels (sorted by label)."""
+    names, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(names.size + 1))
+    return {str(name): order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+
+
+def _posterior(t: np.ndarray, pi: float, m1: float, s1: float, m0: float, s0: float) -> np.ndarray:
+    """Posterior of the perturbed component ``N(m1, s1)`` against escapers ``N(m0, s0)`` with weight ``pi``."""
+    if pi <= 0.0:
+        return np.zeros(t.shape)
+    if pi >= 1.0:
+        return np.ones(t.shape)
+    log_odds = np.log(pi) + norm.logpdf(t, m1, s1) - np.log1p(-pi) - norm.logpdf(t, m0, s0)
+    return expit(log_odds)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -206,8 +218,7 @@ def fit_escape_mixture(
     center = null_salient.mean(0)
     probability = np.full(labels.size, np.nan)
     rows: dict[str, list[Any]] = {k: [] for k in ("p", "u", "m0", "s0", "m1", "s1", "pi", "n", "fc")}
-    for p in sorted(set(labels.tolist())):
-        members = np.flatnonzero(labels == p)
+    for p, members in _groups(labels).items():
         if members.size < max(int(min_cells), 2 * folds):
             continue
         codes = salient[members] - center
@@ -222,11 +233,9 @@ def fit_escape_mixture(
         null_t = np.concatenate(null_t)
         m0, s0 = float(null_t.mean()), max(float(null_t.std()), 1e-8)
         pi, m1, s1, s0 = _fit_one(t, m0, s0, min_separation, max_iter, tol)
-        mixture = EscapeMixture([p], center, _unit(codes.mean(0))[None],
-                                *(np.array([v]) for v in (m0, s0, m1, s1, pi, members.size, 0.0)))
-        probability[members] = mixture.posterior(t, 0)
-        false_calls = float((mixture.posterior(null_t, 0) > 0.5).mean())
-        for key, value in (("p", p), ("u", mixture.directions[0]), ("m0", m0), ("s0", s0), ("m1", m1), ("s1", s1),
+        probability[members] = _posterior(t, pi, m1, s1, m0, s0)
+        false_calls = float((_posterior(null_t, pi, m1, s1, m0, s0) > 0.5).mean())
+        for key, value in (("p", p), ("u", _unit(codes.mean(0))), ("m0", m0), ("s0", s0), ("m1", m1), ("s1", s1),
                            ("pi", pi), ("n", members.size), ("fc", false_calls)):
             rows[key].append(value)
     n_salient = salient.shape[1]
