@@ -337,6 +337,17 @@ def batch_size_of(batch: Mapping[str, Any]) -> int:
     return sum(batch_size_of(v) for v in batch.values() if isinstance(v, Mapping))
 
 
+def shard_index(idx: Tensor, rank: int, world: int, equal: bool) -> Tensor:
+    """Every ``world``-th position from ``rank`` (a rank's shard of a distributed fit); ``equal``
+    cuts every shard to the shortest one's length, so all ranks take the same number of steps."""
+    part = idx[rank::world]
+    return part[: idx.numel() // world] if equal else part
+
+
+def _shard_batch(batch_size: int, world: int) -> int:
+    return max(1, batch_size // world)
+
+
 # --------------------------------------------------------------------------
 # samplers
 # --------------------------------------------------------------------------
@@ -384,6 +395,12 @@ class MinibatchSampler:
     def manual_seed(self, seed: int) -> None:
         """Reset the sampler's random state."""
         self.generator.manual_seed(int(seed))
+
+    def shard(self, rank: int, world: int, equal: bool = True) -> MinibatchSampler:
+        """This rank's sampler in a distributed fit: its shard of the cells, ``batch_size / world``
+        cells per batch (the global batch stays ``batch_size``)."""
+        return MinibatchSampler(self.data, shard_index(self.idx, rank, world, equal),
+                                _shard_batch(self.batch_size, world), self.shuffle, drop_last=self.drop_last)
 
     def __len__(self) -> int:
         n = self.idx.numel()
@@ -460,6 +477,13 @@ class PairedSampler:
         self.generator.manual_seed(int(seed))
         self._bg_perm = torch.empty(0, dtype=torch.long)
         self._bg_pos = 0
+
+    def shard(self, rank: int, world: int, equal: bool = True) -> PairedSampler:
+        """This rank's sampler in a distributed fit: its shards of the targets and of the controls,
+        ``batch_size / world`` targets per batch (the global batch stays ``batch_size``)."""
+        return PairedSampler(self.data, shard_index(self.background_idx, rank, world, False),
+                             shard_index(self.target_idx, rank, world, equal),
+                             _shard_batch(self.batch_size, world), self.shuffle)
 
     def __len__(self) -> int:
         return math.ceil(self.target_idx.numel() / self.batch_size)

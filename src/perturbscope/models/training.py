@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .data import batch_size_of, batch_to
+from .distributed import (LossForward, active_group, check_replicas, reduce_sums, shard_sampler, spawn_fit,
+                          world_size_for)
 from .modules import matmul_dtype
 
 __all__ = [
@@ -102,6 +104,7 @@ class TrainConfig:
     restore_best: bool = True
     num_threads: int | None = None
     precision: str = "float32"
+    distributed: bool | int | str = False
 
     def __post_init__(self) -> None:
         if int(self.max_epochs) < 1:
@@ -123,6 +126,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} not understood; use one of {list(PRECISIONS)}")
         resolve_device(self.device, check_available=False)
+        world_size_for(self.distributed)  # raises for a value it does not understand
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for logging)."""
@@ -302,7 +306,7 @@ def _make_adam(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
 
 
 def _run_epoch(
-    model: nn.Module,
+    loss: Callable[[Any, float], Mapping[str, Tensor]],
     sampler: Iterable[Mapping[str, Any]],
     device: torch.device,
     kl_weight: float,
@@ -316,10 +320,10 @@ def _run_epoch(
     sizes: list[int] = []
     for batch in sampler:
         batch = batch_to(batch, device)
-        out = model.loss(batch, kl_weight)
+        out = loss(batch, kl_weight)
         if names is None:
             if "loss" not in out:
-                raise KeyError(f"{type(model).__name__}.loss must return a dict with key 'loss'; got {list(out)}")
+                raise KeyError(f"{type(getattr(loss, '__self__', loss)).__name__}.loss must return a dict with key 'loss'; got {list(out)}")
             names = ["loss"] + [k for k in out if k != "loss"]
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -334,10 +338,25 @@ def _run_epoch(
     return names, torch.stack(rows).cpu().numpy().astype(np.float64), np.asarray(sizes, dtype=np.float64)
 
 
-def _check_finite(names: list[str], mat: np.ndarray, epoch: int, phase: str, settings: str | None) -> None:
+def _epoch_means(names: list[str], mat: np.ndarray, sizes: np.ndarray) -> dict[str, float]:
+    """Cell-weighted epoch mean of each term, over every rank's cells when training is distributed."""
+    sums, total = reduce_sums(torch.as_tensor(sizes @ mat), float(sizes.sum()))
+    return dict(zip(names, (sums / total).tolist()))
+
+
+def _check_finite(
+    names: list[str], mat: np.ndarray, epoch: int, phase: str, settings: str | None, means: Mapping[str, float]
+) -> None:
+    """Raise :class:`TrainingError` naming the step and term that went NaN/inf. ``means`` are the epoch's
+    means over every rank, so in distributed training all ranks stop together, whichever diverged."""
     finite = np.isfinite(mat)
     if finite.all():
-        return
+        if all(math.isfinite(v) for v in means.values()):
+            return
+        raise TrainingError(
+            f"{phase} loss became non-finite in epoch {epoch} (0-based) on another rank of the distributed fit: "
+            f"epoch means {dict(means)}. {divergence_advice(settings)}"
+        )
     step = int(np.flatnonzero(~finite.all(axis=1))[0])
     bad = [n for n, ok in zip(names, finite[step]) if not ok]
     if len(bad) > 1:  # "loss" is the weighted sum; name the component(s) that broke it
@@ -403,6 +422,27 @@ def fit(
     """
     config = config or TrainConfig()
     device = resolve_device(config.device)
+    world = world_size_for(config.distributed)
+    if active_group() is None and world > 1:
+        if callback is not None:
+            raise ValueError("fit: a callback cannot follow a distributed fit (the epochs run in other processes); "
+                             "set distributed: false to use one.")
+        history = spawn_fit(model, train_sampler, val_sampler, config, world, settings)
+        model.to(device).eval()
+        return history
+    return _fit_one(model, train_sampler, val_sampler, config, device, callback, settings)
+
+
+def _fit_one(
+    model: nn.Module,
+    train_sampler: Iterable[Mapping[str, Any]],
+    val_sampler: Iterable[Mapping[str, Any]] | None,
+    config: TrainConfig,
+    device: torch.device,
+    callback: Callable[[int, History, nn.Module], bool | None] | None,
+    settings: str | None,
+) -> History:
+    """:func:`fit` in this process: alone, or as one rank of an initialised process group."""
     dtype = resolve_precision(config.precision, device)
     with torch_threads(config.num_threads), matmul_dtype(dtype):
         history = _fit(model, train_sampler, val_sampler, config, device, callback, settings)
@@ -436,10 +476,21 @@ def _fit(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_adam(params, config)
+    train_loss: Callable[[Any, float], Mapping[str, Tensor]] = model.loss
+    rank, world = active_group() or (0, 1)
+    if world > 1:  # this process is one rank: its shard of the cells, gradients averaged by DDP
+        train_sampler = shard_sampler(train_sampler, rank, world, training=True)
+        val_sampler = shard_sampler(val_sampler, rank, world, training=False)
+        for sampler in (train_sampler, val_sampler):
+            if sampler is not None and hasattr(sampler, "data"):
+                sampler.data.to(device)
+        train_loss = nn.parallel.DistributedDataParallel(
+            LossForward(model), device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     for offset, sampler in ((0, train_sampler), (1, val_sampler)):
         if sampler is not None and hasattr(sampler, "manual_seed"):
-            sampler.manual_seed(config.seed + offset)
+            sampler.manual_seed(config.seed + offset + 7919 * rank)
 
     history = History()
     best_loss = math.inf
@@ -449,25 +500,26 @@ def _fit(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(config.max_epochs), disable=not config.progress, desc=f"fit {type(model).__name__}", unit="epoch")
+    bar = tqdm(range(config.max_epochs), disable=not config.progress or rank > 0,
+               desc=f"fit {type(model).__name__}", unit="epoch")
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + 7919 * rank)
         for epoch in bar:
             start = time.perf_counter()
             beta = kl_weight_at(epoch, config.kl_warmup_epochs)
             model.train()
-            names, mat, sizes = _run_epoch(model, train_sampler, device, beta, optimizer, config.grad_clip, params)
-            _check_finite(names, mat, epoch, "training", settings)
-            train_means = dict(zip(names, (sizes @ mat) / sizes.sum()))
+            names, mat, sizes = _run_epoch(train_loss, train_sampler, device, beta, optimizer, config.grad_clip, params)
+            train_means = _epoch_means(names, mat, sizes)
+            _check_finite(names, mat, epoch, "training", settings, train_means)
 
             val_means: dict[str, float] = {}
             if val_sampler is not None:
                 model.eval()
                 with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
                     torch.manual_seed(config.seed + 1_000_003)
-                    vnames, vmat, vsizes = _run_epoch(model, val_sampler, device, 1.0, None, None, params)
-                _check_finite(vnames, vmat, epoch, "validation", settings)
-                val_means = dict(zip(vnames, (vsizes @ vmat) / vsizes.sum()))
+                    vnames, vmat, vsizes = _run_epoch(model.loss, val_sampler, device, 1.0, None, None, params)
+                val_means = _epoch_means(vnames, vmat, vsizes)
+                _check_finite(vnames, vmat, epoch, "validation", settings, val_means)
 
             history.epoch.append(epoch)
             history.train_loss.append(float(train_means["loss"]))
@@ -505,6 +557,8 @@ def _fit(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    if world > 1:
+        check_replicas(model)
     elif val_sampler is None:
         history.best_epoch = history.epoch[-1]
     model.eval()
