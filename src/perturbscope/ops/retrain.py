@@ -5,6 +5,8 @@
     python -m perturbscope.ops.retrain                      # every registered screen that needs it
     python -m perturbscope.ops.retrain --screens a b --env airflow
     python -m perturbscope.ops.retrain --dry-run            # what would retrain, and is each file valid
+    python -m perturbscope.ops.retrain --plan               # last line: JSON list of the screens to retrain
+    python -m perturbscope.ops.retrain --screens a --json   # last line: a's retrain_status row as JSON
     python -m perturbscope.ops.retrain --force --params "retrain.preflight_cells=null"
 
 For each screen of the registry (``conf/<env>/screens.yml``, ``retrain: true``):
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -99,6 +102,10 @@ STATUS_COLUMNS = [
 
 FAILED = ("invalid", "failed")
 """Statuses that make the command exit with 1."""
+
+PLANNED = ("would_retrain", "invalid")
+"""Dry-run statuses of the screens ``--plan`` lists: those to retrain, and the invalid ones (their own
+task fails and says why; a screen with no file yet or up to date gets no task)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -631,15 +638,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain even if the file did not change")
     parser.add_argument("--dry-run", action="store_true", help="hash and check the files only")
     parser.add_argument("--params", default=None, help="runtime parameters, e.g. 'retrain.preflight_cells=500'")
+    parser.add_argument("--plan", action="store_true",
+                        help="check the files only and print, as the last line, the JSON list of the screens a "
+                        "retrain would run: new or changed files, and invalid ones (so that their task fails)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the retrain_status rows as one JSON list on the last line (Airflow's XCom)")
     args = parser.parse_args(argv)
     status = retrain(
         args.screens,
         env=args.env,
         project_path=args.project_path,
         force=args.force,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run or args.plan,
         extra_params=_parse_params(args.params),
     )
+    if args.plan:
+        planned = status.loc[status["status"].isin(PLANNED), "screen"].astype(str).tolist()
+        print(json.dumps(planned), flush=True)
+        return 0
+    if args.json:
+        print(status.astype(object).where(status.notna(), None).to_json(orient="records"), flush=True)
     return 1 if status["status"].isin(FAILED).any() else 0
 
 
