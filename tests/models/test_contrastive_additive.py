@@ -59,3 +59,39 @@ def test_additive_model_trains_and_embeds() -> None:
     with_s, without_s = model.salient_expression(data, np.arange(5))
     np.testing.assert_allclose(with_s.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(without_s.sum(1), 1.0, rtol=1e-5)
+
+
+def test_unit_salient_loadings_make_a_code_as_long_as_its_log_fold_change() -> None:
+    with seeded(0):
+        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb")
+    assert model.hparams["salient_loadings"] == "unit" and model.decoder.unit_loadings
+    with torch.no_grad():
+        model.decoder.salient.weight.mul_(7.0)  # the raw weights' scale does not matter
+    z = torch.randn(4, 3)
+    codes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.6, 0.8]])
+    _, with_s = model.decoder._hidden_logits(torch.cat([z, codes], 1), None)
+    _, without = model.decoder._hidden_logits(torch.cat([z, torch.zeros_like(codes)], 1), None)
+    lengths = torch.linalg.vector_norm(with_s - without, dim=1)
+    # unit columns: one unit along a dimension moves the logits by exactly 1; 2 units by 2
+    torch.testing.assert_close(lengths[:3], torch.tensor([1.0, 1.0, 2.0]), rtol=1e-5, atol=1e-5)
+
+    with seeded(0):
+        free = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", salient_loadings="free")
+    with torch.no_grad():
+        free.decoder.salient.weight.mul_(7.0)
+    _, raw = free.decoder._hidden_logits(torch.cat([z, codes], 1), None)
+    _, raw0 = free.decoder._hidden_logits(torch.cat([z, torch.zeros_like(codes)], 1), None)
+    assert torch.linalg.vector_norm(raw - raw0, dim=1)[0] > 2.0
+    with pytest.raises(ValueError, match="salient_loadings='scaled' is not supported"):
+        ContrastiveVAE(25, decoder="additive", salient_loadings="scaled")
+
+
+def test_checkpoints_from_before_unit_loadings_load_with_free_loadings() -> None:
+    with seeded(0):
+        old = ContrastiveVAE(25, n_salient=2, decoder="additive", salient_loadings="free")
+    ckpt = to_checkpoint(old)
+    del ckpt["hparams"]["salient_loadings"]
+    loaded = from_checkpoint(ckpt)
+    assert loaded.hparams["salient_loadings"] == "free" and not loaded.decoder.unit_loadings
+    x = torch.randn(3, 10 + 2)
+    torch.testing.assert_close(loaded.decoder.log_proportions(x), old.decoder.log_proportions(x))

@@ -45,6 +45,9 @@ __all__ = ["ContrastiveVAE", "AdditiveSalientDecoder", "DECODERS"]
 DECODERS = ("joint", "additive")
 """``ContrastiveVAE(decoder=...)`` choices."""
 
+SALIENT_LOADINGS = ("unit", "free")
+"""``ContrastiveVAE(salient_loadings=...)`` choices."""
+
 
 
 class AdditiveSalientDecoder(nn.Module):
@@ -57,6 +60,14 @@ class AdditiveSalientDecoder(nn.Module):
     renormalisation) whatever the cell's background state, so it cannot
     profit from encoding shared variation such as the cell-cycle phase.
     Drop-in for :class:`CountDecoder` with input ``[z, s]``.
+
+    With ``unit_loadings`` each column of ``W`` (a salient dimension's gene
+    loadings) is scaled to unit L2 norm, so a salient code's length is the
+    length of the log-fold change it decodes to: perturbations with effects
+    of similar size sit at similar distances from the controls, and a cell
+    near 0 is a cell with little effect. With free loadings the model may
+    put a whole program near 0 behind large loadings, next to the escapers
+    and the weak responders of every other program.
     """
 
     def __init__(
@@ -68,9 +79,11 @@ class AdditiveSalientDecoder(nn.Module):
         n_layers: int = 1,
         n_cov: int = 0,
         likelihood: str = "zinb",
+        unit_loadings: bool = False,
     ) -> None:
         super().__init__()
         self.n_background = n_background
+        self.unit_loadings = bool(unit_loadings)
         self.background = CountDecoder(
             n_background, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_cov, likelihood=likelihood
         )
@@ -81,7 +94,8 @@ class AdditiveSalientDecoder(nn.Module):
         # expression(h) + salient(s) as one GEMM over [h, s] (a skinny s-GEMM plus an add,
         # forward and backward, cost about as much as the expression head itself on a CPU)
         expression = self.background.expression
-        weight = torch.cat([expression.weight, self.salient.weight], dim=1)
+        loadings = F.normalize(self.salient.weight, dim=0) if self.unit_loadings else self.salient.weight
+        weight = torch.cat([expression.weight, loadings], dim=1)
         return h, linear(torch.cat([h, zs[:, self.n_background :]], dim=-1), weight, expression.bias)
 
     def log_proportions(self, zs: Tensor, cov: Tensor | None = None) -> Tensor:
@@ -136,6 +150,13 @@ class ContrastiveVAE(BatchLibraryModel):
         log-expression effect (:class:`AdditiveSalientDecoder`); on
         simulated screens this keeps the cell-cycle phase out of the
         salient space at the same program separation.
+    salient_loadings
+        Additive decoder only. ``"unit"`` (default): each salient dimension's
+        gene loadings have unit L2 norm, so the length of a salient code is
+        the length of its log-fold change (programs of similar effect sit at
+        similar distances from the controls; see
+        :class:`AdditiveSalientDecoder`). ``"free"``: unconstrained loadings
+        (models saved before this option load with it).
 
     Notes
     -----
@@ -147,6 +168,8 @@ class ContrastiveVAE(BatchLibraryModel):
     """Constructor arguments of earlier versions, ignored when a checkpoint is loaded."""
     retired_state = ("gate.", "escaper_odds")
     """State-dict prefixes of earlier versions (the escape gate), dropped when a checkpoint is loaded."""
+    legacy_hparams = {"salient_loadings": "free"}
+    """What a checkpoint saved before an argument existed was trained with (free salient loadings)."""
 
     def __init__(
         self,
@@ -164,6 +187,7 @@ class ContrastiveVAE(BatchLibraryModel):
         library_log_var: list[float] | None = None,
         wasserstein_penalty: float = 1.0,
         decoder: str = "joint",
+        salient_loadings: str = "unit",
     ) -> None:
         super().__init__()
         n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the count matrix")
@@ -179,6 +203,10 @@ class ContrastiveVAE(BatchLibraryModel):
             raise ValueError(f"wasserstein_penalty must be a number >= 0 (0 disables it), got {wasserstein_penalty!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder={decoder!r} is not supported; use one of {list(DECODERS)}")
+        if salient_loadings not in SALIENT_LOADINGS:
+            raise ValueError(
+                f"salient_loadings={salient_loadings!r} is not supported; use one of {list(SALIENT_LOADINGS)}"
+            )
         library_log_mean, library_log_var = check_library_prior(
             library, library_log_mean, library_log_var, n_batch
         )
@@ -197,6 +225,7 @@ class ContrastiveVAE(BatchLibraryModel):
             library_log_var=library_log_var,
             wasserstein_penalty=float(wasserstein_penalty),
             decoder=decoder,
+            salient_loadings=salient_loadings,
         )
         self.n_genes = n_genes
         self.n_background = n_background
@@ -212,7 +241,7 @@ class ContrastiveVAE(BatchLibraryModel):
         if decoder == "additive":
             self.decoder = AdditiveSalientDecoder(
                 n_background, n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
-                likelihood=likelihood,
+                likelihood=likelihood, unit_loadings=salient_loadings == "unit",
             )
         else:
             self.decoder = CountDecoder(
