@@ -433,23 +433,6 @@ def fit(
     return _fit_one(model, train_sampler, val_sampler, config, device, callback, settings)
 
 
-def _fit_one(
-    model: nn.Module,
-    train_sampler: Iterable[Mapping[str, Any]],
-    val_sampler: Iterable[Mapping[str, Any]] | None,
-    config: TrainConfig,
-    device: torch.device,
-    callback: Callable[[int, History, nn.Module], bool | None] | None,
-    settings: str | None,
-) -> History:
-    """:func:`fit` in this process: alone, or as one rank of an initialised process group."""
-    dtype = resolve_precision(config.precision, device)
-    with torch_threads(config.num_threads), matmul_dtype(dtype):
-        history = _fit(model, train_sampler, val_sampler, config, device, callback, settings)
-    history.precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    return history
-
-
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run a block with ``n`` intra-op CPU threads (None: leave torch's setting), restoring it after."""
@@ -464,7 +447,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _fit(
+def _fit_one(
     model: nn.Module,
     train_sampler: Iterable[Mapping[str, Any]],
     val_sampler: Iterable[Mapping[str, Any]] | None,
@@ -473,6 +456,8 @@ def _fit(
     callback: Callable[[int, History, nn.Module], bool | None] | None = None,
     settings: str | None = None,
 ) -> History:
+    """:func:`fit` in this process: alone, or as one rank of an initialised process group."""
+    dtype = resolve_precision(config.precision, device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_adam(params, config)
@@ -502,7 +487,7 @@ def _fit(
 
     bar = tqdm(range(config.max_epochs), disable=not config.progress or rank > 0,
                desc=f"fit {type(model).__name__}", unit="epoch")
-    with torch.random.fork_rng(devices=rng_devices):
+    with torch.random.fork_rng(devices=rng_devices), torch_threads(config.num_threads), matmul_dtype(dtype):
         torch.manual_seed(config.seed + 7919 * rank)
         for epoch in bar:
             start = time.perf_counter()
@@ -557,9 +542,10 @@ def _fit(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    if world > 1:
-        check_replicas(model)
     elif val_sampler is None:
         history.best_epoch = history.epoch[-1]
+    if world > 1:
+        check_replicas(model)
     model.eval()
+    history.precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     return history
