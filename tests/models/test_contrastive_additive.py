@@ -63,8 +63,10 @@ def test_additive_model_trains_and_embeds() -> None:
 
 def test_unit_salient_loadings_make_a_code_as_long_as_its_log_fold_change() -> None:
     with seeded(0):
-        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb")
+        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb",
+                               salient_loadings="unit")
     assert model.hparams["salient_loadings"] == "unit" and model.decoder.unit_loadings
+    assert ContrastiveVAE(25, decoder="additive").hparams["salient_loadings"] == "free"  # the default
     with torch.no_grad():
         model.decoder.salient.weight.mul_(7.0)  # the raw weights' scale does not matter
     z = torch.randn(4, 3)
