@@ -82,12 +82,21 @@ class LossForward(nn.Module):
         return self.module.loss(batch, kl_weight)
 
 
+def _group_device() -> torch.device:
+    """Where the group's collectives take their tensors: this rank's GPU with NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _cpu_threads(world: int) -> int:
+    """Torch threads of each of ``world`` CPU ranks: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 def reduce_sums(weighted_sums: torch.Tensor, total: float) -> tuple[torch.Tensor, float]:
     """Sum an epoch's cell-weighted term sums and its cell count over ranks (no-op without a group)."""
     if active_group() is None:
         return weighted_sums, total
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    packed = torch.cat([weighted_sums.double(), torch.tensor([float(total)], dtype=torch.float64)]).to(backend_device)
+    packed = torch.cat([weighted_sums.double(), torch.tensor([float(total)], dtype=torch.float64)]).to(_group_device())
     dist.all_reduce(packed)
     packed = packed.cpu()
     return packed[:-1], float(packed[-1])
@@ -107,9 +116,7 @@ def shard_sampler(sampler: Any, rank: int, world: int, *, training: bool) -> Any
 
 def check_replicas(model: nn.Module) -> None:
     """Raise unless every rank ended with the same weights (DDP keeps the replicas in step)."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    if dist.get_backend() == "nccl":
-        sums = sums.cuda()
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(_group_device())
     high, low = sums.clone(), -sums
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MAX)
@@ -148,7 +155,7 @@ def _worker(rank: int, world: int, backend: str, init_method: str, out: str) -> 
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
         elif config.num_threads is None:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            torch.set_num_threads(_cpu_threads(world))
         with process_group(rank, world, backend, init_method):
             history = _fit_one(model, train, val, config, device, None, settings)
             if rank == 0:
@@ -174,7 +181,7 @@ def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
     logger.info("Training data-parallel on %d processes (%s, %s): %s", world, backend, device.type,
-                "one GPU each" if device.type == "cuda" else f"{max(1, (os.cpu_count() or 1) // world)} thread(s) each")
+                "one GPU each" if device.type == "cuda" else f"{_cpu_threads(world)} thread(s) each")
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     model = model.cpu()
     with tempfile.TemporaryDirectory(prefix="perturbscope-ddp-") as out:
