@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penetrance", type=float, required=True)
     parser.add_argument("--screen-seed", type=int, required=True, help="escape_vs_scvi: 0, 1, 2 for 0.6, 0.7, 0.8")
     parser.add_argument("--train-seed", type=int, default=0)
-    parser.add_argument("--loadings", choices=["unit", "free"], default="unit")
+    parser.add_argument("--loadings", choices=["unit", "shared", "free"], default="unit")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

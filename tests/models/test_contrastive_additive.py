@@ -97,3 +97,19 @@ def test_checkpoints_from_before_unit_loadings_load_with_free_loadings() -> None
     assert loaded.hparams["salient_loadings"] == "free" and not loaded.decoder.unit_loadings
     x = torch.randn(3, 10 + 2)
     torch.testing.assert_close(loaded.decoder.log_proportions(x), old.decoder.log_proportions(x))
+
+
+def test_shared_salient_loadings_have_one_learned_length() -> None:
+    with seeded(0):
+        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb",
+                               salient_loadings="shared")
+    assert model.decoder.log_scale is not None and model.decoder.log_scale.requires_grad
+    with torch.no_grad():
+        model.decoder.log_scale.fill_(np.log(3.0))
+        model.decoder.salient.weight[:, 1].mul_(10.0)  # one column's raw size does not matter
+    z = torch.randn(2, 3)
+    codes = torch.eye(2)
+    _, with_s = model.decoder._hidden_logits(torch.cat([z, codes], 1), None)
+    _, without = model.decoder._hidden_logits(torch.cat([z, torch.zeros_like(codes)], 1), None)
+    # every dimension moves the logits by the one shared length, exp(log_scale) = 3
+    torch.testing.assert_close(torch.linalg.vector_norm(with_s - without, dim=1), torch.tensor([3.0, 3.0]))

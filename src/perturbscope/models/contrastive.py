@@ -45,7 +45,7 @@ __all__ = ["ContrastiveVAE", "AdditiveSalientDecoder", "DECODERS"]
 DECODERS = ("joint", "additive")
 """``ContrastiveVAE(decoder=...)`` choices."""
 
-SALIENT_LOADINGS = ("unit", "free")
+SALIENT_LOADINGS = ("unit", "shared", "free")
 """``ContrastiveVAE(salient_loadings=...)`` choices."""
 
 
@@ -80,10 +80,13 @@ class AdditiveSalientDecoder(nn.Module):
         n_cov: int = 0,
         likelihood: str = "zinb",
         unit_loadings: bool = False,
+        shared_scale: bool = False,
     ) -> None:
         super().__init__()
         self.n_background = n_background
-        self.unit_loadings = bool(unit_loadings)
+        self.unit_loadings = bool(unit_loadings or shared_scale)
+        # one learned length shared by every salient dimension's loadings (log scale)
+        self.log_scale = nn.Parameter(torch.zeros(())) if shared_scale else None
         self.background = CountDecoder(
             n_background, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_cov, likelihood=likelihood
         )
@@ -95,6 +98,8 @@ class AdditiveSalientDecoder(nn.Module):
         # forward and backward, cost about as much as the expression head itself on a CPU)
         expression = self.background.expression
         loadings = F.normalize(self.salient.weight, dim=0) if self.unit_loadings else self.salient.weight
+        if self.log_scale is not None:
+            loadings = loadings * self.log_scale.exp()
         weight = torch.cat([expression.weight, loadings], dim=1)
         return h, linear(torch.cat([h, zs[:, self.n_background :]], dim=-1), weight, expression.bias)
 
@@ -158,6 +163,10 @@ class ContrastiveVAE(BatchLibraryModel):
         controls; see :class:`AdditiveSalientDecoder`). It separates programs
         better on simulated screens with 80 % penetrance but worse on the
         demo screen, where the KL cost of long codes stops training early.
+        ``"shared"``: unit columns times one learned length shared by every
+        dimension (the geometry of ``"unit"`` without charging the prior for
+        the size of the effects); in between the two on the demo and on the
+        simulated screens (bench/results/escape_seeds.md).
 
     Notes
     -----
@@ -244,6 +253,7 @@ class ContrastiveVAE(BatchLibraryModel):
             self.decoder = AdditiveSalientDecoder(
                 n_background, n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
                 likelihood=likelihood, unit_loadings=salient_loadings == "unit",
+                shared_scale=salient_loadings == "shared",
             )
         else:
             self.decoder = CountDecoder(
