@@ -115,3 +115,30 @@ def test_a_retired_per_step_seed_stops_the_run_with_its_name(test_root: Path) ->
             session.load_context()
     with KedroSession.create(project_path=PROJECT, env="test") as session:
         assert session.load_context().params["seed"] == 0  # the project's own conf passes
+
+
+def test_a_run_on_a_screen_read_from_disk_stops_before_nodes_that_need_memory(tmp_path) -> None:
+    from kedro.pipeline import Node, Pipeline
+
+    from perturbscope.datasets import AnnDataDataset
+    from perturbscope.hooks import OnDiskScreenHook
+    from perturbscope.pipelines.data_processing import create_pipeline as data_processing
+    from perturbscope.schema import ScreenValidationError
+    from perturbscope.simulation import simulate_screen
+
+    path = tmp_path / "big.h5ad"
+    simulate_screen(n_cells=200, n_genes=300, seed=0).write_h5ad(path)
+    catalog = {name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 0})
+               for name in ("raw_screen", "processed_screen")}
+    hook = OnDiskScreenHook()
+    hook.before_pipeline_run({}, data_processing(), catalog)  # every data_processing node streams
+    needs_memory = data_processing() + Pipeline([Node(lambda s: s, "processed_screen", "x", name="train_ldvae"),
+                                                 Node(lambda x: x, "x", "y", name="no_screen")])
+    with pytest.raises(ScreenValidationError, match=r"1 node\(s\) of this run need it in memory: train_ldvae"):
+        hook.before_pipeline_run({}, needs_memory, catalog)
+    small = {name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 2.0})
+             for name in ("raw_screen", "processed_screen")}
+    hook.before_pipeline_run({}, needs_memory, small)  # fits: nothing to stop
+    assert isinstance(small["raw_screen"].load(), ad.AnnData)
+    loaded = catalog["raw_screen"].load()
+    assert type(loaded).__name__ == "OnDiskScreen" and loaded.shape == (200, 300)

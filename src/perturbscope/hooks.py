@@ -152,6 +152,42 @@ class ParametersHook:
             )
 
 
+STREAMS_TAG = "streams"
+"""Tag of the nodes that take a screen read from disk (:class:`perturbscope.ondisk.OnDiskScreen`)."""
+
+
+class OnDiskScreenHook:
+    """A run on a screen too large for memory (``raw_screen`` above ``on_disk_above_gb``) stops
+    before it starts when it holds nodes that need the screen in memory, naming them and the
+    pipelines that stream, instead of failing hours later."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        dataset = catalog.get("raw_screen") if hasattr(catalog, "get") else None
+        reads_on_disk = getattr(dataset, "reads_on_disk", None)
+        if reads_on_disk is None or not reads_on_disk():
+            return
+        screens = {name for name in pipeline.datasets()
+                   if getattr(catalog.get(name), "_on_disk_above_gb", None) is not None}
+        needs_memory = [node for node in pipeline.nodes
+                        if STREAMS_TAG not in node.tags and screens & set(node.inputs)]
+        blocked = sorted({node.name for node in needs_memory})
+        namespaces = sorted({node.namespace or "" for node in needs_memory})
+        if not blocked:
+            return
+        from perturbscope.schema import ScreenValidationError
+
+        raise ScreenValidationError(
+            f"The screen '{dataset._filepath}' is read from disk in blocks (its count matrix is above "
+            f"on_disk_above_gb={dataset._on_disk_above_gb} GB), but {len(blocked)} node(s) of this run need it "
+            f"in memory: {', '.join(blocked[:8])}{' ...' if len(blocked) > 8 else ''}"
+            f"{' (' + ', '.join(n for n in namespaces if n) + ')' if any(namespaces) else ''}. Run the pipelines "
+            "that stream, `kedro run --pipelines data_processing,contrastive_model` (README: 'Screens larger "
+            "than memory'), or raise "
+            "on_disk_above_gb (`--params on_disk_above_gb=40`) on a machine with that much memory."
+        )
+
+
 class RunOutputsHook:
     """Every file a run writes is a new version, and a failed run leaves none behind.
 

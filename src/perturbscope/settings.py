@@ -4,9 +4,18 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from perturbscope.hooks import ParametersHook, ProjectStoreHook, RunInfoHook, RunOutputsHook, ScreenTagHook
+from perturbscope.hooks import (
+    OnDiskScreenHook,
+    ParametersHook,
+    ProjectStoreHook,
+    RunInfoHook,
+    RunOutputsHook,
+    ScreenTagHook,
+)
 
-HOOKS = (ParametersHook(), ProjectStoreHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook())
+HOOKS = (
+    ParametersHook(), ProjectStoreHook(), OnDiskScreenHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook(),
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

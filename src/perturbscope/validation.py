@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from perturbscope.ondisk import OnDiskScreen, is_on_disk
 from perturbscope.schema import CONTROL, PERTURBATION, UNPERTURBED, ScreenSchema, ScreenValidationError
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,38 @@ def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Se
     return labels, is_control
 
 
+def check_counts_on_disk(screen: OnDiskScreen, where: str) -> None:
+    """The raw-count checks of :func:`validate_screen`, block by block (the error names the cells)."""
+    for chunk in screen.chunks():
+        try:
+            _check_counts(chunk.counts, where)
+        except ScreenValidationError as err:
+            raise ScreenValidationError(f"Cells {chunk.start:,}-{chunk.stop - 1:,}: {err}") from None
+
+
+def _validated_on_disk(
+    adata: OnDiskScreen, schema: ScreenSchema, schema_params: dict[str, Any], screen: str, labels: np.ndarray
+) -> OnDiskScreen:
+    """:func:`validate_screen` of a screen read from disk: the counts are checked block by block."""
+    try:
+        out = adata.with_counts_layer(schema.counts_layer)
+    except ValueError as err:
+        raise ScreenValidationError(f"schema.counts_layer: {err}") from None
+    where = "X" if schema.counts_layer is None else f"layers['{schema.counts_layer}']"
+    check_counts_on_disk(out, where)
+    obs = adata.obs.copy()
+    obs[PERTURBATION] = pd.Categorical(labels)
+    out = OnDiskScreen(out._source, obs, adata.var.copy(), chunk_size=adata.chunk_size)
+    out.uns["perturbscope"] = {
+        "screen": screen,
+        "schema": {k: v for k, v in schema_params.items() if v is not None},
+    }
+    return out
+
+
 def validate_screen(
-    adata: ad.AnnData, schema_params: dict[str, Any], screen: str
-) -> ad.AnnData:
+    adata: ad.AnnData | OnDiskScreen, schema_params: dict[str, Any], screen: str
+) -> ad.AnnData | OnDiskScreen:
     """Check a screen against its schema and return a standardised copy.
 
     The copy has raw counts (float32 CSR) in ``X``, the perturbation label in
@@ -153,6 +183,8 @@ def validate_screen(
     _check_unique(adata.obs_names, "cell", "Make them unique with adata.obs_names_make_unique().")
     _check_unique(adata.var_names, "gene", "Make them unique with adata.var_names_make_unique().")
 
+    if is_on_disk(adata):
+        return _validated_on_disk(adata, schema, schema_params, screen, np.where(is_control, CONTROL, labels))
     if schema.counts_layer is None:
         counts, where = adata.X, "X"
     elif schema.counts_layer in adata.layers:

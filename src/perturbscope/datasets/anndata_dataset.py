@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from copy import deepcopy
 from typing import Any
 
@@ -11,6 +12,9 @@ from kedro.io.core import DatasetError, Version
 from kedro_datasets._typing import TablePreview
 
 from perturbscope.datasets._io import VersionedFileDataset, write_via_local_file
+from perturbscope.ondisk import DEFAULT_CHUNK_SIZE, OnDiskScreen, stored_matrix_bytes
+
+logger = logging.getLogger(__name__)
 
 
 class AnnDataDataset(VersionedFileDataset):
@@ -32,9 +36,14 @@ class AnnDataDataset(VersionedFileDataset):
     filepath
         Path or fsspec URL of the ``.h5ad`` file.
     load_args
-        Passed to :func:`anndata.read_h5ad` (for example ``backed: r``).
+        Passed to :func:`anndata.read_h5ad` (for example ``backed: r``), except
+        ``on_disk_above_gb``: a local file whose count matrix takes more memory than this
+        (as CSR) loads as an :class:`~perturbscope.ondisk.OnDiskScreen`, read in blocks of
+        ``chunk_size`` cells (default 20,000) by the nodes that stream; null = never.
     save_args
-        Passed to :meth:`anndata.AnnData.write_h5ad` (default ``compression: gzip``).
+        Passed to :meth:`anndata.AnnData.write_h5ad` (default ``compression: gzip``);
+        an :class:`~perturbscope.ondisk.OnDiskScreen` is written block by block with the same
+        compression.
     version, credentials, fs_args, metadata
         As for every Kedro versioned dataset.
     """
@@ -53,6 +62,8 @@ class AnnDataDataset(VersionedFileDataset):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._load_args = dict(load_args or {})
+        self._on_disk_above_gb = self._load_args.pop("on_disk_above_gb", None)
+        self._chunk_size = int(self._load_args.pop("chunk_size", DEFAULT_CHUNK_SIZE))
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
         self._init_file(filepath, version, credentials, fs_args, metadata)
 
@@ -61,11 +72,29 @@ class AnnDataDataset(VersionedFileDataset):
             "filepath": self._filepath,
             "protocol": self._protocol,
             "version": self._version,
-            "load_args": self._load_args,
+            "load_args": {**self._load_args, "on_disk_above_gb": self._on_disk_above_gb,
+                          "chunk_size": self._chunk_size},
             "save_args": self._save_args,
         }
 
-    def load(self) -> ad.AnnData:
+    def _on_disk(self, load_path: str) -> bool:
+        """Whether the file is large enough (``on_disk_above_gb``) to be read in blocks."""
+        if self._on_disk_above_gb is None or self._protocol != "file" or self._load_args.get("backed"):
+            return False
+        layers = ("layers/counts", "X")
+        size = max(stored_matrix_bytes(load_path, key) for key in layers)
+        return size > float(self._on_disk_above_gb) * 1e9
+
+    def reads_on_disk(self) -> bool:
+        """Whether :meth:`load` returns an :class:`~perturbscope.ondisk.OnDiskScreen` (the file exists
+        and its count matrix is above ``on_disk_above_gb``)."""
+        try:
+            load_path = self._load_path()
+            return self._fs.exists(load_path) and self._on_disk(load_path)
+        except (DatasetError, OSError):
+            return False
+
+    def load(self) -> ad.AnnData | OnDiskScreen:
         load_path = self._load_path()
         if not self._fs.exists(load_path):
             raise DatasetError(
@@ -73,6 +102,14 @@ class AnnDataDataset(VersionedFileDataset):
                 "screen with `kedro run --params screen=<name>` (reads data/01_raw/<name>.h5ad)."
             )
         try:
+            if self._on_disk(load_path):
+                screen = OnDiskScreen.open(load_path, chunk_size=self._chunk_size)
+                logger.info(
+                    "%s: %s cells; its count matrix (%.1f GB as CSR) is above on_disk_above_gb=%s, so it "
+                    "is read from disk in blocks of %s cells.", load_path, f"{screen.n_obs:,}",
+                    screen.nbytes() / 1e9, self._on_disk_above_gb, f"{self._chunk_size:,}",
+                )
+                return screen
             if self._protocol == "file" or self._load_args.get("backed"):
                 return ad.read_h5ad(load_path, **self._load_args)
             with self._fs.open(load_path, mode="rb") as handle:
@@ -84,7 +121,14 @@ class AnnDataDataset(VersionedFileDataset):
                 "(`adata.write_h5ad(path)`)."
             ) from err
 
-    def save(self, data: ad.AnnData) -> None:
+    def save(self, data: ad.AnnData | OnDiskScreen) -> None:
+        if isinstance(data, OnDiskScreen):
+            write_via_local_file(
+                self._protocol, self._fs, self._save_path(), ".h5ad",
+                lambda local: data.write_h5ad(local, compression=self._save_args.get("compression")),
+            )
+            self._invalidate_cache()
+            return
         if not isinstance(data, ad.AnnData):
             raise DatasetError(
                 f"AnnDataDataset can only save an AnnData object, got {type(data).__name__}."

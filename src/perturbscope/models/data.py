@@ -27,6 +27,8 @@ from torch import Tensor
 
 __all__ = [
     "CellData",
+    "StreamingCellData",
+    "block_shuffle",
     "MinibatchSampler",
     "PairedSampler",
     "concat_batches",
@@ -291,6 +293,151 @@ class CellData:
         return means, vars_
 
 
+class StreamingCellData:
+    """Cells read in contiguous blocks from a row source, a few blocks resident at a time.
+
+    For count matrices that do not fit the device (or the memory budget): ``read_rows(start,
+    stop)`` returns raw counts of cells ``start:stop`` (scipy CSR); blocks of ``block_size``
+    cells are turned into :class:`CellData` on first use and the last ``cache_blocks`` of them
+    are kept. :meth:`batch` has :class:`CellData`'s contract, so the samplers and the models use
+    either. The samplers shuffle a streaming source with :func:`block_shuffle` (blocks in random
+    order, cells shuffled within a window of ``cache_blocks // 2`` blocks), so every block is read
+    about once per pass over the cells.
+    """
+
+    def __init__(
+        self,
+        read_rows: Any,
+        n_cells: int,
+        n_genes: int,
+        obs: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_size: int = 16384,
+        cache_blocks: int = 4,
+    ) -> None:
+        self._read_rows = read_rows
+        self.n_cells, self.n_genes = int(n_cells), int(n_genes)
+        self.device, self.dtype = torch.device(device), dtype
+        self.block_size = max(1, int(block_size))
+        self.cache_blocks = max(2, int(cache_blocks))
+        self._obs = {key: np.asarray(val) for key, val in (obs or {}).items()}
+        for key, val in self._obs.items():
+            if key in RESERVED_KEYS or val.shape[:1] != (self.n_cells,):
+                raise ValueError(f"obs[{key!r}]: a per-cell array of length n_cells={self.n_cells} with a free name")
+        self._cache: dict[int, CellData] = {}
+        self.blocks_read = 0
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def __repr__(self) -> str:
+        return (f"StreamingCellData(n_cells={self.n_cells}, n_genes={self.n_genes}, block_size={self.block_size}, "
+                f"cache_blocks={self.cache_blocks}, device={self.device})")
+
+    def to(self, device: str | torch.device) -> StreamingCellData:
+        """Blocks are read to ``device`` from now on (the cache is emptied); returns ``self``."""
+        device = torch.device(device)
+        if device != self.device:
+            self.device, self._cache = device, {}
+        return self
+
+    def _block(self, block: int) -> CellData:
+        data = self._cache.pop(block, None)
+        if data is None:
+            start, stop = block * self.block_size, min((block + 1) * self.block_size, self.n_cells)
+            obs = {key: val[start:stop] for key, val in self._obs.items()}
+            data = CellData(self._read_rows(start, stop), obs=obs, device=self.device, dtype=self.dtype)
+            self.blocks_read += 1
+            while len(self._cache) >= self.cache_blocks:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[block] = data  # most recently used last
+        return data
+
+    def batch(self, idx: Tensor | np.ndarray | Sequence[int]) -> Batch:
+        """:meth:`CellData.batch` of cells ``idx`` (read from their blocks; rows in ``idx`` order)."""
+        pos = idx.cpu().numpy() if isinstance(idx, Tensor) else np.asarray(idx, dtype=np.int64)
+        blocks = pos // self.block_size
+        if blocks.size and (blocks == blocks[0]).all():
+            out = self._block(int(blocks[0])).batch(torch.as_tensor(pos - blocks[0] * self.block_size))
+        else:
+            order = np.argsort(blocks, kind="stable")
+            parts = [self._block(int(b)).batch(torch.as_tensor(pos[order][blocks[order] == b] - b * self.block_size))
+                     for b in np.unique(blocks)]
+            out = concat_batches(parts)
+            if not np.array_equal(order, np.arange(order.size)):
+                # rows came grouped by block: put them back in the order of idx
+                back = torch.as_tensor(np.argsort(order), device=self.device)
+                rows = torch.as_tensor(order, device=self.device)
+                out = {key: (rows.index_select(0, val) if key == "nz_row" else
+                             val if key.startswith("nz_") else val.index_select(0, back))
+                       for key, val in out.items()}
+        out["idx"] = torch.as_tensor(pos, device=self.device)
+        return out
+
+    def materialise(self, positions: Any) -> CellData:
+        """The cells ``positions`` (in that order) as an in-memory :class:`CellData`, read block by block."""
+        pos = as_index(positions, self.n_cells).numpy()
+        blocks = pos // self.block_size
+        order = np.argsort(pos, kind="stable")
+        parts = []
+        for b in np.unique(blocks):
+            start = int(b) * self.block_size
+            rows = self._read_rows(start, min(start + self.block_size, self.n_cells))
+            parts.append(sp.csr_matrix(rows)[np.sort(pos[blocks == b]) - start])
+        counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_genes))
+        counts = counts[np.argsort(order)]  # back to the order of positions
+        return CellData(counts, obs={k: v[pos] for k, v in self._obs.items()}, device=self.device, dtype=self.dtype)
+
+    @property
+    def library(self) -> np.ndarray:
+        """Each cell's total counts (one pass over the blocks, then kept)."""
+        if not hasattr(self, "_library"):
+            self._library = np.concatenate([
+                np.asarray(self._read_rows(s, min(s + self.block_size, self.n_cells)).sum(axis=1)).ravel()
+                for s in range(0, self.n_cells, self.block_size)
+            ]) if self.n_cells else np.zeros(0)
+        return self._library
+
+    def library_prior(self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0) -> tuple[list[float], list[float]]:
+        """:meth:`CellData.library_prior` (reads every block once)."""
+        holder = CellData.__new__(CellData)
+        holder.n_cells, holder.library = self.n_cells, self.library
+        holder.obs = {k: torch.as_tensor(v) for k, v in self._obs.items()}
+        return CellData.library_prior(holder, idx, batch_key, n_batch)
+
+
+class RowsOf:
+    """``read_rows`` of a :class:`StreamingCellData` over an in-memory matrix (picklable, unlike a lambda)."""
+
+    def __init__(self, matrix: Any) -> None:
+        self.matrix = matrix
+
+    def __call__(self, start: int, stop: int) -> Any:
+        return self.matrix[start:stop]
+
+
+def block_shuffle(positions: Tensor, block_size: int, window: int, generator: torch.Generator) -> Tensor:
+    """A random order of ``positions`` that reads a streaming source block by block: the blocks
+    (``position // block_size``) in random order, and the cells of every ``window`` consecutive
+    blocks shuffled together."""
+    blocks = positions // block_size
+    unique = torch.unique(blocks)
+    shuffled = unique[torch.randperm(unique.numel(), generator=generator)]
+    rank = torch.empty(int(unique.max()) + 1 if unique.numel() else 0, dtype=torch.long)
+    rank[shuffled] = torch.arange(shuffled.numel())
+    group = rank[blocks] // max(1, int(window))
+    keys = group.to(torch.float64) + torch.rand(positions.numel(), generator=generator, dtype=torch.float64) * 0.5
+    return positions[torch.argsort(keys)]
+
+
+def _shuffled(positions: Tensor, data: Any, generator: torch.Generator) -> Tensor:
+    """A random order of ``positions``: a permutation, or :func:`block_shuffle` for a streaming source."""
+    if isinstance(data, StreamingCellData):
+        return block_shuffle(positions, data.block_size, max(1, data.cache_blocks // 2), generator)
+    return positions[torch.randperm(positions.numel(), generator=generator)]
+
+
 # --------------------------------------------------------------------------
 # batch helpers
 # --------------------------------------------------------------------------
@@ -409,7 +556,7 @@ class MinibatchSampler:
     def __iter__(self) -> Iterator[Batch]:
         order = self.idx
         if self.shuffle:
-            order = order[torch.randperm(order.numel(), generator=self.generator)]
+            order = _shuffled(order, self.data, self.generator)
         for i in range(len(self)):
             yield self.data.batch(order[i * self.batch_size : (i + 1) * self.batch_size])
 
@@ -441,6 +588,9 @@ class PairedSampler:
         Random order (training) or fixed order (validation).
     seed
         Seed of the sampler's CPU generator.
+    background_data
+        Where the background cells are (``background_idx`` then indexes it); default ``data``.
+        With a :class:`StreamingCellData` target source, the controls are kept in memory here.
 
     Yields
     ------
@@ -457,11 +607,13 @@ class PairedSampler:
         batch_size: int = 256,
         shuffle: bool = True,
         seed: int = 0,
+        background_data: CellData | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = data
-        self.background_idx = as_index(background_idx, data.n_cells, "background_idx")
+        self.background_data = data if background_data is None else background_data
+        self.background_idx = as_index(background_idx, self.background_data.n_cells, "background_idx")
         self.target_idx = as_index(target_idx, data.n_cells, "target_idx")
         if self.background_idx.numel() == 0:
             raise ValueError("PairedSampler needs at least one background (control) cell")
@@ -483,15 +635,15 @@ class PairedSampler:
         ``batch_size / world`` targets per batch (the global batch stays ``batch_size``)."""
         return PairedSampler(self.data, shard_index(self.background_idx, rank, world, False),
                              shard_index(self.target_idx, rank, world, equal),
-                             _shard_batch(self.batch_size, world), self.shuffle)
+                             _shard_batch(self.batch_size, world), self.shuffle,
+                             background_data=self.background_data)
 
     def __len__(self) -> int:
         return math.ceil(self.target_idx.numel() / self.batch_size)
 
     def _new_bg_perm(self) -> Tensor:
-        n = self.background_idx.numel()
         if self.shuffle:
-            return self.background_idx[torch.randperm(n, generator=self.generator)]
+            return _shuffled(self.background_idx, self.background_data, self.generator)
         return self.background_idx
 
     def _take_background(self, k: int) -> Tensor:
@@ -509,11 +661,11 @@ class PairedSampler:
     def __iter__(self) -> Iterator[dict[str, Batch]]:
         targets = self.target_idx
         if self.shuffle:
-            targets = targets[torch.randperm(targets.numel(), generator=self.generator)]
+            targets = _shuffled(targets, self.data, self.generator)
         else:
             self._bg_perm = torch.empty(0, dtype=torch.long)
             self._bg_pos = 0
         for i in range(len(self)):
             tg = targets[i * self.batch_size : (i + 1) * self.batch_size]
             bg = self._take_background(tg.numel())
-            yield {"background": self.data.batch(bg), "target": self.data.batch(tg)}
+            yield {"background": self.background_data.batch(bg), "target": self.data.batch(tg)}

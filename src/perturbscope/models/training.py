@@ -88,6 +88,15 @@ class TrainConfig:
         ``"auto"``: bfloat16 where the device multiplies it natively (a CPU
         with AVX512-BF16 or AMX, a CUDA GPU with bfloat16 support), else
         float32. Embedding and scoring after training always run in float32.
+    distributed
+        Data-parallel training (see :mod:`perturbscope.models.distributed`).
+    memory_budget_gb
+        Read by the model classes, not by :func:`fit`: when a screen's counts would take more
+        than this (as device tensors, about 16 bytes per non-zero) they stream in blocks of
+        ``stream_block_size`` cells (:class:`~perturbscope.models.data.StreamingCellData`);
+        None = no limit. A screen read from disk always streams.
+    stream_block_size
+        Cells per block when the counts stream.
     """
 
     max_epochs: int = 100
@@ -105,6 +114,8 @@ class TrainConfig:
     num_threads: int | None = None
     precision: str = "float32"
     distributed: bool | int | str = False
+    memory_budget_gb: float | None = None
+    stream_block_size: int = 16384
 
     def __post_init__(self) -> None:
         if int(self.max_epochs) < 1:
@@ -125,6 +136,10 @@ class TrainConfig:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} not understood; use one of {list(PRECISIONS)}")
+        if self.memory_budget_gb is not None and not float(self.memory_budget_gb) > 0:
+            raise ValueError(f"memory_budget_gb must be a positive number or None, got {self.memory_budget_gb}")
+        if int(self.stream_block_size) < 1:
+            raise ValueError(f"stream_block_size must be >= 1, got {self.stream_block_size}")
         resolve_device(self.device, check_available=False)
         world_size_for(self.distributed)  # raises for a value it does not understand
 
@@ -467,8 +482,9 @@ def _fit_one(
         train_sampler = shard_sampler(train_sampler, rank, world, training=True)
         val_sampler = shard_sampler(val_sampler, rank, world, training=False)
         for sampler in (train_sampler, val_sampler):
-            if sampler is not None and hasattr(sampler, "data"):
-                sampler.data.to(device)
+            for data in (getattr(sampler, "data", None), getattr(sampler, "background_data", None)):
+                if data is not None:
+                    data.to(device)
         train_loss = nn.parallel.DistributedDataParallel(
             LossForward(model), device_ids=[device.index] if device.type == "cuda" else None
         )

@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from perturbscope.schema import ScreenSchema, ScreenValidationError
+from perturbscope.schema import ScreenSchema
 from perturbscope.validation import validate_screen
 
 logger = logging.getLogger(__name__)

@@ -19,13 +19,19 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from perturbscope.models.contrastive import ContrastiveVAE
-from perturbscope.models.data import CellData, PairedSampler
+from perturbscope.models.data import CellData, PairedSampler, StreamingCellData
 from perturbscope.models.escape import EscapeMixture, fit_escape_mixture
-from perturbscope.models.training import resolve_device
 from perturbscope.schema import CONTROL, IS_CONTROL, PERTURBATION, SPLIT, UNPERTURBED, VALIDATION
 
 from .base import ModelAPI, training_summary
-from .inputs import BATCH_OBS_KEY, align_counts as _align_counts, raw_counts, screen_metadata, training_batches
+from .inputs import (
+    BATCH_OBS_KEY,
+    align_counts as _align_counts,
+    raw_counts,
+    screen_metadata,
+    training_batches,
+    training_cells,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +170,8 @@ class ContrastiveVI(ModelAPI):
         kwargs, config, batch_size, val_batch_size = cls._settings(model_params, training, shared_training, seed)
         is_control, is_target, is_val = cell_groups(screen)
         categories, obs = training_batches(screen, batch_key, ContrastiveModelError)
-        # the counts go to the training device once (CUDA when available with device: auto)
-        counts = raw_counts(screen, None, ContrastiveModelError, _COUNTS_HINT)
-        data = CellData(counts, obs=obs, device=resolve_device(config.device))
+        # the counts go to the training device once (CUDA when available with device: auto), or stream
+        data = training_cells(screen, obs, config, ContrastiveModelError, _COUNTS_HINT)
 
         train_bg, train_tg = np.flatnonzero(is_control & ~is_val), np.flatnonzero(is_target & ~is_val)
         val_bg, val_tg = np.flatnonzero(is_control & is_val), np.flatnonzero(is_target & is_val)
@@ -175,6 +180,15 @@ class ContrastiveVI(ModelAPI):
                 f"No {'target' if train_tg.size == 0 else 'control'} cells in the training split: lower "
                 "data_processing.split.validation_fraction."
             )
+        background, bg_of = data, np.arange(screen.n_obs)
+        if isinstance(data, StreamingCellData):
+            # the controls are drawn many times per epoch: they stay in memory, the targets stream
+            controls = np.flatnonzero(is_control)
+            background = data.materialise(controls)
+            bg_of = np.full(screen.n_obs, -1)
+            bg_of[controls] = np.arange(controls.size)
+            logger.info("%s control cells are held in memory (%.2f GB).", f"{controls.size:,}",
+                        background.nnz * 16 / 1e9)
         n_batch = len(categories)
         if kwargs.get("library") == "learned":
             mean, var = data.library_prior(
@@ -183,10 +197,12 @@ class ContrastiveVI(ModelAPI):
             kwargs.update(library_log_mean=mean, library_log_var=var)
         api = cls(cls._build(seed, n_genes=data.n_genes, n_batch=n_batch, batch_key=BATCH_OBS_KEY, **kwargs))
 
-        train = PairedSampler(data, train_bg, train_tg, batch_size=batch_size, seed=seed)
+        train = PairedSampler(data, bg_of[train_bg], train_tg, batch_size=batch_size, seed=seed,
+                              background_data=background)
         val = None
         if val_bg.size and val_tg.size:
-            val = PairedSampler(data, val_bg, val_tg, batch_size=val_batch_size, shuffle=False, seed=seed)
+            val = PairedSampler(data, bg_of[val_bg], val_tg, batch_size=val_batch_size, shuffle=False, seed=seed,
+                                background_data=background)
         else:
             logger.warning(
                 "No validation controls or targets: training %d epochs without early stopping.", config.max_epochs
@@ -200,7 +216,9 @@ class ContrastiveVI(ModelAPI):
         escape = dict(escape or {})
         mixture = None
         if escape.pop("enabled", True) and PERTURBATION in screen.obs:
-            mixture = api._fit_escape(CellData(counts, obs=obs), screen, val_bg, train_bg, is_target,
+            cells = data if isinstance(data, StreamingCellData) else CellData(
+                raw_counts(screen, None, ContrastiveModelError, _COUNTS_HINT), obs=obs)
+            mixture = api._fit_escape(cells, screen, val_bg, train_bg, is_target,
                                       val_batch_size, seed, escape)
         api.module.metadata = {
             **({ESCAPE_METADATA: mixture.to_dict()} if mixture is not None else {}),
@@ -284,6 +302,7 @@ class ContrastiveVI(ModelAPI):
         min_dist: float = 0.5,
         seed: int = 0,
         call_threshold: float = 0.5,
+        umap_max_cells: int | None = None,
     ) -> ad.AnnData:
         """A copy of ``adata`` with ``obsm["X_salient"]`` and ``obsm["X_background"]``.
 
@@ -295,7 +314,10 @@ class ContrastiveVI(ModelAPI):
         ignored; missing ones raise, or are zero with ``fill_missing``). Raw counts come
         from ``layers[counts_layer]``, ``layers["counts"]`` or ``X``. Controls sit near 0
         in the salient space. ``umap``: also ``obsm["X_umap_salient"]`` and
-        ``obsm["X_umap_background"]`` (``n_neighbors``, ``min_dist``, ``seed``).
+        ``obsm["X_umap_background"]`` (``n_neighbors``, ``min_dist``, ``seed``); on a screen with
+        more than ``umap_max_cells`` cells the UMAPs are of that many cells drawn with ``seed``
+        (the other rows are NaN). A screen read from disk (:class:`~perturbscope.ondisk.OnDiskScreen`)
+        streams through the model and comes back as one, with the embeddings in memory.
         """
         data = self.cell_data(adata, counts_layer, fill_missing)
         background, salient = self.module.embed(data, batch_size=batch_size)
@@ -308,8 +330,20 @@ class ContrastiveVI(ModelAPI):
             with np.errstate(invalid="ignore"):
                 out.obs[CALLED_PERTURBED] = _control_target(out)[1] & (probability > float(call_threshold))
         if umap:
+            keep = None
+            if umap_max_cells is not None and out.n_obs > int(umap_max_cells):
+                keep = np.sort(np.random.default_rng(seed).choice(out.n_obs, int(umap_max_cells), replace=False))
+                logger.info("UMAPs of %s of the %s cells (contrastive_model.embedding.umap_max_cells).",
+                            f"{keep.size:,}", f"{out.n_obs:,}")
             for space, key in UMAP_KEYS.items():
-                out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)
+                if keep is None:
+                    out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)
+                    continue
+                part = ad.AnnData(np.zeros((keep.size, 0), dtype=np.float32))
+                part.obsm[f"X_{space}"] = out.obsm[f"X_{space}"][keep]
+                coordinates = np.full((out.n_obs, 2), np.nan, dtype=np.float32)
+                coordinates[keep] = _umap(part, f"X_{space}", n_neighbors, min_dist, seed)
+                out.obsm[key] = coordinates
         return out
 
     def salient_log_fold_change(

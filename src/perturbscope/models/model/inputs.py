@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from perturbscope.models.data import CellData
-from perturbscope.models.training import TrainConfig
+from perturbscope.models.data import CellData, RowsOf, StreamingCellData
+from perturbscope.models.training import TrainConfig, resolve_device
+from perturbscope.ondisk import OnDiskScreen, is_on_disk
 from perturbscope.schema import COUNTS_LAYER
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ def model_cell_data(
     """
     meta = getattr(model, "metadata", None) or {}
     genes = meta.get("genes")
+    if is_on_disk(adata):
+        return _streamed_cell_data(model, adata, genes, error, fill_missing)
     counts = raw_counts(adata, counts_layer, error, hint)
     if genes is None:
         if adata.n_vars != model.n_genes:
@@ -172,6 +175,73 @@ def model_cell_data(
             raise error("The model uses a batch covariate but its metadata names no batch_key.")
         obs[BATCH_OBS_KEY] = codes
     return CellData(counts, obs=obs, device=model.device)
+
+
+def training_cells(
+    screen: ad.AnnData | OnDiskScreen,
+    obs: dict[str, np.ndarray],
+    config: TrainConfig,
+    error: type[ValueError],
+    hint: str,
+) -> CellData | StreamingCellData:
+    """A training screen's raw counts: on the training device as :class:`CellData` (the fast path),
+    or as :class:`StreamingCellData` read block by block when the screen is read from disk or its
+    counts exceed ``config.memory_budget_gb``. The choice is logged."""
+    device = resolve_device(config.device)
+    block = int(config.stream_block_size)
+    if is_on_disk(screen):
+        logger.info(
+            "The screen (%s cells) is read from disk: training streams its counts in blocks of %s cells.",
+            f"{screen.n_obs:,}", f"{block:,}",
+        )
+        return StreamingCellData(screen.read_rows, screen.n_obs, screen.n_vars, obs=obs, device=device,
+                                 block_size=block)
+    counts = raw_counts(screen, None, error, hint)
+    need = counts.nnz * 16 + counts.shape[0] * 16  # device CSR: int64 index + value + lgamma, per-cell terms
+    budget = config.memory_budget_gb
+    if budget is None or need <= float(budget) * 1e9:
+        return CellData(counts, obs=obs, device=device)
+    logger.info(
+        "The counts would take %.2f GB on %s, above training.memory_budget_gb=%s: they stream to it in blocks "
+        "of %s cells.", need / 1e9, device, budget, f"{block:,}",
+    )
+    return StreamingCellData(RowsOf(counts), counts.shape[0], counts.shape[1], obs=obs, device=device,
+                             block_size=block)
+
+
+class AlignedRows:
+    """``read_rows`` of a screen read from disk, columns reordered to a model's genes."""
+
+    def __init__(self, screen: OnDiskScreen, genes: list[str] | None, error: type[ValueError],
+                 fill_missing: bool | None) -> None:
+        self.screen, self.error, self.fill_missing = screen, error, fill_missing
+        same = genes is None or list(map(str, screen.var_names)) == list(genes)
+        self.genes = None if same else list(genes)
+        if self.genes is not None:  # check the names once, on an empty block
+            align_counts(sp.csr_matrix((0, screen.n_vars), dtype=np.float32), screen.var_names, self.genes,
+                         error, fill_missing)
+
+    def __call__(self, start: int, stop: int) -> sp.csr_matrix:
+        counts = self.screen.read_rows(start, stop)
+        if self.genes is None:
+            return counts
+        return align_counts(counts, self.screen.var_names, self.genes, self.error, self.fill_missing)
+
+
+def _streamed_cell_data(model: Any, screen: OnDiskScreen, genes: list[str] | None, error: type[ValueError],
+                        fill_missing: bool | None) -> StreamingCellData:
+    """:func:`model_cell_data` of a screen read from disk: its blocks stream to the model's device."""
+    meta = getattr(model, "metadata", None) or {}
+    if genes is None and screen.n_vars != model.n_genes:
+        raise error(f"The model expects {model.n_genes} genes; the screen has {screen.n_vars}.")
+    obs = {}
+    if getattr(model, "n_batch", 0):
+        obs[BATCH_OBS_KEY] = batch_codes(screen.obs, meta.get("batch_key"), meta.get("batch_categories"), error)
+    reader = AlignedRows(screen, genes, error, fill_missing)
+    n_genes = screen.n_vars if reader.genes is None else len(reader.genes)
+    train = meta.get("train_config") or {}
+    return StreamingCellData(reader, screen.n_obs, n_genes, obs=obs, device=model.device,
+                             block_size=int(train.get("stream_block_size") or 16384))
 
 
 def model_kwargs(model_cls: type, params: Mapping[str, Any] | None, section: str, error: type[ValueError]) -> dict[str, Any]:

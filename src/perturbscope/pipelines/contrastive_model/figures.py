@@ -15,12 +15,13 @@ import scanpy as sc  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from perturbscope.models.model.contrastive import UMAP_KEYS  # noqa: E402
+from perturbscope.ondisk import OnDiskScreen  # noqa: E402
 from perturbscope.schema import CELL_GROUP, PERTURBATION, PHASE, ScreenSchema  # noqa: E402
 
 __all__ = ["plot_embeddings"]
 
 
-def plot_embeddings(embedded: ad.AnnData, params: dict[str, Any], schema_params: dict[str, Any]) -> Figure:
+def plot_embeddings(embedded: ad.AnnData | OnDiskScreen, params: dict[str, Any], schema_params: dict[str, Any]) -> Figure:
     """UMAPs of the salient and background spaces, coloured by program / perturbation and phase."""
     params = dict(params or {})
     missing = [key for key in UMAP_KEYS.values() if key not in embedded.obsm]
@@ -37,7 +38,10 @@ def plot_embeddings(embedded: ad.AnnData, params: dict[str, Any], schema_params:
             colours.append(key)
     if not colours:
         colours = [PERTURBATION] if PERTURBATION in embedded.obs else [None]
-    plot = embedded.copy()
+    # the cells with UMAP coordinates (all, or the umap_max_cells drawn on a large screen)
+    drawn = np.isfinite(np.asarray(embedded.obsm[UMAP_KEYS["salient"]])).all(axis=1)
+    plot = ad.AnnData(obs=embedded.obs.loc[drawn].copy(),
+                      obsm={key: np.asarray(embedded.obsm[key])[drawn] for key in UMAP_KEYS.values()})
     for key in colours:
         if key is not None:
             plot.obs[key] = plot.obs[key].astype(str).astype("category")

@@ -35,6 +35,7 @@ from perturbscope.models.model.contrastive import (
     cell_groups,
     embed_screen,
 )
+from perturbscope.ondisk import OnDiskScreen, is_on_disk
 from perturbscope.schema import PERTURBATION, ScreenSchema
 
 from .evaluation import evaluate_spaces, metrics_for_mlflow
@@ -93,7 +94,9 @@ def train_contrastive_model(
     return api.module, api.history
 
 
-def embed_cells(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any], seed: int) -> ad.AnnData:
+def embed_cells(
+    screen: ad.AnnData | OnDiskScreen, model: ContrastiveVAE, params: dict[str, Any], seed: int
+) -> ad.AnnData | OnDiskScreen:
     """Salient and background embeddings, a PCA baseline and UMAPs of both spaces.
 
     Adds to a copy of the screen: ``obsm["X_salient"]``, ``obsm["X_background"]``,
@@ -105,20 +108,42 @@ def embed_cells(screen: ad.AnnData, model: ContrastiveVAE, params: dict[str, Any
     ``call_threshold``).
     """
     params = dict(params or {})
+    umap_max = params.get("umap_max_cells")
     out = embed_screen(
         model, screen, batch_size=int(params.get("batch_size", 1024)), umap=bool(params.get("umap", True)),
         n_neighbors=int(params.get("n_neighbors", 15)), min_dist=float(params.get("umap_min_dist", 0.5)), seed=seed,
         call_threshold=float(params.get("call_threshold", 0.5)),
+        umap_max_cells=None if umap_max is None else int(umap_max),
     )
     n_comps = params.get("pca_components") or (model.n_background + model.n_salient)
     n_comps = int(min(n_comps, out.n_obs - 1, out.n_vars - 1))
-    matrix = out.X.astype(np.float32) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
-    out.obsm[PCA_KEY] = np.asarray(sc.pp.pca(matrix, n_comps=n_comps, random_state=seed), dtype=np.float32)
+    if is_on_disk(out):
+        out.obsm[PCA_KEY] = _pca_on_disk(out, n_comps, int(params.get("pca_max_cells") or 50000), seed)
+    else:
+        matrix = out.X.astype(np.float32) if sp.issparse(out.X) else np.asarray(out.X, dtype=np.float32)
+        out.obsm[PCA_KEY] = np.asarray(sc.pp.pca(matrix, n_comps=n_comps, random_state=seed), dtype=np.float32)
     meta = {k: v for k, v in (model.metadata or {}).items() if k not in ("genes", "train_config", "escape_mixture")}
     out.uns["contrastive_model"] = {
         "hparams": {k: v for k, v in model.hparams.items() if v is not None},
         "training": {k: v for k, v in meta.items() if v is not None and v != []},
     }
+    return out
+
+
+def _pca_on_disk(screen: OnDiskScreen, n_comps: int, max_cells: int, seed: int) -> np.ndarray:
+    """PCA of ``X`` for a screen read from disk: fitted by scanpy on ``max_cells`` cells drawn with
+    ``seed``, every cell projected block by block."""
+    pick = np.zeros(screen.n_obs, dtype=bool)
+    pick[np.random.default_rng(seed).choice(screen.n_obs, min(max_cells, screen.n_obs), replace=False)] = True
+    sample = sp.vstack([chunk.x[pick[chunk.start : chunk.stop]] for chunk in screen.chunks(x=True)], format="csr")
+    _, components, _, _ = sc.pp.pca(sample, n_comps=n_comps, random_state=seed, return_info=True)
+    mean = np.asarray(sample.mean(axis=0)).ravel()
+    offset = mean @ components.T
+    out = np.empty((screen.n_obs, n_comps), dtype=np.float32)
+    for chunk in screen.chunks(x=True):
+        out[chunk.start : chunk.stop] = np.asarray(chunk.x @ components.T) - offset
+    logger.info("PCA baseline fitted on %s of %s cells (contrastive_model.embedding.pca_max_cells).",
+                f"{int(pick.sum()):,}", f"{screen.n_obs:,}")
     return out
 
 

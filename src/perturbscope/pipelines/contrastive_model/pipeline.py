@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
+# nodes that take a screen read from disk in blocks (perturbscope.ondisk.OnDiskScreen)
+STREAMS = ["streams"]
+
 from perturbscope import tracking
 from perturbscope.pipelines.contrastive_model import nodes
 
@@ -24,6 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["contrastive_model", "contrastive_training_history"],
                 name="train_contrastive_model",
+                tags=STREAMS,
             ),
             Node(
                 tracking.artifact_copy,
@@ -42,6 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["processed_screen", "contrastive_model", "params:contrastive_model.embedding", "params:seed"],
                 outputs="contrastive_embedded_screen",
                 name="embed_cells",
+                tags=STREAMS,
             ),
             Node(
                 nodes.evaluate_embeddings,
@@ -53,6 +58,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs="contrastive_evaluation",
                 name="evaluate_embeddings",
+                tags=STREAMS,
             ),
             Node(
                 nodes.evaluation_metrics,
@@ -65,18 +71,21 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["contrastive_embedded_screen", "contrastive_model", "params:contrastive_model.salient_expression"],
                 outputs="contrastive_salient_genes",
                 name="rank_salient_genes",
+                tags=STREAMS,
             ),
             Node(
                 nodes.escape_table,
                 inputs=["contrastive_embedded_screen", "contrastive_model"],
                 outputs="contrastive_escape",
                 name="tabulate_escape",
+                tags=STREAMS,
             ),
             Node(
                 nodes.plot_embeddings,
                 inputs=["contrastive_embedded_screen", "params:contrastive_model.evaluation", "params:schema"],
                 outputs="contrastive_umaps",
                 name="plot_contrastive_umaps",
+                tags=STREAMS,
             ),
         ]
     )

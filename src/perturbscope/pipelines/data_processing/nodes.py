@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
+from perturbscope.ondisk import OnDiskScreen, is_on_disk
 from perturbscope.schema import (
     CELL_GROUP,
     CONTROL,
@@ -31,6 +32,7 @@ from perturbscope.schema import (
 )
 from perturbscope.validation import validate_screen
 
+from . import out_of_core
 from .qc import QC_GUARDS, quality_control
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,19 @@ def count_cells_per_perturbation(adata: ad.AnnData) -> pd.DataFrame:
     return counts.rename_axis(PERTURBATION).reset_index()
 
 
-def normalise(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """Keep raw counts in ``layers["counts"]``; ``normalize_total`` + ``log1p`` in ``X``."""
+def normalise(adata: ad.AnnData | OnDiskScreen, params: dict[str, Any]) -> ad.AnnData | OnDiskScreen:
+    """Keep raw counts in ``layers["counts"]``; ``normalize_total`` + ``log1p`` in ``X``.
+
+    A screen read from disk gets each cell's total in one pass; the normalised values are
+    computed block by block when they are read or written."""
+    if is_on_disk(adata):
+        library = out_of_core.library_sizes(adata)
+        target = params.get("target_sum")
+        if target is None:  # scanpy: the median of the cells' totals (cells with counts)
+            target = float(np.median(library[library > 0]))
+        out = adata.with_normalisation(library, target)
+        out.uns = {**out.uns, "log1p": {"base": None}}  # as sc.pp.log1p records it
+        return out
     out = adata.copy()
     out.layers["counts"] = out.X.copy()
     sc.pp.normalize_total(out, target_sum=params.get("target_sum"))
@@ -71,7 +84,9 @@ def tirosh_cell_cycle_genes() -> tuple[list[str], list[str]]:
     return genes[:43], genes[43:]
 
 
-def score_cell_cycle(adata: ad.AnnData, params: dict[str, Any], seed: int = 0) -> ad.AnnData:
+def score_cell_cycle(
+    adata: ad.AnnData | OnDiskScreen, params: dict[str, Any], seed: int = 0
+) -> ad.AnnData | OnDiskScreen:
     """Score S and G2/M programs and call a phase (scanpy ``score_genes_cell_cycle``).
 
     Gene symbols are matched case-insensitively (so mouse symbols work). When fewer
@@ -95,15 +110,19 @@ def score_cell_cycle(adata: ad.AnnData, params: dict[str, Any], seed: int = 0) -
             "(need %d each): cell-cycle phase is marked '%s'.",
             len(s_present), len(g2m_present), minimum, UNKNOWN_PHASE,
         )
-        out.obs["S_score"] = np.nan
-        out.obs["G2M_score"] = np.nan
-        out.obs[PHASE] = pd.Categorical([UNKNOWN_PHASE] * out.n_obs)
+        for column, values in out_of_core.unknown_phase(out.obs_names).items():
+            out.obs[column] = values
         return out
     n_bins = int(params.get("n_bins", 25))
-    sc.tl.score_genes_cell_cycle(
-        out, s_genes=s_present, g2m_genes=g2m_present, n_bins=n_bins,
-        random_state=int(seed),
-    )
+    if is_on_disk(out):
+        scores = out_of_core.score_cell_cycle_on_disk(out, s_present, g2m_present, n_bins, int(seed))
+        for column, values in scores.items():
+            out.obs[column] = values
+    else:
+        sc.tl.score_genes_cell_cycle(
+            out, s_genes=s_present, g2m_genes=g2m_present, n_bins=n_bins,
+            random_state=int(seed),
+        )
     out.obs[PHASE] = pd.Categorical(out.obs[PHASE])
     out.uns["perturbscope"] = {
         **out.uns.get("perturbscope", {}),
@@ -114,11 +133,12 @@ def score_cell_cycle(adata: ad.AnnData, params: dict[str, Any], seed: int = 0) -
 
 # ----------------------------------------------------------------------------- HVGs
 def select_highly_variable_genes(
-    adata: ad.AnnData, params: dict[str, Any], batch_key: str | None = None
-) -> ad.AnnData:
+    adata: ad.AnnData | OnDiskScreen, params: dict[str, Any], batch_key: str | None = None
+) -> ad.AnnData | OnDiskScreen:
     """seurat_v3 highly variable genes on ``layers["counts"]``; subset to them.
 
-    Keeps every gene when the screen has no more than ``n_top_genes``.
+    Keeps every gene when the screen has no more than ``n_top_genes``. A screen read from
+    disk gets the same statistics in two passes (``out_of_core.seurat_v3_on_disk``).
     """
     out = adata.copy()
     n_top = int(params["n_top_genes"])
@@ -126,6 +146,19 @@ def select_highly_variable_genes(
         logger.info("The screen has %d genes (<= n_top_genes=%d): keeping all.", out.n_vars, n_top)
         out.var["highly_variable"] = True
         return out
+    if is_on_disk(out):
+        flavor = params.get("flavor", "seurat_v3")
+        if flavor != "seurat_v3":
+            raise ScreenValidationError(
+                f"data_processing.hvg.flavor={flavor!r} is not available for screens read from disk in "
+                "chunks; use seurat_v3."
+            )
+        batch = None if not batch_key else out.obs[batch_key].astype(str).to_numpy()
+        table = out_of_core.seurat_v3_on_disk(out, n_top, float(params.get("span", 0.3)), batch)
+        for column, values in table.items():
+            out.var[column] = values.to_numpy()
+        out.uns["hvg"] = {"flavor": flavor}
+        return out.subset(genes=out.var["highly_variable"].to_numpy())
     sc.pp.highly_variable_genes(
         out, flavor=params.get("flavor", "seurat_v3"), n_top_genes=n_top, layer="counts",
         batch_key=batch_key, span=float(params.get("span", 0.3)),
@@ -135,8 +168,8 @@ def select_highly_variable_genes(
 
 # --------------------------------------------------------------------------- labels
 def label_cells(
-    adata: ad.AnnData, schema_params: dict[str, Any], split_params: dict[str, Any], seed: int = 0
-) -> ad.AnnData:
+    adata: ad.AnnData | OnDiskScreen, schema_params: dict[str, Any], split_params: dict[str, Any], seed: int = 0
+) -> ad.AnnData | OnDiskScreen:
     """Add ``is_control``, ``cell_group``, ``perturbed_genes``, ``n_perturbed_genes``, ``split``.
 
     ``split`` is ``train``/``validation``: within every perturbation (controls

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
 
 import anndata as ad
 import numpy as np
