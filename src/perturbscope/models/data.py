@@ -279,18 +279,25 @@ class CellData:
             Means and variances, one entry per batch category (one entry if
             ``batch_key`` is None). Variances are floored at 1e-4.
         """
-        pos = as_index(idx, self.n_cells).numpy()
-        loglib = np.log(np.maximum(self.library[pos], 1.0))
-        if batch_key is None:
-            groups = [loglib]
-        else:
-            codes = self.obs[batch_key].cpu().numpy()[pos]
-            groups = [loglib[codes == b] for b in range(max(n_batch, 1))]
-        means, vars_ = [], []
-        for g in groups:
-            means.append(float(g.mean()) if g.size else float(loglib.mean()))
-            vars_.append(max(float(g.var()) if g.size > 1 else 1.0, 1e-4))
-        return means, vars_
+        codes = None if batch_key is None else self.obs[batch_key].cpu().numpy()
+        return _library_prior(self.library, codes, as_index(idx, self.n_cells).numpy(), n_batch)
+
+
+def _library_prior(
+    library: np.ndarray, codes: np.ndarray | None, pos: np.ndarray, n_batch: int
+) -> tuple[list[float], list[float]]:
+    """Mean and variance of the log library of cells ``pos``, per batch code when ``codes`` is given."""
+    loglib = np.log(np.maximum(library[pos], 1.0))
+    if codes is None:
+        groups = [loglib]
+    else:
+        codes = np.asarray(codes)[pos]
+        groups = [loglib[codes == b] for b in range(max(n_batch, 1))]
+    means, vars_ = [], []
+    for g in groups:
+        means.append(float(g.mean()) if g.size else float(loglib.mean()))
+        vars_.append(max(float(g.var()) if g.size > 1 else 1.0, 1e-4))
+    return means, vars_
 
 
 class StreamingCellData:
@@ -401,10 +408,8 @@ class StreamingCellData:
 
     def library_prior(self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0) -> tuple[list[float], list[float]]:
         """:meth:`CellData.library_prior` (reads every block once)."""
-        holder = CellData.__new__(CellData)
-        holder.n_cells, holder.library = self.n_cells, self.library
-        holder.obs = {k: torch.as_tensor(v) for k, v in self._obs.items()}
-        return CellData.library_prior(holder, idx, batch_key, n_batch)
+        codes = None if batch_key is None else self._obs[batch_key]
+        return _library_prior(self.library, codes, as_index(idx, self.n_cells).numpy(), n_batch)
 
 
 class RowsOf:

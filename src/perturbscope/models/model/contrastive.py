@@ -216,9 +216,8 @@ class ContrastiveVI(ModelAPI):
         escape = dict(escape or {})
         mixture = None
         if escape.pop("enabled", True) and PERTURBATION in screen.obs:
-            cells = data if isinstance(data, StreamingCellData) else CellData(
-                raw_counts(screen, None, ContrastiveModelError, _COUNTS_HINT), obs=obs)
-            mixture = api._fit_escape(cells, screen, val_bg, train_bg, is_target,
+            # the training data, now on the module's device (the CPU): no second read of the counts
+            mixture = api._fit_escape(data.to("cpu"), screen, val_bg, train_bg, is_target,
                                       val_batch_size, seed, escape)
         api.module.metadata = {
             **({ESCAPE_METADATA: mixture.to_dict()} if mixture is not None else {}),
