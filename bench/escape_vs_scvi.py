@@ -25,7 +25,12 @@ defaults for ``--scvi-epochs`` epochs (lr 1e-3, KL warm-up 30 epochs).
 
 Usage (bench environment with scvi-tools; ``.venv-bench/bin/pip install -e . --no-deps``)::
 
-    .venv-bench/bin/python bench/escape_vs_scvi.py        # writes bench/results/escape_vs_scvi.{md,csv}
+    .venv-bench/bin/python bench/escape_vs_scvi.py --scvi-epochs 200   # writes bench/results/escape_vs_scvi.{md,csv}
+
+Re-running ours after a change to its defaults, with the scvi-tools rows of an earlier run on the same
+screens (scvi-tools needs about 100 CPU minutes for the three)::
+
+    .venv/bin/python bench/escape_vs_scvi.py --skip-scvi --scvi-from escape_vs_scvi --name escape_vs_scvi
 """
 
 from __future__ import annotations
@@ -184,6 +189,27 @@ def effect_test(raw, screen, seed: int) -> dict:
             "null_effects_called": f"{int(table.loc[truth[~truth].index, 'significant'].sum())}/{int((~truth).sum())}"}
 
 
+def write_tables(table: pd.DataFrame, args: argparse.Namespace) -> None:
+    """``bench/results/<name>.{csv,md}``; the scvi-tools epochs are those of its rows (carried or run)."""
+    RESULTS.mkdir(exist_ok=True)
+    table.to_csv(RESULTS / f"{args.name}.csv", index=False)
+    shown = table.copy()
+    for column in shown.columns:
+        if shown[column].dtype.kind == "f":
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    scvi_epochs = sorted({int(e) for e in table.loc[table["tool"] == "scvi-tools", "epochs"]}) or [args.scvi_epochs]
+    lines = [f"# Escapers, programs and effect tests vs scvi-tools ({datetime.date.today()})", "",
+             f"Simulated screens: {args.n_cells} cells x 2,000 genes, 5 programs x 8 perturbations + 4 null, "
+             f"cell cycle 2.5 log2, median library {args.library_size:.0f}, housekeeping share "
+             f"{args.high_expression_share}; one screen per penetrance. Ours: conf/base (early stopping); scvi-tools: "
+             f"{', '.join(map(str, scvi_epochs))} epochs, lr 1e-3, KL warm-up 30. CPU, 2 threads. Training seeds of "
+             f"ours: {args.train_seeds}; one run per seed. `run`: the date of the run, or the earlier table a row "
+             "was carried from (`--scvi-from`: the same screens, scored by the same code).", "",
+             "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--penetrance", type=float, nargs="+", default=[0.6, 0.7, 0.8])
@@ -194,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-scvi", action="store_true")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
                         help="training seeds of ours per screen (repeated runs; scvi-tools: the first)")
+    parser.add_argument("--scvi-from", default=None,
+                        help="with --skip-scvi: carry the scvi-tools rows of an earlier table of these screens "
+                             "(a name in bench/results, e.g. escape_vs_scvi), marked in the `run` column")
     parser.add_argument("--name", default="escape_vs_scvi")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -209,25 +238,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                  epochs=args.scvi_epochs)
         for (tool, seed), run in runs.items():
             row = {"screen_seed": i, "penetrance": penetrance, "tool": tool, "train_seed": seed,
-                   **score(raw, screen, run), **tests}
+                   "run": str(datetime.date.today()), **score(raw, screen, run), **tests}
             print(json.dumps(row), flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)
-    RESULTS.mkdir(exist_ok=True)
-    table.to_csv(RESULTS / f"{args.name}.csv", index=False)
-    shown = table.copy()
-    for column in shown.columns:
-        if shown[column].dtype.kind == "f":
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    lines = [f"# Escapers, programs and effect tests vs scvi-tools ({datetime.date.today()})", "",
-             f"Simulated screens: {args.n_cells} cells x 2,000 genes, 5 programs x 8 perturbations + 4 null, "
-             f"cell cycle 2.5 log2, median library {args.library_size:.0f}, housekeeping share "
-             f"{args.high_expression_share}; one screen per penetrance. Ours: conf/base (early stopping); scvi-tools: "
-             f"{args.scvi_epochs} epochs, lr 1e-3, KL warm-up 30. CPU, 2 threads. Training seeds of ours: "
-             f"{args.train_seeds}; one run per seed.", "",
-             "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    if args.scvi_from:  # the same screens (simulated from the screen seed), scored by the same code
+        earlier = pd.read_csv(RESULTS / f"{args.scvi_from}.csv")
+        earlier = earlier[(earlier["tool"] == "scvi-tools") & earlier["penetrance"].isin(args.penetrance)].copy()
+        earlier["run"] = f"carried from {args.scvi_from}.csv"
+        if "train_seed" not in earlier:  # tables before --train-seeds: scvi-tools ran with seed 0
+            earlier["train_seed"] = 0
+        table = pd.concat([table, earlier[[c for c in table.columns if c in earlier.columns]]], ignore_index=True)
+        table = table.sort_values(["screen_seed", "tool", "train_seed"], kind="stable").reset_index(drop=True)
+    write_tables(table, args)
     return 0
 
 

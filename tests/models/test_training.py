@@ -140,6 +140,30 @@ def test_min_delta_and_warmup_gate_early_stopping() -> None:
     assert model.kl_weights[:8] == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
 
 
+def test_learning_rate_decays_on_a_validation_plateau_after_the_warm_up() -> None:
+    # validation only gets worse (train pulls w to +1, validation wants -1): every epoch after the
+    # warm-up is a bad one, so with lr_patience=1 the rate halves after every 2nd bad epoch
+    model = _Quadratic()
+    cfg = TrainConfig(max_epochs=8, lr=0.08, lr_patience=1, lr_factor=0.5, lr_min=0.015, kl_warmup_epochs=2,
+                      early_stopping=False, progress=False)
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), cfg)
+    # epoch 1 ends the warm-up (first eligible, the best); 2 and 3 are bad -> decay for epoch 4, ...
+    assert hist.lr == pytest.approx([0.08, 0.08, 0.08, 0.08, 0.04, 0.04, 0.02, 0.02])
+    assert hist.to_frame()["lr"].tolist() == pytest.approx(hist.lr)
+    assert hist.best_epoch == 1
+    # the floor: lr_min holds the rate
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(**{**cfg.to_dict(), "max_epochs": 12}))
+    assert hist.lr[-1] == pytest.approx(0.015) and min(hist.lr) == pytest.approx(0.015)
+    # a constant rate by default, and the decay needs a validation sampler
+    model = _Quadratic()
+    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=5, lr=0.08, early_stopping=False,
+                                                                         progress=False))
+    assert hist.lr == [0.08] * 5
+    model = _Quadratic()
+    assert fit(model, _ListSampler(1.0), None, cfg).lr == [0.08] * 8
+
+
 def test_kl_weight_schedule() -> None:
     assert [kl_weight_at(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert kl_weight_at(0, 0) == 1.0
@@ -153,6 +177,9 @@ def test_kl_weight_schedule() -> None:
         ({"lr": math.inf}, "lr"),
         ({"patience": 0}, "patience"),
         ({"kl_warmup_epochs": -1}, "kl_warmup_epochs"),
+        ({"lr_patience": -1}, "lr_patience"),
+        ({"lr_factor": 1.0}, "lr_factor"),
+        ({"lr_min": 1.0}, "lr_min"),
         ({"grad_clip": 0.0}, "grad_clip"),
         ({"device": "tpu"}, "device"),
         ({"precision": "float16"}, "precision"),

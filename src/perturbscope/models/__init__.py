@@ -154,17 +154,19 @@ mode on the training device). Loss terms are accumulated on the device and
 synchronised once per epoch.
 
 ``TrainConfig`` fields: ``max_epochs=100, lr=1e-3, weight_decay=0.0,
-early_stopping=True, patience=10, min_delta=0.0, kl_warmup_epochs=0,
-grad_clip=None, seed=0, device="auto", progress=True, restore_best=True,
-num_threads=None``.
+early_stopping=True, patience=10, min_delta=0.0, lr_patience=None,
+lr_factor=0.5, lr_min=0.0, kl_warmup_epochs=0, grad_clip=None, seed=0, device="auto",
+progress=True, restore_best=True, num_threads=None`` (and precision, distributed and
+streaming settings). ``lr_patience`` decays the learning rate by ``lr_factor`` after that
+many epochs past the warm-up without a validation improvement (torch's ``ReduceLROnPlateau``).
 KL weight in epoch ``e`` (0-based) is ``min(1, (e + 1) / kl_warmup_epochs)``;
 epochs inside the warm-up are not eligible for best-epoch / early stopping.
 
 ``History`` fields (lists, one entry per epoch): ``epoch, train_loss,
-val_loss, kl_weight, seconds``; ``train_terms`` / ``val_terms``:
+val_loss, kl_weight, lr, seconds``; ``train_terms`` / ``val_terms``:
 ``dict[term, list[float]]``; plus ``best_epoch`` and ``stopped_early``.
 ``to_frame()`` -> DataFrame with columns ``epoch, train_loss, val_loss,
-kl_weight, seconds, train_<term>..., val_<term>...``; ``to_dict()`` -> JSON.
+kl_weight, lr, seconds, train_<term>..., val_<term>...``; ``to_dict()`` -> JSON.
 
 CPU threads: on a machine shared with other busy processes, torch's
 multi-threaded kernels can slow down by an order of magnitude (threads wait

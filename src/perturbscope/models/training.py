@@ -57,6 +57,16 @@ class TrainConfig:
         epochs still inside the KL warm-up do not count).
     patience
         Epochs without improvement before stopping.
+    lr_patience
+        Learning-rate decay on a plateau (``torch.optim.lr_scheduler.ReduceLROnPlateau`` on the
+        validation loss, after the KL warm-up): after more than this many epochs without an
+        improvement of ``min_delta`` the learning rate is multiplied by ``lr_factor``, down to
+        ``lr_min``. None = a constant learning rate. Make it shorter than ``patience`` so
+        that training continues at the lower rate before it stops.
+    lr_factor
+        Factor of each decay (0 < lr_factor < 1).
+    lr_min
+        Lowest learning rate the decay reaches.
     min_delta
         Minimum decrease of the validation loss counted as an improvement.
     kl_warmup_epochs
@@ -105,6 +115,9 @@ class TrainConfig:
     early_stopping: bool = True
     patience: int = 10
     min_delta: float = 0.0
+    lr_patience: int | None = None
+    lr_factor: float = 0.5
+    lr_min: float = 0.0
     kl_warmup_epochs: int = 0
     grad_clip: float | None = None
     seed: int = 0
@@ -128,6 +141,12 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+        if self.lr_patience is not None and int(self.lr_patience) < 0:
+            raise ValueError(f"lr_patience must be >= 0 or None (constant learning rate), got {self.lr_patience}")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        if not 0.0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
         if int(self.kl_warmup_epochs) < 0:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -161,6 +180,8 @@ class History:
         sampler). Validation is always evaluated with ``kl_weight = 1``.
     kl_weight : list[float]
         KL weight used for training in each epoch.
+    lr : list[float]
+        Learning rate of each epoch (``TrainConfig.lr_patience`` decays it).
     seconds : list[float]
         Wall time per epoch (training + validation).
     train_terms, val_terms : dict[str, list[float]]
@@ -179,6 +200,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     kl_weight: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     train_terms: dict[str, list[float]] = field(default_factory=dict)
     val_terms: dict[str, list[float]] = field(default_factory=dict)
@@ -190,7 +212,7 @@ class History:
         return len(self.epoch)
 
     def to_frame(self):  # -> pandas.DataFrame
-        """One row per epoch: ``epoch, train_loss, val_loss, kl_weight, seconds,
+        """One row per epoch: ``epoch, train_loss, val_loss, kl_weight, lr, seconds,
         train_<term>..., val_<term>..., best`` (``best``: the epoch whose weights were kept)."""
         import pandas as pd
 
@@ -199,6 +221,7 @@ class History:
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
             "kl_weight": self.kl_weight,
+            "lr": self.lr if len(self.lr) == len(self.epoch) else [math.nan] * len(self.epoch),
             "seconds": self.seconds,
         }
         for k, v in self.train_terms.items():
@@ -476,6 +499,12 @@ def _fit_one(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_adam(params, config)
+    scheduler = None
+    if config.lr_patience is not None and val_sampler is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.lr_factor, patience=int(config.lr_patience),
+            threshold=config.min_delta, threshold_mode="abs", min_lr=config.lr_min,
+        )
     train_loss: Callable[[Any, float], Mapping[str, Tensor]] = model.loss
     rank, world = active_group() or (0, 1)
     if world > 1:  # this process is one rank: its shard of the cells, gradients averaged by DDP
@@ -526,6 +555,7 @@ def _fit_one(
             history.train_loss.append(float(train_means["loss"]))
             history.val_loss.append(float(val_means.get("loss", math.nan)))
             history.kl_weight.append(beta)
+            history.lr.append(float(optimizer.param_groups[0]["lr"]))
             for k, v in train_means.items():
                 history.train_terms.setdefault(k, []).append(float(v))
             for k, v in val_means.items():
@@ -543,6 +573,8 @@ def _fit_one(
                 else:
                     bad_epochs += 1
                     stop = config.early_stopping and bad_epochs >= config.patience
+                if scheduler is not None:  # the same validation loss on every rank: the ranks decay together
+                    scheduler.step(val_loss)
             history.seconds.append(time.perf_counter() - start)
             postfix = {"train": f"{train_means['loss']:.4g}"}
             if val_means:
