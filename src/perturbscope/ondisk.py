@@ -282,14 +282,6 @@ class OnDiskScreen:
         np.log1p(out.data, out=out.data)
         return out
 
-    def nbytes(self) -> int:
-        """Bytes the raw counts of the selected cells and genes take as CSR (estimated from the file)."""
-        total = stored_matrix_bytes(self.path, self._source.counts_key)
-        with h5py.File(self.path, "r") as f:
-            n_rows = f[self._source.counts_key].attrs["shape"][0]
-            n_cols = f[self._source.counts_key].attrs["shape"][1]
-        return int(total * (self.n_obs / max(n_rows, 1)) * (self.n_vars / max(n_cols, 1)))
-
     # ----------------------------------------------------------------- writing
     def to_memory(self) -> ad.AnnData:
         """The whole screen as an in-memory AnnData (counts in ``X``; once normalised, the

@@ -77,20 +77,20 @@ class AnnDataDataset(VersionedFileDataset):
             "save_args": self._save_args,
         }
 
-    def _on_disk(self, load_path: str) -> bool:
-        """Whether the file is large enough (``on_disk_above_gb``) to be read in blocks."""
+    def _on_disk_bytes(self, load_path: str) -> int | None:
+        """The bytes of the file's count matrix (as CSR) when it is large enough (``on_disk_above_gb``)
+        to be read in blocks, else None."""
         if self._on_disk_above_gb is None or self._protocol != "file" or self._load_args.get("backed"):
-            return False
-        layers = ("layers/counts", "X")
-        size = max(stored_matrix_bytes(load_path, key) for key in layers)
-        return size > float(self._on_disk_above_gb) * 1e9
+            return None
+        size = max(stored_matrix_bytes(load_path, key) for key in ("layers/counts", "X"))
+        return size if size > float(self._on_disk_above_gb) * 1e9 else None
 
     def reads_on_disk(self) -> bool:
         """Whether :meth:`load` returns an :class:`~perturbscope.ondisk.OnDiskScreen` (the file exists
         and its count matrix is above ``on_disk_above_gb``)."""
         try:
             load_path = self._load_path()
-            return self._fs.exists(load_path) and self._on_disk(load_path)
+            return self._fs.exists(load_path) and self._on_disk_bytes(load_path) is not None
         except (DatasetError, OSError):
             return False
 
@@ -102,12 +102,13 @@ class AnnDataDataset(VersionedFileDataset):
                 "screen with `kedro run --params screen=<name>` (reads data/01_raw/<name>.h5ad)."
             )
         try:
-            if self._on_disk(load_path):
+            size = self._on_disk_bytes(load_path)
+            if size is not None:
                 screen = OnDiskScreen.open(load_path, chunk_size=self._chunk_size)
                 logger.info(
                     "%s: %s cells; its count matrix (%.1f GB as CSR) is above on_disk_above_gb=%s, so it "
                     "is read from disk in blocks of %s cells.", load_path, f"{screen.n_obs:,}",
-                    screen.nbytes() / 1e9, self._on_disk_above_gb, f"{self._chunk_size:,}",
+                    size / 1e9, self._on_disk_above_gb, f"{self._chunk_size:,}",
                 )
                 return screen
             if self._protocol == "file" or self._load_args.get("backed"):

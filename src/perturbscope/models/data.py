@@ -349,12 +349,17 @@ class StreamingCellData:
             self.device, self._cache = device, {}
         return self
 
+    def _block_rows(self, block: int) -> tuple[int, int, Any]:
+        """``(start, stop, raw counts)`` of block ``block``, read from the source (not cached)."""
+        start, stop = block * self.block_size, min((block + 1) * self.block_size, self.n_cells)
+        return start, stop, self._read_rows(start, stop)
+
     def _block(self, block: int) -> CellData:
         data = self._cache.pop(block, None)
         if data is None:
-            start, stop = block * self.block_size, min((block + 1) * self.block_size, self.n_cells)
+            start, stop, rows = self._block_rows(block)
             obs = {key: val[start:stop] for key, val in self._obs.items()}
-            data = CellData(self._read_rows(start, stop), obs=obs, device=self.device, dtype=self.dtype)
+            data = CellData(rows, obs=obs, device=self.device, dtype=self.dtype)
             self.blocks_read += 1
             while len(self._cache) >= self.cache_blocks:
                 self._cache.pop(next(iter(self._cache)))
@@ -389,8 +394,7 @@ class StreamingCellData:
         order = np.argsort(pos, kind="stable")
         parts = []
         for b in np.unique(blocks):
-            start = int(b) * self.block_size
-            rows = self._read_rows(start, min(start + self.block_size, self.n_cells))
+            start, _, rows = self._block_rows(int(b))
             parts.append(sp.csr_matrix(rows)[np.sort(pos[blocks == b]) - start])
         counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_genes))
         counts = counts[np.argsort(order)]  # back to the order of positions
@@ -400,9 +404,9 @@ class StreamingCellData:
     def library(self) -> np.ndarray:
         """Each cell's total counts (one pass over the blocks, then kept)."""
         if not hasattr(self, "_library"):
+            n_blocks = -(-self.n_cells // self.block_size)
             self._library = np.concatenate([
-                np.asarray(self._read_rows(s, min(s + self.block_size, self.n_cells)).sum(axis=1)).ravel()
-                for s in range(0, self.n_cells, self.block_size)
+                np.asarray(self._block_rows(b)[2].sum(axis=1)).ravel() for b in range(n_blocks)
             ]) if self.n_cells else np.zeros(0)
         return self._library
 

@@ -157,23 +157,25 @@ def model_cell_data(
     """
     meta = getattr(model, "metadata", None) or {}
     genes = meta.get("genes")
-    if is_on_disk(adata):
-        return _streamed_cell_data(model, adata, genes, error, fill_missing)
-    counts = raw_counts(adata, counts_layer, error, hint)
-    if genes is None:
-        if adata.n_vars != model.n_genes:
-            raise error(
-                f"The model has no gene names in its metadata and expects {model.n_genes} genes; "
-                f"the screen has {adata.n_vars}. Train it with this pipeline (which records gene names)."
-            )
-    else:
-        counts = align_counts(counts, adata.var_names, list(genes), error, fill_missing)
+    if genes is None and adata.n_vars != model.n_genes:
+        raise error(
+            f"The model has no gene names in its metadata and expects {model.n_genes} genes; "
+            f"the screen has {adata.n_vars}. Train it with this pipeline (which records gene names)."
+        )
     obs = {}
     if getattr(model, "n_batch", 0):
         codes = batch_codes(adata.obs, meta.get("batch_key"), meta.get("batch_categories"), error)
         if codes is None:
             raise error("The model uses a batch covariate but its metadata names no batch_key.")
         obs[BATCH_OBS_KEY] = codes
+    if is_on_disk(adata):  # its blocks stream to the model's device
+        reader = AlignedRows(adata, genes, error, fill_missing)
+        block = int((meta.get("train_config") or {}).get("stream_block_size") or 16384)
+        return StreamingCellData(reader, adata.n_obs, reader.n_genes, obs=obs, device=model.device,
+                                 block_size=block)
+    counts = raw_counts(adata, counts_layer, error, hint)
+    if genes is not None:
+        counts = align_counts(counts, adata.var_names, list(genes), error, fill_missing)
     return CellData(counts, obs=obs, device=model.device)
 
 
@@ -217,6 +219,7 @@ class AlignedRows:
         self.screen, self.error, self.fill_missing = screen, error, fill_missing
         same = genes is None or list(map(str, screen.var_names)) == list(genes)
         self.genes = None if same else list(genes)
+        self.n_genes = screen.n_vars if self.genes is None else len(self.genes)
         if self.genes is not None:  # check the names once, on an empty block
             align_counts(sp.csr_matrix((0, screen.n_vars), dtype=np.float32), screen.var_names, self.genes,
                          error, fill_missing)
@@ -226,22 +229,6 @@ class AlignedRows:
         if self.genes is None:
             return counts
         return align_counts(counts, self.screen.var_names, self.genes, self.error, self.fill_missing)
-
-
-def _streamed_cell_data(model: Any, screen: OnDiskScreen, genes: list[str] | None, error: type[ValueError],
-                        fill_missing: bool | None) -> StreamingCellData:
-    """:func:`model_cell_data` of a screen read from disk: its blocks stream to the model's device."""
-    meta = getattr(model, "metadata", None) or {}
-    if genes is None and screen.n_vars != model.n_genes:
-        raise error(f"The model expects {model.n_genes} genes; the screen has {screen.n_vars}.")
-    obs = {}
-    if getattr(model, "n_batch", 0):
-        obs[BATCH_OBS_KEY] = batch_codes(screen.obs, meta.get("batch_key"), meta.get("batch_categories"), error)
-    reader = AlignedRows(screen, genes, error, fill_missing)
-    n_genes = screen.n_vars if reader.genes is None else len(reader.genes)
-    train = meta.get("train_config") or {}
-    return StreamingCellData(reader, screen.n_obs, n_genes, obs=obs, device=model.device,
-                             block_size=int(train.get("stream_block_size") or 16384))
 
 
 def model_kwargs(model_cls: type, params: Mapping[str, Any] | None, section: str, error: type[ValueError]) -> dict[str, Any]:
