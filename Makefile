@@ -17,11 +17,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup lock run test viz mlflow-ui bench retrain airflow-dag airflow-env airflow-lock clean help
+.PHONY: setup lock run test lint format viz mlflow-ui bench retrain airflow-dag airflow-env airflow-lock clean help
 
 help:
 	@echo "make run     set up .venv and run every pipeline on the demo screen (SCREEN=$(SCREEN))"
 	@echo "make test    set up .venv and run the test suite"
+	@echo "make lint    ruff: lint and format check (make format rewrites)"
 	@echo "make viz     open kedro-viz;  make mlflow-ui  open the MLflow UI"
 	@echo "make bench   install the bench extra (scvi-tools) and run the side-by-side benchmarks"
 	@echo "make retrain retrain every registered screen whose file is new or changed"
@@ -71,6 +72,15 @@ run: setup
 
 test: setup airflow-env
 	$(BIN)/python -m pytest
+
+# ruff's rules and line length are in pyproject.toml ([tool.ruff])
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 viz: setup
 	$(BIN)/kedro viz run

@@ -11,7 +11,8 @@ Usage::
     .venv-bench/bin/python bench/contrastive_vs_scvi.py --seed 0                  # training seed 0
     .venv-bench/bin/python bench/contrastive_vs_scvi.py --seed 0 --train-seed 1 --name contrastive_vs_scvi_train1
     .venv-bench/bin/python bench/contrastive_vs_scvi.py --seed 0 --train-seed 2 --name contrastive_vs_scvi_train2
-    .venv-bench/bin/python bench/contrastive_seeds_summary.py contrastive_vs_scvi contrastive_vs_scvi_train1 contrastive_vs_scvi_train2
+    .venv-bench/bin/python bench/contrastive_seeds_summary.py \
+        contrastive_vs_scvi contrastive_vs_scvi_train1 contrastive_vs_scvi_train2
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from pathlib import Path
 import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = ["s_per_epoch_median", "train_seconds_total", "val_neg_elbo_per_cell", "program_ari",
-           "program_ari_one_leiden_run", "phase_leakage_salient", "phase_chance"]
+FIGURES = [
+    "s_per_epoch_median",
+    "train_seconds_total",
+    "val_neg_elbo_per_cell",
+    "program_ari",
+    "program_ari_one_leiden_run",
+    "phase_leakage_salient",
+    "phase_chance",
+]
 
 
 def verdicts(table: pd.DataFrame) -> dict[str, object]:
@@ -36,8 +44,9 @@ def verdicts(table: pd.DataFrame) -> dict[str, object]:
         "leakage_ours_minus_scvi": ours["phase_leakage_salient"] - scvi["phase_leakage_salient"],
         "a_speed_ge_1.5x": bool(scvi["s_per_epoch_median"] / ours["s_per_epoch_median"] >= 1.5),
         "b_time_le_one_third": bool(to_target / scvi["train_seconds_total"] <= 1 / 3),
-        "c_ari_ge_and_leakage_lt": bool(ours["program_ari"] >= scvi["program_ari"]
-                                        and ours["phase_leakage_salient"] < scvi["phase_leakage_salient"]),
+        "c_ari_ge_and_leakage_lt": bool(
+            ours["program_ari"] >= scvi["program_ari"] and ours["phase_leakage_salient"] < scvi["phase_leakage_salient"]
+        ),
     }
 
 
@@ -52,15 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     per_run = pd.DataFrame({name: verdicts(t) for name, t in runs.items()}).T
     per_run.index.name = "run"
     per_run.to_csv(RESULTS / f"{args.out}.csv")
-    lines = [f"# contrastiveVI vs scvi-tools over {len(runs)} training seeds of one screen", "",
-             f"Runs: {', '.join(f'`{n}`' for n in runs)} (each a full `contrastive_vs_scvi.py` table).", "",
-             "Mean [min, max] per tool:", "", "| figure | " + " | ".join(summary.index) + " |",
-             "|---|" + "---|" * len(summary.index)]
+    lines = [
+        f"# contrastiveVI vs scvi-tools over {len(runs)} training seeds of one screen",
+        "",
+        f"Runs: {', '.join(f'`{n}`' for n in runs)} (each a full `contrastive_vs_scvi.py` table).",
+        "",
+        "Mean [min, max] per tool:",
+        "",
+        "| figure | " + " | ".join(summary.index) + " |",
+        "|---|" + "---|" * len(summary.index),
+    ]
     for figure in FIGURES:
-        cells = [f"{summary.loc[tool, (figure, 'mean')]:.3f} [{summary.loc[tool, (figure, 'min')]:.3f}, "
-                 f"{summary.loc[tool, (figure, 'max')]:.3f}]" for tool in summary.index]
+        cells = [
+            f"{summary.loc[tool, (figure, 'mean')]:.3f} [{summary.loc[tool, (figure, 'min')]:.3f}, "
+            f"{summary.loc[tool, (figure, 'max')]:.3f}]"
+            for tool in summary.index
+        ]
         lines.append(f"| {figure} | " + " | ".join(cells) + " |")
-    lines += ["", "Per run:", "", "| run | " + " | ".join(per_run.columns) + " |", "|---|" + "---|" * len(per_run.columns)]
+    lines += [
+        "",
+        "Per run:",
+        "",
+        "| run | " + " | ".join(per_run.columns) + " |",
+        "|---|" + "---|" * len(per_run.columns),
+    ]
     for name, row in per_run.iterrows():
         cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -82,9 +82,13 @@ def pipeline_parameters() -> dict[str, Any]:
 
 def make_screen(args: argparse.Namespace):
     raw = simulate_screen(
-        n_cells=args.n_cells, n_genes=args.n_genes, n_programs=args.n_programs,
-        perturbations_per_program=args.perturbations_per_program, n_null_perturbations=2,
-        cell_cycle_strength=args.cell_cycle_strength, high_expression_share=args.high_expression_share,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        n_programs=args.n_programs,
+        perturbations_per_program=args.perturbations_per_program,
+        n_null_perturbations=2,
+        cell_cycle_strength=args.cell_cycle_strength,
+        high_expression_share=args.high_expression_share,
         seed=args.seed,
     )
     return raw, processed_like(raw)
@@ -117,13 +121,17 @@ class Scorer:
         obs = screen.obs
         self.leiden_runs = leiden_runs
         self.is_target = ~obs["is_control"].to_numpy().astype(bool)
-        self.responders = self.is_target & obs["responded"].to_numpy().astype(bool) & (obs["program"] != "none").to_numpy()
+        self.responders = (
+            self.is_target & obs["responded"].to_numpy().astype(bool) & (obs["program"] != "none").to_numpy()
+        )
         self.programs = obs["program"].astype(str).to_numpy()[self.responders]
         self.phase = obs["phase_original"].astype(str).to_numpy()[self.is_target]
         self.seed = seed
 
     def ari(self, salient: np.ndarray) -> float:
-        return program_scores(salient[self.responders], self.programs, seed=self.seed, leiden_runs=self.leiden_runs)["ari"]
+        return program_scores(salient[self.responders], self.programs, seed=self.seed, leiden_runs=self.leiden_runs)[
+            "ari"
+        ]
 
     def all(self, salient: np.ndarray, background: np.ndarray) -> dict[str, float]:
         scores = program_scores(salient[self.responders], self.programs, seed=self.seed, leiden_runs=self.leiden_runs)
@@ -150,8 +158,14 @@ def run_scvi(screen, args: argparse.Namespace, wasserstein_penalty: float) -> di
     adata = screen.copy()
     scvi.external.ContrastiveVI.setup_anndata(adata, layer="counts")
     model = scvi.external.ContrastiveVI(
-        adata, n_hidden=128, n_background_latent=10, n_salient_latent=10, n_layers=1, dropout_rate=0.1,
-        use_observed_lib_size=True, wasserstein_penalty=wasserstein_penalty,
+        adata,
+        n_hidden=128,
+        n_background_latent=10,
+        n_salient_latent=10,
+        n_layers=1,
+        dropout_rate=0.1,
+        use_observed_lib_size=True,
+        wasserstein_penalty=wasserstein_penalty,
     )
     obs = screen.obs
     is_control = obs["is_control"].to_numpy().astype(bool)
@@ -177,10 +191,16 @@ def run_scvi(screen, args: argparse.Namespace, wasserstein_penalty: float) -> di
     model.train(
         background_indices=np.flatnonzero(is_control).tolist(),
         target_indices=np.flatnonzero(~is_control).tolist(),
-        max_epochs=args.epochs, batch_size=args.batch_size, accelerator="cpu", early_stopping=False,
-        enable_progress_bar=False, check_val_every_n_epoch=1, callbacks=[timer],
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        accelerator="cpu",
+        early_stopping=False,
+        enable_progress_bar=False,
+        check_val_every_n_epoch=1,
+        callbacks=[timer],
         datasplitter_kwargs={"external_indexing": [train_idx, val_idx, np.array([], dtype=int)]},
-        plan_kwargs={"lr": args.lr_scvi, "n_epochs_kl_warmup": args.kl_warmup}, **extra,
+        plan_kwargs={"lr": args.lr_scvi, "n_epochs_kl_warmup": args.kl_warmup},
+        **extra,
     )
     total = time.perf_counter() - start
     salient = model.get_latent_representation(adata, representation_kind="salient")
@@ -189,14 +209,20 @@ def run_scvi(screen, args: argparse.Namespace, wasserstein_penalty: float) -> di
     # scvi's validation loss is the mean over control/target *pairs* of both cells' -ELBO terms
     # (+ kl_weight * penalty * W2): half of it is the per-cell -ELBO when the penalty is 0.
     val = history["validation_loss"]["validation_loss"].to_numpy()
-    val_elbo = (history["reconstruction_loss_validation"]["reconstruction_loss_validation"].to_numpy()
-                + history["kl_local_validation"]["kl_local_validation"].to_numpy()) / 2.0
+    val_elbo = (
+        history["reconstruction_loss_validation"]["reconstruction_loss_validation"].to_numpy()
+        + history["kl_local_validation"]["kl_local_validation"].to_numpy()
+    ) / 2.0
     n_tg_train = int((~is_control & ~is_val).sum())
     n_bg_train = int((is_control & ~is_val).sum())
     return {
-        "wall": np.asarray(timer.wall), "cpu": np.asarray(timer.cpu), "total": total,
-        "salient": salient, "background": background,
-        "val_loss_tool": float(val[-1]), "val_neg_elbo": float(val_elbo[-1]),
+        "wall": np.asarray(timer.wall),
+        "cpu": np.asarray(timer.cpu),
+        "total": total,
+        "salient": salient,
+        "background": background,
+        "val_loss_tool": float(val[-1]),
+        "val_neg_elbo": float(val_elbo[-1]),
         "targets_per_epoch": scvi_targets_per_epoch(n_tg_train, n_bg_train, args.batch_size),
         "load": (load_before + load_average()) / 2,
     }
@@ -205,7 +231,9 @@ def run_scvi(screen, args: argparse.Namespace, wasserstein_penalty: float) -> di
 def scvi_targets_per_epoch(n_target: int, n_background: int, batch_size: int) -> int:
     """Targets scvi-tools processes per epoch: each step keeps min(target batch, cycled control batch)."""
     tg = [batch_size] * (n_target // batch_size) + ([n_target % batch_size] if n_target % batch_size else [])
-    bg = [batch_size] * (n_background // batch_size) + ([n_background % batch_size] if n_background % batch_size else [])
+    bg = [batch_size] * (n_background // batch_size) + (
+        [n_background % batch_size] if n_background % batch_size else []
+    )
     return int(sum(min(t, bg[i % len(bg)]) for i, t in enumerate(tg)))
 
 
@@ -213,16 +241,32 @@ def scvi_targets_per_epoch(n_target: int, n_background: int, batch_size: int) ->
 def run_ours(screen, args: argparse.Namespace, scorer: Scorer, target_ari: float | None) -> dict[str, Any]:
     # what `kedro run` uses (conf/base), with the knobs both tools share set to the same values
     defaults = pipeline_parameters()
-    model_params = {**defaults["model"], "n_background": 10, "n_salient": 10, "n_hidden": 128, "n_layers": 1,
-                    "dropout": 0.1, "likelihood": "zinb", "library": "observed"}
+    model_params = {
+        **defaults["model"],
+        "n_background": 10,
+        "n_salient": 10,
+        "n_hidden": 128,
+        "n_layers": 1,
+        "dropout": 0.1,
+        "likelihood": "zinb",
+        "library": "observed",
+    }
     if args.wasserstein_penalty is not None:
         model_params["wasserstein_penalty"] = args.wasserstein_penalty
     if args.decoder is not None:
         model_params["decoder"] = args.decoder
-    training = {"lr": defaults["training"]["lr"], "weight_decay": defaults["training"]["weight_decay"],
-                "batch_size": args.batch_size, "max_epochs": args.epochs, "kl_warmup_epochs": args.kl_warmup,
-                "early_stopping": False, "restore_best": False, "progress": False, "device": "cpu",
-                "precision": args.precision or defaults["training"].get("precision", "float32")}
+    training = {
+        "lr": defaults["training"]["lr"],
+        "weight_decay": defaults["training"]["weight_decay"],
+        "batch_size": args.batch_size,
+        "max_epochs": args.epochs,
+        "kl_warmup_epochs": args.kl_warmup,
+        "early_stopping": False,
+        "restore_best": False,
+        "progress": False,
+        "device": "cpu",
+        "precision": args.precision or defaults["training"].get("precision", "float32"),
+    }
     if args.lr is not None:
         training["lr"] = args.lr
     data = CellData(screen.layers["counts"])  # for scoring during training (built outside the timing)
@@ -238,28 +282,39 @@ def run_ours(screen, args: argparse.Namespace, scorer: Scorer, target_ari: float
         t0, c0 = time.perf_counter(), time.process_time()
         _, salient = model.embed(data)
         curve.append({"epoch": epoch + 1, "train_seconds": float(np.sum(history.seconds)), "ari": scorer.ari(salient)})
-        print(f"  ours epoch {epoch + 1}: ARI {curve[-1]['ari']:.3f} after {curve[-1]['train_seconds']:.0f} s "
-              f"(scoring {time.perf_counter() - t0:.0f} s, load {load_average():.1f})", flush=True)
+        print(
+            f"  ours epoch {epoch + 1}: ARI {curve[-1]['ari']:.3f} after {curve[-1]['train_seconds']:.0f} s "
+            f"(scoring {time.perf_counter() - t0:.0f} s, load {load_average():.1f})",
+            flush=True,
+        )
         eval_cpu[0] += time.process_time() - c0
         return None
 
     load_before = load_average()
     cpu0 = time.process_time()
     start = time.perf_counter()
-    model, history = nodes.train_contrastive_model(screen, model_params, training, SCHEMA, args.train_seed, callback=callback)
+    model, history = nodes.train_contrastive_model(
+        screen, model_params, training, SCHEMA, args.train_seed, callback=callback
+    )
     total = time.perf_counter() - start
     cpu = np.diff(np.asarray([cpu0] + cpu_marks))
     background, salient = model.embed(data)
     last = history.iloc[-1]
     val_elbo = float(last["val_reconstruction"] + last["val_kl_background"] + 0.5 * last["val_kl_salient"])
     return {
-        "wall": history["seconds"].to_numpy(), "cpu": cpu, "total": float(history["seconds"].sum()),
+        "wall": history["seconds"].to_numpy(),
+        "cpu": cpu,
+        "total": float(history["seconds"].sum()),
         "total_incl_setup_and_scoring": total,
-        "salient": salient, "background": background,
-        "val_loss_tool": float(last["val_loss"]), "val_neg_elbo": val_elbo,
+        "salient": salient,
+        "background": background,
+        "val_loss_tool": float(last["val_loss"]),
+        "val_neg_elbo": val_elbo,
         "targets_per_epoch": int((~screen.obs["is_control"] & (screen.obs["split"] == "train")).sum()),
-        "curve": curve, "load": (load_before + load_average()) / 2,
-        "hparams": model.hparams, "lr": float(model.metadata["train_config"]["lr"]),
+        "curve": curve,
+        "load": (load_before + load_average()) / 2,
+        "hparams": model.hparams,
+        "lr": float(model.metadata["train_config"]["lr"]),
         "precision": model.metadata["precision"],
     }
 
@@ -287,15 +342,29 @@ def summarise(name: str, run: dict[str, Any], scores: dict[str, float], args: ar
 def markdown(table: pd.DataFrame, extra: dict[str, Any], args: argparse.Namespace) -> str:
     ours, scvi_row = table.iloc[0], table.iloc[1]
     fmt = {
-        "s_per_epoch_median": "{:.2f}", "s_per_epoch_mean": "{:.2f}", "cpu_s_per_epoch_median": "{:.2f}",
-        "targets_per_s": "{:.0f}", "train_seconds_total": "{:.0f}", "val_neg_elbo_per_cell": "{:.2f}",
-        "val_loss_as_reported": "{:.2f}", "program_ari": "{:.3f}", "program_nmi": "{:.3f}",
-        "program_knn_accuracy": "{:.3f}", "program_ari_one_leiden_run": "{:.3f}", "phase_leakage_salient": "{:.3f}", "phase_leakage_background": "{:.3f}",
-        "phase_chance": "{:.3f}", "mean_load_1min": "{:.1f}", "time_to_scvi_final_ari_s": "{:.0f}", "time_to_99pct_scvi_final_ari_s": "{:.0f}",
+        "s_per_epoch_median": "{:.2f}",
+        "s_per_epoch_mean": "{:.2f}",
+        "cpu_s_per_epoch_median": "{:.2f}",
+        "targets_per_s": "{:.0f}",
+        "train_seconds_total": "{:.0f}",
+        "val_neg_elbo_per_cell": "{:.2f}",
+        "val_loss_as_reported": "{:.2f}",
+        "program_ari": "{:.3f}",
+        "program_nmi": "{:.3f}",
+        "program_knn_accuracy": "{:.3f}",
+        "program_ari_one_leiden_run": "{:.3f}",
+        "phase_leakage_salient": "{:.3f}",
+        "phase_leakage_background": "{:.3f}",
+        "phase_chance": "{:.3f}",
+        "mean_load_1min": "{:.1f}",
+        "time_to_scvi_final_ari_s": "{:.0f}",
+        "time_to_99pct_scvi_final_ari_s": "{:.0f}",
     }
     lines = ["| | " + " | ".join(table["tool"]) + " |", "|---|" + "---|" * len(table)]
     for column in table.columns[1:]:
-        cells = [fmt.get(column, "{}").format(v) if isinstance(v, (int, float, np.number)) else str(v) for v in table[column]]
+        cells = [
+            fmt.get(column, "{}").format(v) if isinstance(v, (int, float, np.number)) else str(v) for v in table[column]
+        ]
         lines.append(f"| {column} | " + " | ".join(cells) + " |")
     speed = scvi_row["s_per_epoch_median"] / ours["s_per_epoch_median"]
     throughput = ours["targets_per_s"] / scvi_row["targets_per_s"]
@@ -306,32 +375,41 @@ def markdown(table: pd.DataFrame, extra: dict[str, Any], args: argparse.Namespac
         f"# perturbscope contrastiveVI vs scvi-tools ContrastiveVI ({extra['date']})",
         "",
         f"Screen: simulated, {args.n_cells} cells x {args.n_genes} genes, {args.n_programs} programs x "
-        f"{args.perturbations_per_program} perturbations + 2 null, cell-cycle strength {args.cell_cycle_strength} (log2), "
+        f"{args.perturbations_per_program} perturbations + 2 null, cell-cycle strength {args.cell_cycle_strength} (log2), "  # noqa: E501
         f"{extra['n_target_train']} training targets / {extra['n_control_train']} training controls, "
         f"screen seed {args.seed}, training seed {args.train_seed} (both tools), "
         f"validation 10%. Both: latent 10 + 10, hidden 128, batch {args.batch_size}, {args.epochs} epochs, "
         f"KL warm-up {args.kl_warmup} epochs, no early stopping. Ours (conf/base settings otherwise): "
         f"lr {extra['ours_lr']:g}, decoder {extra['ours_decoder']}, "
         f"wasserstein_penalty {extra['ours_wasserstein']:g}, matrix products in {extra['ours_precision']} "
-        f"(training precision `{extra['ours_precision_setting']}`); scvi-tools (its defaults otherwise): lr {args.lr_scvi:g}, "
-        f"wasserstein_penalty {args.scvi_wasserstein:g}, Lightning precision {args.scvi_precision or '32-true (default)'}. CPU: {extra['cpu']}, torch threads {torch.get_num_threads()}; "
+        f"(training precision `{extra['ours_precision_setting']}`); scvi-tools (its defaults otherwise): lr {args.lr_scvi:g}, "  # noqa: E501
+        f"wasserstein_penalty {args.scvi_wasserstein:g}, Lightning precision {args.scvi_precision or '32-true (default)'}. CPU: {extra['cpu']}, torch threads {torch.get_num_threads()}; "  # noqa: E501
         f"1-minute load average {extra['load_start']:.1f} at the start, {extra['load_end']:.1f} at the end "
-        + ("(other jobs shared the 2 cores)." if max(extra["load_start"], extra["load_end"]) > 2.5 else "(quiet machine)."),
+        + (
+            "(other jobs shared the 2 cores)."
+            if max(extra["load_start"], extra["load_end"]) > 2.5
+            else "(quiet machine)."
+        ),
         "",
         *lines,
         "",
         f"* **Per epoch: ours {speed:.2f}x faster** (median wall s/epoch), {cpu_speed:.2f}x less CPU time; "
         f"per target cell {throughput:.2f}x the throughput.",
-        (f"* **Time for ours to reach scvi-tools' final program ARI ({scvi_row['program_ari']:.3f}): {ttt:.0f} s** "
-         f"(epoch {extra['epoch_to_scvi_ari']}) = {frac:.2f} of scvi-tools' {scvi_row['train_seconds_total']:.0f} s."
-         if ttt is not None else
-         f"* Ours did not reach scvi-tools' final program ARI ({scvi_row['program_ari']:.3f}) within {args.epochs} epochs."),
-        (f"* Within 1% of it ({0.99 * scvi_row['program_ari']:.3f}): {extra['time_to_99pct_scvi_ari']:.0f} s "
-         f"(epoch {extra['epoch_to_99pct_scvi_ari']}) = {extra['time_to_99pct_scvi_ari'] / scvi_row['train_seconds_total']:.2f} "
-         "of scvi-tools' time." if extra["time_to_99pct_scvi_ari"] is not None else
-         "* Ours did not come within 1% of scvi-tools' final program ARI."),
+        (
+            f"* **Time for ours to reach scvi-tools' final program ARI ({scvi_row['program_ari']:.3f}): {ttt:.0f} s** "
+            f"(epoch {extra['epoch_to_scvi_ari']}) = {frac:.2f} of scvi-tools' {scvi_row['train_seconds_total']:.0f} s."
+            if ttt is not None
+            else f"* Ours did not reach scvi-tools' final program ARI ({scvi_row['program_ari']:.3f}) within {args.epochs} epochs."  # noqa: E501
+        ),
+        (
+            f"* Within 1% of it ({0.99 * scvi_row['program_ari']:.3f}): {extra['time_to_99pct_scvi_ari']:.0f} s "
+            f"(epoch {extra['epoch_to_99pct_scvi_ari']}) = {extra['time_to_99pct_scvi_ari'] / scvi_row['train_seconds_total']:.2f} "  # noqa: E501
+            "of scvi-tools' time."
+            if extra["time_to_99pct_scvi_ari"] is not None
+            else "* Ours did not come within 1% of scvi-tools' final program ARI."
+        ),
         f"* Final program ARI (median of {args.leiden_runs} Leiden runs): ours {ours['program_ari']:.3f} vs "
-        f"{scvi_row['program_ari']:.3f}; one Leiden run (seed {args.seed}): ours {ours['program_ari_one_leiden_run']:.3f} vs "
+        f"{scvi_row['program_ari']:.3f}; one Leiden run (seed {args.seed}): ours {ours['program_ari_one_leiden_run']:.3f} vs "  # noqa: E501
         f"{scvi_row['program_ari_one_leiden_run']:.3f}; phase leakage in the "
         f"salient space: ours {ours['phase_leakage_salient']:.3f} vs {scvi_row['phase_leakage_salient']:.3f} "
         f"(chance {ours['phase_chance']:.3f}).",
@@ -360,16 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wasserstein-penalty", type=float, default=None, help="ours; default: conf/base's")
     parser.add_argument("--decoder", choices=["joint", "additive"], default=None, help="ours; default: conf/base's")
     parser.add_argument("--scvi-wasserstein", type=float, default=0.0, help="scvi-tools' default is 0")
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
-                        help="ours; default: conf/base's")
-    parser.add_argument("--scvi-precision", default=None,
-                        help="Lightning precision for scvi-tools, e.g. bf16-mixed (default: its 32-true)")
+    parser.add_argument(
+        "--precision", choices=["auto", "float32", "bfloat16"], default=None, help="ours; default: conf/base's"
+    )
+    parser.add_argument(
+        "--scvi-precision",
+        default=None,
+        help="Lightning precision for scvi-tools, e.g. bf16-mixed (default: its 32-true)",
+    )
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--leiden-runs", type=int, default=5, help="ARI = median over this many Leiden seeds")
     parser.add_argument("--seed", type=int, default=0, help="simulated screen (and scoring) seed")
     parser.add_argument("--train-seed", type=int, default=None, help="both tools' training seed (default: --seed)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for both tools (default: torch's, i.e. the cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for both tools (default: torch's, i.e. the cores)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="contrastive_vs_scvi")
     args = parser.parse_args(argv)
@@ -385,37 +468,48 @@ def main(argv: list[str] | None = None) -> int:
     raw, screen = make_screen(args)
     scorer = Scorer(screen, args.seed, args.leiden_runs)
     obs = screen.obs
-    print(f"screen {screen.shape}, zeros {1 - screen.layers['counts'].nnz / np.prod(screen.shape):.1%}, "
-          f"load {load_start:.1f}", flush=True)
+    print(
+        f"screen {screen.shape}, zeros {1 - screen.layers['counts'].nnz / np.prod(screen.shape):.1%}, "
+        f"load {load_start:.1f}",
+        flush=True,
+    )
 
     print("scvi-tools ContrastiveVI ...", flush=True)
     scvi_run = run_scvi(screen, args, args.scvi_wasserstein)
     scvi_scores = scorer.all(scvi_run["salient"], scvi_run["background"])
-    print(f"  {np.median(scvi_run['wall']):.2f} s/epoch, {scvi_run['total']:.0f} s, {json.dumps(scvi_scores)}", flush=True)
+    print(
+        f"  {np.median(scvi_run['wall']):.2f} s/epoch, {scvi_run['total']:.0f} s, {json.dumps(scvi_scores)}", flush=True
+    )
 
     print("perturbscope ContrastiveVAE ...", flush=True)
     ours_run = run_ours(screen, args, scorer, scvi_scores["program_ari"])
     ours_scores = scorer.all(ours_run["salient"], ours_run["background"])
-    print(f"  {np.median(ours_run['wall']):.2f} s/epoch, {ours_run['total']:.0f} s, {json.dumps(ours_scores)}", flush=True)
+    print(
+        f"  {np.median(ours_run['wall']):.2f} s/epoch, {ours_run['total']:.0f} s, {json.dumps(ours_scores)}", flush=True
+    )
 
     reached = [c for c in ours_run["curve"] if c["ari"] >= scvi_scores["program_ari"]]
     # both tools end on the screen's separability ceiling, where the ARI moves by ~0.01 from one
     # epoch to the next: also report when ours first comes within 1% of scvi-tools' final ARI
     near = [c for c in ours_run["curve"] if c["ari"] >= 0.99 * scvi_scores["program_ari"]]
-    table = pd.DataFrame([
-        summarise("perturbscope", ours_run, ours_scores, args),
-        summarise("scvi-tools", scvi_run, scvi_scores, args),
-    ])
+    table = pd.DataFrame(
+        [
+            summarise("perturbscope", ours_run, ours_scores, args),
+            summarise("scvi-tools", scvi_run, scvi_scores, args),
+        ]
+    )
     extra = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
-        "load_start": load_start, "load_end": load_average(),
+        "load_start": load_start,
+        "load_end": load_average(),
         "time_to_scvi_ari": reached[0]["train_seconds"] if reached else None,
         "epoch_to_scvi_ari": reached[0]["epoch"] if reached else None,
         "time_to_99pct_scvi_ari": near[0]["train_seconds"] if near else None,
         "epoch_to_99pct_scvi_ari": near[0]["epoch"] if near else None,
         "curve": ours_run["curve"],
-        "ours_lr": ours_run["lr"], "ours_wasserstein": ours_run["hparams"]["wasserstein_penalty"],
+        "ours_lr": ours_run["lr"],
+        "ours_wasserstein": ours_run["hparams"]["wasserstein_penalty"],
         "ours_decoder": ours_run["hparams"]["decoder"],
         "ours_precision": ours_run["precision"],
         "ours_precision_setting": args.precision or pipeline_parameters()["training"].get("precision", "float32"),

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +30,40 @@ def main() -> None:
     screen = f"sim_{args.n_cells}x{args.n_genes}"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     subprocess.run(
-        [sys.executable, "-m", "perturbscope.simulation", "--out", f"data/01_raw/{screen}.h5ad",
-         "--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--seed", "0"],
-        cwd=ROOT, env=env, check=True,
+        [
+            sys.executable,
+            "-m",
+            "perturbscope.simulation",
+            "--out",
+            f"data/01_raw/{screen}.h5ad",
+            "--n-cells",
+            str(args.n_cells),
+            "--n-genes",
+            str(args.n_genes),
+            "--seed",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
     )
     kedro = str(Path(sys.executable).with_name("kedro"))
     load = os.getloadavg()[0]
     proc = subprocess.run(
-        ["/usr/bin/time", "-v", kedro, "run", "--pipelines", "data_processing",
-         "--params", f"screen={screen},schema.program_key=program"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        [
+            "/usr/bin/time",
+            "-v",
+            kedro,
+            "run",
+            "--pipelines",
+            "data_processing",
+            "--params",
+            f"screen={screen},schema.program_key=program",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
@@ -51,8 +75,10 @@ def main() -> None:
             "| date (UTC) | screen | wall clock (m:ss) | peak RSS (GB) | load avg at start | cores |\n"
             "|---|---|---|---|---|---|\n"
         )
-    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {args.n_cells:,} cells × {args.n_genes:,} genes "
-           f"| {wall} | {rss_gb:.2f} | {load:.1f} | {os.cpu_count()} |\n")
+    row = (
+        f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {args.n_cells:,} cells × {args.n_genes:,} genes "
+        f"| {wall} | {rss_gb:.2f} | {load:.1f} | {os.cpu_count()} |\n"
+    )
     with RESULTS.open("a") as handle:
         handle.write(row)
     print(row, end="")

@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -59,25 +59,37 @@ def main() -> None:
     from perturbscope.simulation import simulate_screen
 
     screen = "sim_doubles_batch" if args.n_doubles else "sim_singles"  # the schemas in conf/e2e/screens.yml
-    epochs = {p: args.epochs for p in _base_epochs()} if args.epochs else _base_epochs()
+    epochs = dict.fromkeys(_base_epochs(), args.epochs) if args.epochs else _base_epochs()
     params = ",".join(f"{p}.training.max_epochs={n}" for p, n in epochs.items())
     with tempfile.TemporaryDirectory(prefix="perturbscope-e2e-") as tmp:
         root = Path(tmp)
         (root / "data" / "01_raw").mkdir(parents=True)
         adata = simulate_screen(
-            n_cells=args.n_cells, n_genes=args.n_genes, n_doubles=args.n_doubles, n_batches=args.n_batches,
-            n_programs=5, perturbations_per_program=4, seed=args.seed,
+            n_cells=args.n_cells,
+            n_genes=args.n_genes,
+            n_doubles=args.n_doubles,
+            n_batches=args.n_batches,
+            n_programs=5,
+            perturbations_per_program=4,
+            seed=args.seed,
         )
         if screen == "sim_singles":
             adata = adata[adata.obs["n_perturbed_genes"] <= 1].copy()
         adata.write_h5ad(root / "data" / "01_raw" / f"{screen}.h5ad")
-        env = {**os.environ, "PERTURBSCOPE_TEST_ROOT": str(root), "KEDRO_DISABLE_TELEMETRY": "1",
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = {
+            **os.environ,
+            "PERTURBSCOPE_TEST_ROOT": str(root),
+            "KEDRO_DISABLE_TELEMETRY": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
         kedro = str(Path(sys.executable).with_name("kedro"))
         load = os.getloadavg()[0]
         proc = subprocess.run(
             ["/usr/bin/time", "-v", kedro, "run", "--env", "e2e", "--params", f"screen={screen},{params}"],
-            cwd=ROOT, env=env, capture_output=True, text=True,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             sys.exit(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -92,9 +104,9 @@ def main() -> None:
         n_kept = int(pd.read_csv(_latest(reporting / "qc_summary.csv"))["cells_left"].iloc[-1])
     kind = f"{args.n_doubles} doubles, {args.n_batches} batch(es)" if args.n_doubles else "singles only"
     row = (
-        f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {args.n_cells:,} × {args.n_genes:,} ({kind}; {n_kept:,} after QC) "
+        f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {args.n_cells:,} × {args.n_genes:,} ({kind}; {n_kept:,} after QC) "
         f"| {'conf/base' if args.epochs is None else args.epochs} "
-        f"| {', '.join(f'{k} {v}' for k, v in trained.items())} | {wall} | {rss_gb:.2f} | {load:.1f} | {os.cpu_count()} |"
+        f"| {', '.join(f'{k} {v}' for k, v in trained.items())} | {wall} | {rss_gb:.2f} | {load:.1f} | {os.cpu_count()} |"  # noqa: E501
     )
     if not RESULTS.exists():
         RESULTS.write_text(

@@ -17,9 +17,9 @@ import json
 import time
 import warnings
 
+import escape_vs_scvi as bench
 import torch
 
-import escape_vs_scvi as bench  # noqa: E402  (bench/ is on sys.path when run as a script)
 from perturbscope.models.model import ContrastiveVI
 from perturbscope.pipelines.contrastive_model import nodes
 
@@ -34,21 +34,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    raw, screen = bench.make_screen(args.penetrance, seed=args.screen_seed, n_cells=12000, library_size=8000.0,
-                                    high_expression_share=0.4)
+    raw, screen = bench.make_screen(
+        args.penetrance, seed=args.screen_seed, n_cells=12000, library_size=8000.0, high_expression_share=0.4
+    )
     params = bench._yaml("parameters_contrastive_model.yml")["contrastive_model"]
-    training = {**bench._yaml("parameters.yml")["training"], **params["training"], "progress": False,
-                "num_threads": args.threads}
+    training = {
+        **bench._yaml("parameters.yml")["training"],
+        **params["training"],
+        "progress": False,
+        "num_threads": args.threads,
+    }
     model_params = {**params["model"], "salient_loadings": args.loadings}
     start = time.perf_counter()
-    model, history = nodes.train_contrastive_model(screen, model_params, training, bench.SCHEMA, args.train_seed,
-                                                   escape_params=params["escape"])
+    model, history = nodes.train_contrastive_model(
+        screen, model_params, training, bench.SCHEMA, args.train_seed, escape_params=params["escape"]
+    )
     seconds = time.perf_counter() - start
     embedded = ContrastiveVI(model).embed(screen)
-    run = {"salient": embedded.obsm["X_salient"], "probability": embedded.obs["perturbed_probability"].to_numpy(),
-           "epochs": len(history), "seconds": seconds}
-    row = {"penetrance": args.penetrance, "screen_seed": args.screen_seed, "train_seed": args.train_seed,
-           "loadings": args.loadings, "threads": args.threads, **bench.score(raw, screen, run)}
+    run = {
+        "salient": embedded.obsm["X_salient"],
+        "probability": embedded.obs["perturbed_probability"].to_numpy(),
+        "epochs": len(history),
+        "seconds": seconds,
+    }
+    row = {
+        "penetrance": args.penetrance,
+        "screen_seed": args.screen_seed,
+        "train_seed": args.train_seed,
+        "loadings": args.loadings,
+        "threads": args.threads,
+        **bench.score(raw, screen, run),
+    }
     print(json.dumps(row), flush=True)
     return 0
 

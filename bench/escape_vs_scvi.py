@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from contrastive_vs_scvi import processed_like
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
@@ -56,8 +57,6 @@ from perturbscope.pipelines.contrastive_model import nodes
 from perturbscope.pipelines.contrastive_model.evaluation import chance_accuracy, knn_accuracy, program_scores
 from perturbscope.pipelines.perturbation_effects import nodes as effects
 from perturbscope.simulation import simulate_screen
-
-from contrastive_vs_scvi import processed_like  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = {"perturbation_key": "perturbation", "control_labels": ["control"], "program_key": "program"}
@@ -71,10 +70,18 @@ def _yaml(name: str) -> dict:
 
 
 def make_screen(penetrance: float, seed: int, n_cells: int, library_size: float, high_expression_share: float):
-    raw = simulate_screen(n_cells=n_cells, n_genes=2000, n_programs=5, perturbations_per_program=8,
-                          n_null_perturbations=4, penetrance=penetrance, cell_cycle_strength=2.5,
-                          high_expression_share=high_expression_share, library_size_median=library_size,
-                          seed=seed)
+    raw = simulate_screen(
+        n_cells=n_cells,
+        n_genes=2000,
+        n_programs=5,
+        perturbations_per_program=8,
+        n_null_perturbations=4,
+        penetrance=penetrance,
+        cell_cycle_strength=2.5,
+        high_expression_share=high_expression_share,
+        library_size_median=library_size,
+        seed=seed,
+    )
     return raw, processed_like(raw)
 
 
@@ -82,12 +89,17 @@ def run_ours(screen, seed: int) -> dict:
     params = _yaml("parameters_contrastive_model.yml")["contrastive_model"]
     training = {**_yaml("parameters.yml")["training"], **params["training"], "progress": False}
     start = time.perf_counter()
-    model, history = nodes.train_contrastive_model(screen, params["model"], training, SCHEMA, seed,
-                                                   escape_params=params["escape"])
+    model, history = nodes.train_contrastive_model(
+        screen, params["model"], training, SCHEMA, seed, escape_params=params["escape"]
+    )
     seconds = time.perf_counter() - start
     embedded = ContrastiveVI(model).embed(screen)
-    return {"salient": embedded.obsm["X_salient"], "probability": embedded.obs["perturbed_probability"].to_numpy(),
-            "epochs": len(history), "seconds": seconds}
+    return {
+        "salient": embedded.obsm["X_salient"],
+        "probability": embedded.obs["perturbed_probability"].to_numpy(),
+        "epochs": len(history),
+        "seconds": seconds,
+    }
 
 
 def escape_probability(screen, salient: np.ndarray, seed: int) -> np.ndarray:
@@ -97,8 +109,9 @@ def escape_probability(screen, salient: np.ndarray, seed: int) -> np.ndarray:
     is_val = (screen.obs["split"] == "validation").to_numpy()
     labels = screen.obs["perturbation"].astype(str).to_numpy()
     settings = {k: v for k, v in params.items() if k != "enabled"}
-    mixture, _ = fit_escape_mixture(salient[~is_control], labels[~is_control], salient[is_control & is_val],
-                                    seed=seed, **settings)
+    mixture, _ = fit_escape_mixture(
+        salient[~is_control], labels[~is_control], salient[is_control & is_val], seed=seed, **settings
+    )
     probability = mixture.probability(salient, labels)
     probability[is_control] = 0.0
     return probability
@@ -111,22 +124,39 @@ def run_scvi(screen, seed: int, epochs: int) -> dict:
     scvi.settings.verbosity = logging.WARNING
     adata = screen.copy()
     scvi.external.ContrastiveVI.setup_anndata(adata, layer="counts")
-    model = scvi.external.ContrastiveVI(adata, n_hidden=128, n_background_latent=10, n_salient_latent=10,
-                                       n_layers=1, dropout_rate=0.1, use_observed_lib_size=True)
+    model = scvi.external.ContrastiveVI(
+        adata,
+        n_hidden=128,
+        n_background_latent=10,
+        n_salient_latent=10,
+        n_layers=1,
+        dropout_rate=0.1,
+        use_observed_lib_size=True,
+    )
     is_control = screen.obs["is_control"].to_numpy().astype(bool)
     is_val = (screen.obs["split"] == "validation").to_numpy()
     start = time.perf_counter()
     model.train(
-        background_indices=np.flatnonzero(is_control).tolist(), target_indices=np.flatnonzero(~is_control).tolist(),
-        max_epochs=epochs, batch_size=128, accelerator="cpu", early_stopping=False, enable_progress_bar=False,
-        datasplitter_kwargs={"external_indexing": [np.flatnonzero(~is_val), np.flatnonzero(is_val),
-                                                   np.array([], dtype=int)]},
+        background_indices=np.flatnonzero(is_control).tolist(),
+        target_indices=np.flatnonzero(~is_control).tolist(),
+        max_epochs=epochs,
+        batch_size=128,
+        accelerator="cpu",
+        early_stopping=False,
+        enable_progress_bar=False,
+        datasplitter_kwargs={
+            "external_indexing": [np.flatnonzero(~is_val), np.flatnonzero(is_val), np.array([], dtype=int)]
+        },
         plan_kwargs={"lr": 1e-3, "n_epochs_kl_warmup": 30},
     )
     seconds = time.perf_counter() - start
     salient = model.get_latent_representation(adata, representation_kind="salient")
-    return {"salient": salient, "probability": escape_probability(screen, salient, seed), "epochs": epochs,
-            "seconds": seconds}
+    return {
+        "salient": salient,
+        "probability": escape_probability(screen, salient, seed),
+        "epochs": epochs,
+        "seconds": seconds,
+    }
 
 
 def score(raw, screen, run: dict) -> dict:
@@ -140,10 +170,14 @@ def score(raw, screen, run: dict) -> dict:
     norm = np.linalg.norm(salient - np.median(salient[~target], axis=0), axis=1)
     scored = target & np.isfinite(probability)
     called = scored & (probability > 0.5)
-    out = {"epochs": run["epochs"], "train_seconds": round(run["seconds"], 1),
-           "auroc_probability": roc_auc_score(responded[scored], probability[scored]),
-           "auroc_salient_norm": roc_auc_score(responded[target], norm[target]),
-           "called_precision": float(responded[called].mean()), "called_recall": float(called[responded].mean())}
+    out = {
+        "epochs": run["epochs"],
+        "train_seconds": round(run["seconds"], 1),
+        "auroc_probability": roc_auc_score(responded[scored], probability[scored]),
+        "auroc_salient_norm": roc_auc_score(responded[target], norm[target]),
+        "called_precision": float(responded[called].mean()),
+        "called_recall": float(called[responded].mean()),
+    }
     resp = target & responded
     k = len(np.unique(programs[resp]))
     clusters = KMeans(k, n_init=10, random_state=0).fit_predict(salient[resp])
@@ -177,16 +211,20 @@ def oracle(raw) -> dict:
             members = labels == label
             scores.append(x[members] @ fc[:, j])
             truths.append(responded[members])
-    return {"oracle_kmeans_ari": adjusted_rand_score(programs[resp], clusters),
-            "oracle_auroc": roc_auc_score(np.concatenate(truths), np.concatenate(scores))}
+    return {
+        "oracle_kmeans_ari": adjusted_rand_score(programs[resp], clusters),
+        "oracle_auroc": roc_auc_score(np.concatenate(truths), np.concatenate(scores)),
+    }
 
 
 def effect_test(raw, screen, seed: int) -> dict:
     params = _yaml("parameters_perturbation_effects.yml")["perturbation_effects"]["effect_test"]
     table = effects.run_effect_tests(screen, params, seed).set_index("perturbation")
     truth = raw.uns["perturbation_truth"]["has_effect"].astype(bool)
-    return {"true_effects_called": f"{int(table.loc[truth[truth].index, 'significant'].sum())}/{int(truth.sum())}",
-            "null_effects_called": f"{int(table.loc[truth[~truth].index, 'significant'].sum())}/{int((~truth).sum())}"}
+    return {
+        "true_effects_called": f"{int(table.loc[truth[truth].index, 'significant'].sum())}/{int(truth.sum())}",
+        "null_effects_called": f"{int(table.loc[truth[~truth].index, 'significant'].sum())}/{int((~truth).sum())}",
+    }
 
 
 def write_tables(table: pd.DataFrame, args: argparse.Namespace) -> None:
@@ -198,14 +236,19 @@ def write_tables(table: pd.DataFrame, args: argparse.Namespace) -> None:
         if shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     scvi_epochs = sorted({int(e) for e in table.loc[table["tool"] == "scvi-tools", "epochs"]}) or [args.scvi_epochs]
-    lines = [f"# Escapers, programs and effect tests vs scvi-tools ({datetime.date.today()})", "",
-             f"Simulated screens: {args.n_cells} cells x 2,000 genes, 5 programs x 8 perturbations + 4 null, "
-             f"cell cycle 2.5 log2, median library {args.library_size:.0f}, housekeeping share "
-             f"{args.high_expression_share}; one screen per penetrance. Ours: conf/base (early stopping); scvi-tools: "
-             f"{', '.join(map(str, scvi_epochs))} epochs, lr 1e-3, KL warm-up 30. CPU, 2 threads. Training seeds of "
-             f"ours: {args.train_seeds}; one run per seed. `run`: the date of the run, or the earlier table a row "
-             "was carried from (`--scvi-from`: the same screens, scored by the same code).", "",
-             "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines = [
+        f"# Escapers, programs and effect tests vs scvi-tools ({datetime.date.today()})",
+        "",
+        f"Simulated screens: {args.n_cells} cells x 2,000 genes, 5 programs x 8 perturbations + 4 null, "
+        f"cell cycle 2.5 log2, median library {args.library_size:.0f}, housekeeping share "
+        f"{args.high_expression_share}; one screen per penetrance. Ours: conf/base (early stopping); scvi-tools: "
+        f"{', '.join(map(str, scvi_epochs))} epochs, lr 1e-3, KL warm-up 30. CPU, 2 threads. Training seeds of "
+        f"ours: {args.train_seeds}; one run per seed. `run`: the date of the run, or the earlier table a row "
+        "was carried from (`--scvi-from`: the same screens, scored by the same code).",
+        "",
+        "| " + " | ".join(shown.columns) + " |",
+        "|" + "---|" * len(shown.columns),
+    ]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
@@ -218,27 +261,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-cells", type=int, default=12000)
     parser.add_argument("--scvi-epochs", type=int, default=100)
     parser.add_argument("--skip-scvi", action="store_true")
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
-                        help="training seeds of ours per screen (repeated runs; scvi-tools: the first)")
-    parser.add_argument("--scvi-from", default=None,
-                        help="with --skip-scvi: carry the scvi-tools rows of an earlier table of these screens "
-                             "(a name in bench/results, e.g. escape_vs_scvi), marked in the `run` column")
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds of ours per screen (repeated runs; scvi-tools: the first)",
+    )
+    parser.add_argument(
+        "--scvi-from",
+        default=None,
+        help="with --skip-scvi: carry the scvi-tools rows of an earlier table of these screens "
+        "(a name in bench/results, e.g. escape_vs_scvi), marked in the `run` column",
+    )
     parser.add_argument("--name", default="escape_vs_scvi")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     rows = []
     for i, penetrance in enumerate(args.penetrance):
-        raw, screen = make_screen(penetrance, seed=i, n_cells=args.n_cells, library_size=args.library_size,
-                                  high_expression_share=args.high_expression_share)
+        raw, screen = make_screen(
+            penetrance,
+            seed=i,
+            n_cells=args.n_cells,
+            library_size=args.library_size,
+            high_expression_share=args.high_expression_share,
+        )
         tests = {**effect_test(raw, screen, seed=0), **oracle(raw)}
         runs = {("perturbscope", seed): run_ours(screen, seed=seed) for seed in args.train_seeds}
         if not args.skip_scvi:
-            runs[("scvi-tools", args.train_seeds[0])] = run_scvi(screen, seed=args.train_seeds[0],
-                                                                 epochs=args.scvi_epochs)
+            runs[("scvi-tools", args.train_seeds[0])] = run_scvi(
+                screen, seed=args.train_seeds[0], epochs=args.scvi_epochs
+            )
         for (tool, seed), run in runs.items():
-            row = {"screen_seed": i, "penetrance": penetrance, "tool": tool, "train_seed": seed,
-                   "run": str(datetime.date.today()), **score(raw, screen, run), **tests}
+            row = {
+                "screen_seed": i,
+                "penetrance": penetrance,
+                "tool": tool,
+                "train_seed": seed,
+                "run": str(datetime.date.today()),
+                **score(raw, screen, run),
+                **tests,
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)

@@ -92,14 +92,24 @@ def run_ours(counts: sp.csr_matrix, held: np.ndarray, args: argparse.Namespace, 
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     with seeded(args.seed):
         model = LinearVAE(
-            data.n_genes, n_latent=args.n_latent, n_hidden=args.n_hidden, likelihood="nb", library="observed",
+            data.n_genes,
+            n_latent=args.n_latent,
+            n_hidden=args.n_hidden,
+            likelihood="nb",
+            library="observed",
             **model_kwargs,
         )
     model.init_intercepts(data, train_idx)
     sampler = MinibatchSampler(data, train_idx, batch_size=args.batch_size, seed=args.seed)
     config = TrainConfig(
-        max_epochs=args.epochs, lr=3e-3, kl_warmup_epochs=args.kl_warmup, early_stopping=False,
-        restore_best=False, seed=args.seed, device="cpu", progress=False,
+        max_epochs=args.epochs,
+        lr=3e-3,
+        kl_warmup_epochs=args.kl_warmup,
+        early_stopping=False,
+        restore_best=False,
+        seed=args.seed,
+        device="cpu",
+        progress=False,
     )
     wall, cpu = time.perf_counter(), time.process_time()
     history = fit(model, sampler, None, config)
@@ -133,10 +143,10 @@ def run_scvi(adata: ad.AnnData, held: np.ndarray, args: argparse.Namespace, lr: 
         def __init__(self) -> None:
             self.seconds: list[float] = []
 
-        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
             self._start = time.perf_counter()
 
-        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
             self.seconds.append(time.perf_counter() - self._start)
 
     scvi.settings.seed = args.seed
@@ -149,8 +159,14 @@ def run_scvi(adata: ad.AnnData, held: np.ndarray, args: argparse.Namespace, lr: 
     timer = EpochTimer()
     wall, cpu = time.perf_counter(), time.process_time()
     model.train(
-        max_epochs=args.epochs, batch_size=args.batch_size, train_size=1.0, early_stopping=False,
-        accelerator="cpu", devices=1, enable_progress_bar=False, callbacks=[timer],
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        train_size=1.0,
+        early_stopping=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        callbacks=[timer],
         plan_kwargs={"n_epochs_kl_warmup": args.kl_warmup, "lr": lr},
     )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -250,7 +266,7 @@ def main() -> None:
         "(higher is better). For scvi, its own `get_reconstruction_error` on the same cells (sampled z) is in "
         "the csv as a sanity check of the evaluation.",
         "",
-        "| dataset | cells x genes | model | s/epoch (wall) | CPU s/epoch | median epoch s | held-out log-lik / cell | load avg before / after |",
+        "| dataset | cells x genes | model | s/epoch (wall) | CPU s/epoch | median epoch s | held-out log-lik / cell | load avg before / after |",  # noqa: E501
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -263,7 +279,7 @@ def main() -> None:
         "",
         "The machine (2 cores) is shared with other jobs: wall-clock times are noisy; CPU seconds per epoch "
         "(one thread) are the steadier number. Load averages are 1 / 5 / 15 minutes. "
-        + '"s/epoch (wall)" and "CPU s/epoch" are the whole training call divided by the epochs (the headline numbers); "median epoch s" times single epochs (our History; for scvi a Lightning callback between epoch start and end, which leaves out scvi\'s epoch-end metric aggregation, so it understates scvi).',
+        + '"s/epoch (wall)" and "CPU s/epoch" are the whole training call divided by the epochs (the headline numbers); "median epoch s" times single epochs (our History; for scvi a Lightning callback between epoch start and end, which leaves out scvi\'s epoch-end metric aggregation, so it understates scvi).',  # noqa: E501
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())

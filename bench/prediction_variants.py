@@ -42,8 +42,15 @@ VARIANTS: dict[str, dict] = {
     "NB, embedding only": {"model": {"condition_shift": False}},
     "NB, adversary 1": {"model": {"adversary_weight": 1.0}},
 }
-SCORES = ["pearson_delta", "pearson_delta_top_de", "pearson_delta_vs_perturbed_mean", "jaccard_top50", "mse",
-          "direction_accuracy_top_de", "energy_distance"]
+SCORES = [
+    "pearson_delta",
+    "pearson_delta_top_de",
+    "pearson_delta_vs_perturbed_mean",
+    "jaccard_top50",
+    "mse",
+    "direction_accuracy_top_de",
+    "energy_distance",
+]
 
 
 def latest_processed(screen: str) -> ad.AnnData:
@@ -100,8 +107,17 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 means = table.groupby("method")[SCORES].mean()
                 for method, values in means.iterrows():
-                    rows.append({"variant": name, "seed": seed, "split": split_name, "method": method,
-                                 "epochs": len(history), "seconds": round(seconds, 1), **values.to_dict()})
+                    rows.append(
+                        {
+                            "variant": name,
+                            "seed": seed,
+                            "split": split_name,
+                            "method": method,
+                            "epochs": len(history),
+                            "seconds": round(seconds, 1),
+                            **values.to_dict(),
+                        }
+                    )
                 print(json.dumps({"variant": name, "seed": seed, "split": split_name, "seconds": round(seconds)}))
                 print(means[["pearson_delta", "mse", "energy_distance"]].round(3).to_string(), flush=True)
     out = pd.DataFrame(rows)

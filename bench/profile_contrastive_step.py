@@ -57,14 +57,19 @@ def main() -> None:
     sampler = PairedSampler(data, bg, tg, batch_size=args.batch_size)
     with seeded(0):
         model = ContrastiveVAE(args.genes, likelihood=args.likelihood, decoder=args.decoder)
-    cfg = TrainConfig(max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device,
-                      precision=args.precision)
+    cfg = TrainConfig(
+        max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device, precision=args.precision
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fit(model, sampler, None, TrainConfig(max_epochs=1, progress=False, device=args.device,
-                                                  precision=args.precision))
+            fit(
+                model,
+                sampler,
+                None,
+                TrainConfig(max_epochs=1, progress=False, device=args.device, precision=args.precision),
+            )
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         return
     t0 = time.perf_counter()
@@ -75,8 +80,11 @@ def main() -> None:
     cpu0 = time.process_time()
     hist = fit(model, sampler, None, cfg)
     cpu = (time.process_time() - cpu0) / args.epochs
-    print(f"precision {hist.precision}; seconds/epoch (wall):", [round(s, 2) for s in hist.seconds],
-          f"min {min(hist.seconds):.2f}")
+    print(
+        f"precision {hist.precision}; seconds/epoch (wall):",
+        [round(s, 2) for s in hist.seconds],
+        f"min {min(hist.seconds):.2f}",
+    )
     print(f"CPU seconds/epoch (all threads): {cpu:.2f}")
 
 

@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,13 @@ def train_one_epoch(path: str) -> dict:
     api = ContrastiveVI.fit(screen, params["model"], training, seed=0, escape=params["escape"])
     total = time.perf_counter() - start
     n_target = int((~screen.obs["is_control"].to_numpy()).sum())
-    return {"epoch_seconds": float(api.history["seconds"].iloc[0]), "fit_seconds": total,
-            "n_target": n_target, "device": str(api.module.device) if hasattr(api.module, "device") else "cpu",
-            "cuda": bool(torch.cuda.is_available())}
+    return {
+        "epoch_seconds": float(api.history["seconds"].iloc[0]),
+        "fit_seconds": total,
+        "n_target": n_target,
+        "device": str(api.module.device) if hasattr(api.module, "device") else "cpu",
+        "cuda": bool(torch.cuda.is_available()),
+    }
 
 
 def _latest(folder: Path) -> Path:
@@ -80,27 +84,49 @@ def run_size(n_cells: int, n_genes: int) -> dict:
     screen = f"scale_{n_cells}x{n_genes}"
     raw = ROOT / "data" / "01_raw" / f"{screen}.h5ad"
     if not raw.exists():
-        subprocess.run([sys.executable, "-m", "perturbscope.simulation", "--out", str(raw), "--n-cells", str(n_cells),
-                        "--n-genes", str(n_genes), "--seed", "0"], cwd=ROOT, env=ENV, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "perturbscope.simulation",
+                "--out",
+                str(raw),
+                "--n-cells",
+                str(n_cells),
+                "--n-genes",
+                str(n_genes),
+                "--seed",
+                "0",
+            ],
+            cwd=ROOT,
+            env=ENV,
+            check=True,
+        )
     kedro = str(Path(sys.executable).with_name("kedro"))
     load = os.getloadavg()[0]
-    proc_s, proc_rss, _ = _timed([kedro, "run", "--pipelines", "data_processing",
-                                  "--params", f"screen={screen},on_disk_above_gb=0"])
+    proc_s, proc_rss, _ = _timed(
+        [kedro, "run", "--pipelines", "data_processing", "--params", f"screen={screen},on_disk_above_gb=0"]
+    )
     processed = _latest(ROOT / "data" / "03_primary" / screen / "processed_screen.h5ad")
     train_s, train_rss, out = _timed([sys.executable, str(Path(__file__).resolve()), "--train", str(processed)])
-    fit = json.loads(out.strip().splitlines()[[i for i, line in enumerate(out.strip().splitlines())
-                                               if line.startswith("{")][-1]])
+    fit = json.loads(
+        out.strip().splitlines()[[i for i, line in enumerate(out.strip().splitlines()) if line.startswith("{")][-1]]
+    )
     return {
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cells": n_cells, "genes": n_genes,
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "cells": n_cells,
+        "genes": n_genes,
         "raw_gb_on_disk": round(raw.stat().st_size / 1e9, 2),
-        "processing_s": round(proc_s, 1), "processing_peak_rss_gb": round(proc_rss, 2),
+        "processing_s": round(proc_s, 1),
+        "processing_peak_rss_gb": round(proc_rss, 2),
         "processing_cells_per_s": round(n_cells / proc_s),
-        "epoch_s": round(fit["epoch_seconds"], 1), "train_process_s": round(train_s, 1),
+        "epoch_s": round(fit["epoch_seconds"], 1),
+        "train_process_s": round(train_s, 1),
         "train_peak_rss_gb": round(train_rss, 2),
         "epoch_cells_per_s": round(fit["n_target"] / fit["epoch_seconds"]),
         "gpu": "cuda" if fit["cuda"] else "",
-        "load_avg_at_start": round(load, 1), "cores": os.cpu_count(),
+        "load_avg_at_start": round(load, 1),
+        "cores": os.cpu_count(),
     }
 
 

@@ -10,7 +10,8 @@ anndata's backed sparse dataset (``anndata.io.sparse_dataset``) read three ways,
 
 Usage::
 
-    .venv/bin/python bench/streaming_reads.py data/03_primary/<screen>/processed_screen.h5ad/<version>/processed_screen.h5ad
+    .venv/bin/python bench/streaming_reads.py \
+        data/03_primary/<screen>/processed_screen.h5ad/<version>/processed_screen.h5ad
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import h5py
@@ -71,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 cells = read(np.random.default_rng(repeat))
                 seconds = time.perf_counter() - start
-                rows.append({"mode": mode, "repeat": repeat, "cells": cells, "seconds": round(seconds, 3),
-                             "cells_per_s": round(cells / seconds)})
+                rows.append(
+                    {
+                        "mode": mode,
+                        "repeat": repeat,
+                        "cells": cells,
+                        "seconds": round(seconds, 3),
+                        "cells_per_s": round(cells / seconds),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     by_mode = {m: [r["cells_per_s"] for r in rows if r["mode"] == m] for m in modes}
     median = {m: float(np.median(v)) for m, v in by_mode.items()}
@@ -80,15 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         "# Streaming reads from a backed .h5ad (anndata sparse_dataset)",
         "",
         f"`bench/streaming_reads.py` on `{Path(args.path).name}` ({n:,} cells, `{args.key}`), "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
         f"{args.repeats} repeats per mode, interleaved. Blocks of {args.block:,} cells; minibatches of {args.batch}.",
         "",
         "| mode | cells/s per repeat | median cells/s | vs blocks |",
         "|---|---|---:|---:|",
     ]
     for mode, values in by_mode.items():
-        lines.append(f"| {mode} | {', '.join(f'{v:,}' for v in values)} | {median[mode]:,.0f} | "
-                     f"{median[mode] / median['blocks']:.4f} |")
+        lines.append(
+            f"| {mode} | {', '.join(f'{v:,}' for v in values)} | {median[mode]:,.0f} | "
+            f"{median[mode] / median['blocks']:.4f} |"
+        )
     (RESULTS / "streaming_reads.md").write_text("\n".join(lines) + "\n")
     return 0
 

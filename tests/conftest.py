@@ -53,9 +53,7 @@ def run_kedro(test_root: Path) -> Iterator[Callable[..., dict[str, Any]]]:
     bootstrap_project(PROJECT)
 
     def _run(pipelines: list[str] | None = None, **runtime_params: Any) -> dict[str, Any]:
-        with KedroSession.create(
-            project_path=PROJECT, env="test", runtime_params=runtime_params or None
-        ) as session:
+        with KedroSession.create(project_path=PROJECT, env="test", runtime_params=runtime_params or None) as session:
             return session.run(pipeline_names=pipelines) if pipelines else session.run()
 
     yield _run

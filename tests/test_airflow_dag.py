@@ -29,8 +29,15 @@ pytest.importorskip("kedro_airflow", reason="kedro-airflow (the `airflow` extra)
 
 DAG_FILE = "perturbscope_airflow_dag.py"
 AIRFLOW = Path(os.environ.get("PERTURBSCOPE_AIRFLOW", PROJECT / ".venv-airflow" / "bin" / "airflow"))
-SIM = dict(n_cells=600, n_genes=300, n_programs=3, perturbations_per_program=2, n_null_perturbations=1,
-           genes_per_program=15, n_heterogeneity_genes=10)
+SIM = dict(
+    n_cells=600,
+    n_genes=300,
+    n_programs=3,
+    perturbations_per_program=2,
+    n_null_perturbations=1,
+    genes_per_program=15,
+    n_heterogeneity_genes=10,
+)
 
 
 def generate(target: Path, params: str | None = None) -> Path:
@@ -42,8 +49,19 @@ def generate(target: Path, params: str | None = None) -> Path:
         # the CLI loads the project's context: keep kedro-mlflow from touching the project's mlflow.db
         "DYNACONF_DISABLE_HOOKS_FOR_PLUGINS": '@json ["kedro_mlflow", "kedro-mlflow"]',
     }
-    command = [sys.executable, "-m", "kedro", "airflow", "create", "--env", "airflow",
-               "--jinja-file", "conf/airflow/retrain_dag.j2", "--target-dir", str(target)]
+    command = [
+        sys.executable,
+        "-m",
+        "kedro",
+        "airflow",
+        "create",
+        "--env",
+        "airflow",
+        "--jinja-file",
+        "conf/airflow/retrain_dag.j2",
+        "--target-dir",
+        str(target),
+    ]
     if params:
         command += ["--params", params]
     result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
@@ -72,9 +90,7 @@ def test_dag_is_generated_and_shells_out(generated: Path) -> None:
 def test_committed_dag_matches_conf(generated: Path) -> None:
     """airflow_dags/ holds what the CLI generates from conf/airflow/ (regenerate after a change)."""
     committed = PROJECT / "airflow_dags" / DAG_FILE
-    assert committed.read_text() == generated.read_text(), (
-        "airflow_dags/ is out of date: run `make airflow-dag`"
-    )
+    assert committed.read_text() == generated.read_text(), "airflow_dags/ is out of date: run `make airflow-dag`"
 
 
 def test_deployment_names_a_tracking_server_and_an_fsspec_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,16 +99,18 @@ def test_deployment_names_a_tracking_server_and_an_fsspec_data_root(monkeypatch:
 
     monkeypatch.delenv("PERTURBSCOPE_DATA_ROOT", raising=False)
     monkeypatch.delenv("PERTURBSCOPE_MLFLOW_TRACKING_URI", raising=False)
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(PROJECT / "conf"), env="airflow",
-                                          **settings.CONFIG_LOADER_ARGS)
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(PROJECT / "conf"), env="airflow", **settings.CONFIG_LOADER_ARGS
+    )
     assert loader["globals"]["data_root"] == "s3://perturbscope/data"
     assert loader["catalog"]["raw_screen"]["filepath"].startswith("s3://perturbscope/data/01_raw/")
     server = resolve_mlflow_config(loader["mlflow"], PROJECT)["server"]
     assert server["mlflow_tracking_uri"] == "http://mlflow:5000"
     monkeypatch.setenv("PERTURBSCOPE_DATA_ROOT", "gs://lab/screens")
     monkeypatch.setenv("PERTURBSCOPE_MLFLOW_TRACKING_URI", "https://mlflow.lab.org")
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(PROJECT / "conf"), env="airflow",
-                                          **settings.CONFIG_LOADER_ARGS)
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(PROJECT / "conf"), env="airflow", **settings.CONFIG_LOADER_ARGS
+    )
     assert loader["globals"]["data_root"] == "gs://lab/screens"
     assert resolve_mlflow_config(loader["mlflow"], PROJECT)["server"]["mlflow_tracking_uri"] == "https://mlflow.lab.org"
 
@@ -120,8 +138,13 @@ def test_airflow_runs_one_task_per_screen(tmp_path: Path) -> None:
     dags.mkdir()
     # the test environment (outputs under root), the project itself on the worker, no retry delay
     generate(dags, f"run_env=test,project_path={PROJECT},retries=0")
-    env = {**os.environ, "PERTURBSCOPE_TEST_ROOT": str(root), "PERTURBSCOPE_PROJECT_PATH": str(PROJECT),
-           "KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        **os.environ,
+        "PERTURBSCOPE_TEST_ROOT": str(root),
+        "PERTURBSCOPE_PROJECT_PATH": str(PROJECT),
+        "KEDRO_DISABLE_TELEMETRY": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     env.pop("VIRTUAL_ENV", None)
     home = tmp_path / "airflow"
     migrated = _airflow(["db", "migrate"], home, dags, env, 300)
@@ -134,7 +157,7 @@ def test_airflow_runs_one_task_per_screen(tmp_path: Path) -> None:
         f"bag = DagBag({str(dags)!r})\n"
         "assert not bag.import_errors, bag.import_errors\n"
         "dag = bag.get_dag('perturbscope_retrain')\n"
-        "tasks = {t.task_id: {'upstream': sorted(t.upstream_task_ids), 'trigger_rule': getattr(t.trigger_rule, 'value', t.trigger_rule),\n"
+        "tasks = {t.task_id: {'upstream': sorted(t.upstream_task_ids), 'trigger_rule': getattr(t.trigger_rule, 'value', t.trigger_rule),\n"  # noqa: E501
         "         'pool': t.pool, 'max_active_tis_per_dag': t.max_active_tis_per_dag,\n"
         "         'timeout': t.execution_timeout.total_seconds() if t.execution_timeout else None,\n"
         "         'mapped': 'Mapped' in type(t).__name__} for t in dag.tasks}\n"
@@ -142,8 +165,9 @@ def test_airflow_runs_one_task_per_screen(tmp_path: Path) -> None:
         "                  'catchup': dag.catchup, 'tasks': tasks}))\n"
     )
     python = AIRFLOW.parent / "python"
-    parsed = subprocess.run([str(python), "-c", script], env={**env, "AIRFLOW_HOME": str(home)},
-                            capture_output=True, text=True, timeout=300)
+    parsed = subprocess.run(
+        [str(python), "-c", script], env={**env, "AIRFLOW_HOME": str(home)}, capture_output=True, text=True, timeout=300
+    )
     assert parsed.returncode == 0, parsed.stdout[-3000:] + parsed.stderr[-3000:]
     dag = json.loads(parsed.stdout.strip().splitlines()[-1])
     assert dag["schedule"] == "0 3 * * 1" and dag["max_active_runs"] == 1 and dag["catchup"] is False

@@ -23,7 +23,14 @@ import pytest
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT, latest_version
 
-SECTIONS = ("data_processing", "contrastive_model", "perturbation_effects", "linear_model", "perturbation_prediction", "provenance")
+SECTIONS = (
+    "data_processing",
+    "contrastive_model",
+    "perturbation_effects",
+    "linear_model",
+    "perturbation_prediction",
+    "provenance",
+)
 
 
 def _kedro_run(root: Path, screen: str) -> subprocess.CompletedProcess:
@@ -36,7 +43,11 @@ def _kedro_run(root: Path, screen: str) -> subprocess.CompletedProcess:
     }
     return subprocess.run(
         [sys.executable, "-m", "kedro", "run", "--env", "e2e", "--params", f"screen={screen}"],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
 
 

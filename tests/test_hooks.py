@@ -41,7 +41,9 @@ def test_the_project_mlflow_yml_points_at_one_store_wherever_kedro_starts(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     loader = OmegaConfigLoader(
-        conf_source=str(PROJECT / "conf"), env="base", runtime_params={"screen": "x"},
+        conf_source=str(PROJECT / "conf"),
+        env="base",
+        runtime_params={"screen": "x"},
         **{**settings.CONFIG_LOADER_ARGS, "default_run_env": "base"},
     )
     context = SimpleNamespace(config_loader={"mlflow": loader["mlflow"]}, project_path=PROJECT)
@@ -103,16 +105,20 @@ def test_a_retired_per_step_seed_stops_the_run_with_its_name(test_root: Path) ->
 
     from perturbscope.hooks import retired_parameters
 
-    assert retired_parameters({"seed": 1, "perturbation_prediction": {"splits": {"held_out_cells": {"seed": 2}},
-                                                                       "training": {"seed": 3}}}) == [
+    assert retired_parameters(
+        {"seed": 1, "perturbation_prediction": {"splits": {"held_out_cells": {"seed": 2}}, "training": {"seed": 3}}}
+    ) == [
         "perturbation_prediction.splits.held_out_cells.seed: the one `seed` (conf/base/parameters.yml) seeds every "
         "random draw; remove this key, or set `seed`"
     ]  # the top-level seed and a model's own training.seed are read
     bootstrap_project(PROJECT)
-    with KedroSession.create(project_path=PROJECT, env="test",
-                             runtime_params={"data_processing": {"split": {"seed": 3}}}) as session:
-        with pytest.raises(ValueError, match=r"no longer read.*data_processing\.split\.seed: the one `seed`"):
-            session.load_context()
+    with (
+        KedroSession.create(
+            project_path=PROJECT, env="test", runtime_params={"data_processing": {"split": {"seed": 3}}}
+        ) as session,
+        pytest.raises(ValueError, match=r"no longer read.*data_processing\.split\.seed: the one `seed`"),
+    ):
+        session.load_context()
     with KedroSession.create(project_path=PROJECT, env="test") as session:
         assert session.load_context().params["seed"] == 0  # the project's own conf passes
 
@@ -128,16 +134,21 @@ def test_a_run_on_a_screen_read_from_disk_stops_before_nodes_that_need_memory(tm
 
     path = tmp_path / "big.h5ad"
     simulate_screen(n_cells=200, n_genes=300, seed=0).write_h5ad(path)
-    catalog = {name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 0})
-               for name in ("raw_screen", "processed_screen")}
+    catalog = {
+        name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 0})
+        for name in ("raw_screen", "processed_screen")
+    }
     hook = OnDiskScreenHook()
     hook.before_pipeline_run({}, data_processing(), catalog)  # every data_processing node streams
-    needs_memory = data_processing() + Pipeline([Node(lambda s: s, "processed_screen", "x", name="train_ldvae"),
-                                                 Node(lambda x: x, "x", "y", name="no_screen")])
+    needs_memory = data_processing() + Pipeline(
+        [Node(lambda s: s, "processed_screen", "x", name="train_ldvae"), Node(lambda x: x, "x", "y", name="no_screen")]
+    )
     with pytest.raises(ScreenValidationError, match=r"1 node\(s\) of this run need it in memory: train_ldvae"):
         hook.before_pipeline_run({}, needs_memory, catalog)
-    small = {name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 2.0})
-             for name in ("raw_screen", "processed_screen")}
+    small = {
+        name: AnnDataDataset(filepath=str(path), load_args={"on_disk_above_gb": 2.0})
+        for name in ("raw_screen", "processed_screen")
+    }
     hook.before_pipeline_run({}, needs_memory, small)  # fits: nothing to stop
     assert isinstance(small["raw_screen"].load(), ad.AnnData)
     loaded = catalog["raw_screen"].load()

@@ -40,7 +40,9 @@ def test_models_import_no_kedro_and_no_anndata_outside_the_model_api(path: Path)
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in _files(SRC) if "pipelines" not in p.relative_to(SRC).parts], ids=lambda p: str(p.relative_to(SRC))
+    "path",
+    [p for p in _files(SRC) if "pipelines" not in p.relative_to(SRC).parts],
+    ids=lambda p: str(p.relative_to(SRC)),
 )
 def test_nothing_outside_pipelines_imports_a_pipeline(path: Path) -> None:
     assert not {m for m in _imports(path) if m.startswith("perturbscope.pipelines.")}

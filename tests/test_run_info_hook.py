@@ -10,16 +10,20 @@ import pandas as pd
 from kedro.io import DataCatalog
 from kedro.pipeline import Node
 
-from perturbscope.pipelines.reporting.nodes import provenance_section
 from perturbscope.datasets import RunInfoDataset
 from perturbscope.hooks import NOT_RECORDED, RUN_INFO, RunInfoHook
+from perturbscope.pipelines.reporting.nodes import provenance_section
 
 OLD, NEW = "2024-01-01T00.00.00.000Z", "2024-02-01T00.00.00.000Z"
 
 
 def _catalog(root: Path, save_version: str) -> DataCatalog:
     config = {
-        "screen": {"type": "perturbscope.datasets.AnnDataDataset", "filepath": str(root / "screen.h5ad"), "versioned": True},
+        "screen": {
+            "type": "perturbscope.datasets.AnnDataDataset",
+            "filepath": str(root / "screen.h5ad"),
+            "versioned": True,
+        },
         "table": {"type": "pandas.CSVDataset", "filepath": str(root / "table.csv")},
     }
     return DataCatalog.from_config(config, save_version=save_version)
@@ -32,7 +36,9 @@ def test_hook_records_save_and_load_versions(tmp_path: Path) -> None:
     # this run reads the earlier screen and writes a table and a new screen version
     catalog = _catalog(tmp_path, NEW)
     hook = RunInfoHook()
-    hook.before_pipeline_run({"run_id": NEW, "env": "test", "pipeline_names": ["a", "b"], "project_path": str(tmp_path)}, None, catalog)
+    hook.before_pipeline_run(
+        {"run_id": NEW, "env": "test", "pipeline_names": ["a", "b"], "project_path": str(tmp_path)}, None, catalog
+    )
     catalog.load("screen")
     hook.after_dataset_loaded("screen", adata, None)
     catalog.save("table", pd.DataFrame({"x": [1]}))

@@ -222,9 +222,7 @@ def test_tirosh_genes_are_present_and_labelled(screen: ad.AnnData) -> None:
 
 
 def test_too_few_genes_keeps_as_many_cell_cycle_genes_as_fit() -> None:
-    config = SimulationConfig(
-        n_cells=200, n_genes=150, n_programs=2, genes_per_program=20, n_heterogeneity_genes=10
-    )
+    config = SimulationConfig(n_cells=200, n_genes=150, n_programs=2, genes_per_program=20, n_heterogeneity_genes=10)
     adata = simulate_screen(config)
     s_genes, g2m_genes = load_cell_cycle_genes()
     var_program = adata.var["program"].astype(str)
@@ -261,10 +259,7 @@ def test_cell_cycle_genes_are_higher_in_their_phase(screen: ad.AnnData) -> None:
     flat = simulate_screen(**SMALL, n_doubles=3, seed=7, cell_cycle_strength=0.0)
     flat_phase = flat.obs["phase"].astype(str).to_numpy()
     genes = flat.var["program"].astype(str).to_numpy() == "cell_cycle_S"
-    ratio = (
-        _pseudobulk(flat, flat_phase == "S")[genes].sum()
-        / _pseudobulk(flat, flat_phase == "G1")[genes].sum()
-    )
+    ratio = _pseudobulk(flat, flat_phase == "S")[genes].sum() / _pseudobulk(flat, flat_phase == "G1")[genes].sum()
     assert 0.8 < ratio < 1.25
 
 
@@ -430,9 +425,7 @@ def test_h5ad_round_trip_keeps_truth(screen: ad.AnnData, tmp_path: Path) -> None
     pd.testing.assert_frame_equal(screen.obs, back.obs)
     pd.testing.assert_frame_equal(screen.var, back.var)
     pd.testing.assert_frame_equal(screen.varm["true_log2fc"], back.varm["true_log2fc"])
-    pd.testing.assert_frame_equal(
-        screen.uns["perturbation_truth"], back.uns["perturbation_truth"], check_dtype=False
-    )
+    pd.testing.assert_frame_equal(screen.uns["perturbation_truth"], back.uns["perturbation_truth"], check_dtype=False)
     config = SimulationConfig.from_dict(back.uns["simulation"])
     assert config == SimulationConfig(**SMALL, n_doubles=3, seed=7)
     stored = {k: v.item() if hasattr(v, "item") else v for k, v in back.uns["simulation"].items()}

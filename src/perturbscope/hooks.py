@@ -68,7 +68,7 @@ def resolve_store_uri(uri: str | None, project_path: str | Path) -> str | None:
         return uri
     root = Path(project_path).resolve()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        relative = uri[len("sqlite:///"):]
+        relative = uri[len("sqlite:///") :]
         if relative and relative != ":memory:":
             return f"sqlite:///{(root / relative).as_posix()}"
         return uri
@@ -113,9 +113,8 @@ class ProjectStoreHook:
         loader["mlflow"] = resolve_mlflow_config(conf, context.project_path)
 
 
-RETIRED_PARAMETERS: dict[str, str] = {
-    pattern: "the one `seed` (conf/base/parameters.yml) seeds every random draw; remove this key, or set `seed`"
-    for pattern in (
+RETIRED_PARAMETERS: dict[str, str] = dict.fromkeys(
+    (
         "data_processing.cell_cycle.seed",
         "data_processing.split.seed",
         "perturbation_prediction.splits.*.seed",
@@ -123,8 +122,9 @@ RETIRED_PARAMETERS: dict[str, str] = {
         "perturbation_prediction.evaluation.seed",
         "perturbation_prediction.figures.seed",
         "reporting.contrastive_model.seed",
-    )
-}
+    ),
+    "the one `seed` (conf/base/parameters.yml) seeds every random draw; remove this key, or set `seed`",
+)
 """Parameters the project no longer reads (fnmatch patterns over dotted keys), with what to do instead."""
 
 
@@ -148,7 +148,8 @@ class ParametersHook:
         if retired:
             raise ValueError(
                 "These parameters are no longer read (conf/<env>/parameters*.yml or --params): "
-                + "; ".join(retired) + "."
+                + "; ".join(retired)
+                + "."
             )
 
 
@@ -167,10 +168,10 @@ class OnDiskScreenHook:
         reads_on_disk = getattr(dataset, "reads_on_disk", None)
         if reads_on_disk is None or not reads_on_disk():
             return
-        screens = {name for name in pipeline.datasets()
-                   if getattr(catalog.get(name), "_on_disk_above_gb", None) is not None}
-        needs_memory = [node for node in pipeline.nodes
-                        if STREAMS_TAG not in node.tags and screens & set(node.inputs)]
+        screens = {
+            name for name in pipeline.datasets() if getattr(catalog.get(name), "_on_disk_above_gb", None) is not None
+        }
+        needs_memory = [node for node in pipeline.nodes if STREAMS_TAG not in node.tags and screens & set(node.inputs)]
         blocked = sorted({node.name for node in needs_memory})
         namespaces = sorted({node.namespace or "" for node in needs_memory})
         if not blocked:
@@ -235,7 +236,9 @@ class RunOutputsHook:
             logger.warning(
                 "The run failed (%s): removed the %d output version(s) it had written (save version %s); "
                 "earlier runs' outputs are untouched and stay the latest.",
-                type(error).__name__, removed, self._save_version,
+                type(error).__name__,
+                removed,
+                self._save_version,
             )
         self._written = []
 
@@ -247,10 +250,7 @@ RUN_INFO = "run_info"
 REPORT_DATASET = "report_html"
 """Catalog name of the HTML report; its path is printed at the end of the run."""
 
-NOT_RECORDED = (
-    "Dataset versions were not recorded: register "
-    "perturbscope.hooks.RunInfoHook in settings.HOOKS."
-)
+NOT_RECORDED = "Dataset versions were not recorded: register perturbscope.hooks.RunInfoHook in settings.HOOKS."
 
 
 def _relative(path: str, project_path: str | None) -> str:
@@ -266,9 +266,7 @@ LATEST = "latest on disk"
 """``used as`` of a versioned dataset of the project that this run neither read nor wrote."""
 
 
-def dataset_versions(
-    catalog: Any, touched: dict[str, str], project_path: str | None = None
-) -> list[dict[str, str]]:
+def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | None = None) -> list[dict[str, str]]:
     """One row per versioned dataset in ``touched`` (name -> ``loaded``/``saved``/``LATEST``).
 
     ``version`` is the save version for datasets the run wrote and the resolved
@@ -280,14 +278,14 @@ def dataset_versions(
     for name, mode in sorted(touched.items(), key=lambda item: (order.get(item[1], 3), item[0])):
         try:
             dataset = catalog[name]
-        except Exception:  # noqa: BLE001 - a name the catalog no longer knows
+        except Exception:
             continue
         if not isinstance(dataset, AbstractVersionedDataset) or not getattr(dataset, "_version", None):
             continue
         try:
             version = dataset.resolve_save_version() if mode == "saved" else dataset.resolve_load_version()
-            path = str(dataset._get_versioned_path(version))  # noqa: SLF001 - the resolved file
-        except Exception as err:  # noqa: BLE001 - a version that cannot be resolved is reported, not fatal
+            path = str(dataset._get_versioned_path(version))
+        except Exception as err:
             if mode == LATEST:
                 continue  # never written for this screen
             version, path = f"unresolved ({type(err).__name__})", str(getattr(dataset, "_filepath", ""))
@@ -323,7 +321,7 @@ class RunInfoHook:
             from kedro.framework.project import pipelines
 
             self._project_datasets = set(pipelines["__default__"].datasets())
-        except Exception:  # noqa: BLE001 - outside a Kedro project: only what the run touches
+        except Exception:
             self._project_datasets = set()
 
     @hook_impl
@@ -368,14 +366,17 @@ class RunInfoHook:
             return
         try:
             dataset = catalog[REPORT_DATASET]
-            version = getattr(dataset, "_version", None)  # noqa: SLF001 - the file this run wrote
-            path = Path(str(
-                dataset._get_versioned_path(version.save) if version is not None and version.save  # noqa: SLF001
-                else dataset._filepath  # noqa: SLF001
-            ))
-        except Exception:  # noqa: BLE001
+            version = getattr(dataset, "_version", None)
+            path = Path(
+                str(
+                    dataset._get_versioned_path(version.save)
+                    if version is not None and version.save
+                    else dataset._filepath
+                )
+            )
+        except Exception:
             return
         shown = _relative(str(path), run_params.get("project_path"))
         message = f"perturbscope report: {shown}"
         logger.info(message)
-        print(f"\n{message}\n", flush=True)  # noqa: T201 - `make run` ends with where the report is
+        print(f"\n{message}\n", flush=True)

@@ -64,8 +64,8 @@ class Chunk:
 @dataclass(frozen=True)
 class _Source:
     path: str
-    counts_key: str            # the raw counts in the file: "X" or "layers/<name>"
-    x_key: str | None          # a stored X other than the counts (a processed file), else None
+    counts_key: str  # the raw counts in the file: "X" or "layers/<name>"
+    x_key: str | None  # a stored X other than the counts (a processed file), else None
 
 
 class OnDiskScreen:
@@ -109,8 +109,9 @@ class OnDiskScreen:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def open(cls, path: str | os.PathLike, counts_layer: str | None = None,
-             chunk_size: int = DEFAULT_CHUNK_SIZE) -> OnDiskScreen:
+    def open(
+        cls, path: str | os.PathLike, counts_layer: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> OnDiskScreen:
         """The screen in ``path`` with its matrices left on disk.
 
         The raw counts are ``layers[counts_layer]`` if named, else ``layers["counts"]`` if the
@@ -176,7 +177,7 @@ class OnDiskScreen:
         return False
 
     @property
-    def X(self) -> Any:  # noqa: N802 (AnnData's name)
+    def X(self) -> Any:
         raise AttributeError(
             f"This screen ({self.n_obs:,} cells) is read from '{self.path}' in chunks and has no X in "
             "memory: use .chunks(), or .to_memory() if it fits."
@@ -190,14 +191,26 @@ class OnDiskScreen:
 
     def copy(self) -> OnDiskScreen:
         """A copy of the in-memory parts (obs, var, uns, obsm); the file is shared."""
-        return self._evolve(obs=self.obs.copy(), var=self.var.copy(), uns=copy.deepcopy(self.uns),
-                            obsm={k: np.array(v, copy=True) for k, v in self.obsm.items()},
-                            varm=copy.deepcopy(self.varm))
+        return self._evolve(
+            obs=self.obs.copy(),
+            var=self.var.copy(),
+            uns=copy.deepcopy(self.uns),
+            obsm={k: np.array(v, copy=True) for k, v in self.obsm.items()},
+            varm=copy.deepcopy(self.varm),
+        )
 
     def _evolve(self, **changes: Any) -> OnDiskScreen:
         state = {
-            "source": self._source, "obs": self.obs, "var": self.var, "uns": self.uns, "obsm": self.obsm,
-            "varm": self.varm, "rows": self._rows, "cols": self._cols, "library": self._library, "target_sum": self._target_sum,
+            "source": self._source,
+            "obs": self.obs,
+            "var": self.var,
+            "uns": self.uns,
+            "obsm": self.obsm,
+            "varm": self.varm,
+            "rows": self._rows,
+            "cols": self._cols,
+            "library": self._library,
+            "target_sum": self._target_sum,
             "chunk_size": self.chunk_size,
         }
         state.update(changes)
@@ -220,8 +233,9 @@ class OnDiskScreen:
             if genes.shape != (self.n_vars,):
                 raise ValueError(f"genes mask has shape {genes.shape}, expected ({self.n_vars},)")
             cols = np.flatnonzero(genes) if self._cols is None else self._cols[genes]
-            varm = {k: v.iloc[genes] if isinstance(v, pd.DataFrame) else np.asarray(v)[genes]
-                    for k, v in self.varm.items()}
+            varm = {
+                k: v.iloc[genes] if isinstance(v, pd.DataFrame) else np.asarray(v)[genes] for k, v in self.varm.items()
+            }
             out = out._evolve(var=out.var.iloc[genes].copy(), varm=varm, cols=cols)
         return out
 
@@ -301,8 +315,9 @@ class OnDiskScreen:
             out.varm[key] = value
         return out
 
-    def write_h5ad(self, path: str | os.PathLike, chunk_size: int | None = None,
-                   compression: str | None = None) -> None:
+    def write_h5ad(
+        self, path: str | os.PathLike, chunk_size: int | None = None, compression: str | None = None
+    ) -> None:
         """Write the screen to ``path`` block by block (same layout as ``AnnData.write_h5ad``)."""
         kwargs = {"compression": compression} if compression else {}
         # h5py's default chunks for a growing dataset are tiny; appends want large ones
@@ -327,4 +342,3 @@ class OnDiskScreen:
                 for store, block in zip(stores, blocks):
                     if block.shape[0]:
                         store.append(block)
-

@@ -82,9 +82,7 @@ class ScreenSchema:
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ScreenValidationError(
-                f"Unknown schema parameter(s) {unknown}; the schema takes {sorted(known)}."
-            )
+            raise ScreenValidationError(f"Unknown schema parameter(s) {unknown}; the schema takes {sorted(known)}.")
         values = dict(params)
         labels = values.get("control_labels", cls.control_labels)
         if isinstance(labels, str):
@@ -106,9 +104,7 @@ class ScreenSchema:
         return parse_perturbation(label, self.double_separator, self.control_labels)
 
 
-def parse_perturbation(
-    label: str, separator: str = "+", control_labels: Iterable[str] = (CONTROL,)
-) -> tuple[str, ...]:
+def parse_perturbation(label: str, separator: str = "+", control_labels: Iterable[str] = (CONTROL,)) -> tuple[str, ...]:
     """Split a perturbation label into its perturbed genes, sorted and de-duplicated.
 
     >>> parse_perturbation("KLF1+ctrl", "+", ["ctrl"])

@@ -1,8 +1,7 @@
 """Kedro settings for perturbscope."""
 
-from omegaconf.resolvers import oc
-
 from kedro.config import OmegaConfigLoader
+from omegaconf.resolvers import oc
 
 from perturbscope.hooks import (
     OnDiskScreenHook,
@@ -14,7 +13,12 @@ from perturbscope.hooks import (
 )
 
 HOOKS = (
-    ParametersHook(), ProjectStoreHook(), OnDiskScreenHook(), RunOutputsHook(), ScreenTagHook(), RunInfoHook(),
+    ParametersHook(),
+    ProjectStoreHook(),
+    OnDiskScreenHook(),
+    RunOutputsHook(),
+    ScreenTagHook(),
+    RunInfoHook(),
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -456,9 +456,7 @@ def _design(config: SimulationConfig, rng: np.random.Generator) -> _Design:
     names = names[perm]
     abundance = abundance[perm]
     width = max(5, len(str(n_genes)))
-    var_names = [
-        name if name is not None else f"SIM{j + 1:0{width}d}" for j, name in enumerate(names)
-    ]
+    var_names = [name if name is not None else f"SIM{j + 1:0{width}d}" for j, name in enumerate(names)]
 
     # Program effects (log2): signed magnitudes on each program's genes.
     program_effect = np.zeros((config.n_programs, n_genes))
@@ -551,9 +549,7 @@ def _draw_cells(config: SimulationConfig, design: _Design, rng: np.random.Genera
     heterogeneity = rng.standard_normal(n_cells)
     has_effect = np.r_[False, np.any(design.effects != 0, axis=1)]
     responded = (rng.random(n_cells) < config.penetrance) & has_effect[code]
-    size_factor = config.library_size_median * np.exp(
-        rng.normal(0.0, config.library_size_sigma, n_cells)
-    )
+    size_factor = config.library_size_median * np.exp(rng.normal(0.0, config.library_size_sigma, n_cells))
     return _Cells(code, phase, heterogeneity, responded, size_factor)
 
 
@@ -745,7 +741,13 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
     work = _Workspace(min(chunk, config.n_cells) * config.n_genes)
     pieces = [
         _count_chunk(
-            config, design, cells, start, min(start + chunk, config.n_cells), seq, work,
+            config,
+            design,
+            cells,
+            start,
+            min(start + chunk, config.n_cells),
+            seq,
+            work,
             None if batch_shift is None else _BatchRows(batch, batch_shift),
         )
         for start, seq in zip(starts, counts_seq.spawn(len(starts)), strict=True)
@@ -802,9 +804,7 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
         index=pd.Index(design.perturbations, name=PERTURBATION),
     )
     adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.varm["true_log2fc"] = pd.DataFrame(
-        design.effects.T, index=adata.var_names, columns=design.perturbations
-    )
+    adata.varm["true_log2fc"] = pd.DataFrame(design.effects.T, index=adata.var_names, columns=design.perturbations)
     adata.uns["simulation"] = config.to_dict()
     adata.uns["perturbation_truth"] = truth
     return adata
@@ -817,9 +817,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Write a synthetic Perturb-seq screen with known ground truth as .h5ad.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output .h5ad path")
-    parser.add_argument(
-        "--compression", choices=["gzip", "lzf"], default=None, help="h5ad compression (none)"
-    )
+    parser.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="h5ad compression (none)")
     knobs = parser.add_argument_group("simulation knobs (SimulationConfig fields)")
     for f in dataclasses.fields(SimulationConfig):
         knobs.add_argument(

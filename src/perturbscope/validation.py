@@ -67,9 +67,7 @@ def _check_unique(index: pd.Index, what: str, fix: str) -> None:
         return
     dupes = index[index.duplicated()].unique()
     shown = ", ".join(map(str, dupes[:5]))
-    raise ScreenValidationError(
-        f"{len(dupes)} duplicate {what} name(s), e.g. {shown}. {fix}"
-    )
+    raise ScreenValidationError(f"{len(dupes)} duplicate {what} name(s), e.g. {shown}. {fix}")
 
 
 def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Series, pd.Series]:
@@ -103,8 +101,7 @@ def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Se
         )
     if is_control.all():
         raise ScreenValidationError(
-            f"Every cell in obs['{key}'] is a control {list(schema.control_labels)}: the "
-            "screen has no perturbed cells."
+            f"Every cell in obs['{key}'] is a control {list(schema.control_labels)}: the screen has no perturbed cells."
         )
     return labels, is_control
 
@@ -156,9 +153,7 @@ def validate_screen(
     """
     schema = ScreenSchema.from_params(schema_params)
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ScreenValidationError(
-            f"Screen '{screen}' is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
-        )
+        raise ScreenValidationError(f"Screen '{screen}' is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     key = schema.perturbation_key
     if key is None:
         # a plain scRNA count matrix (no perturbations): every cell is "unperturbed"

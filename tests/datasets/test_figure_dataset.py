@@ -8,12 +8,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-from kedro.io import DataCatalog  # noqa: E402
-from kedro.io.core import DatasetError  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
+from kedro.io import DataCatalog
+from kedro.io.core import DatasetError
 
-from perturbscope.datasets import FigureDataset  # noqa: E402
+from perturbscope.datasets import FigureDataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,8 +34,9 @@ def test_figure_saves_and_loads_back_as_png_bytes(tmp_path: Path) -> None:
 
 
 def test_versioned_figure_loads_the_latest_version(tmp_path: Path) -> None:
-    config = {"fig": {"type": "perturbscope.datasets.FigureDataset", "filepath": str(tmp_path / "f.png"),
-                      "versioned": True}}
+    config = {
+        "fig": {"type": "perturbscope.datasets.FigureDataset", "filepath": str(tmp_path / "f.png"), "versioned": True}
+    }
     first = DataCatalog.from_config(config, save_version="2024-01-01T00.00.00.000Z")
     second = DataCatalog.from_config(config, save_version="2024-02-01T00.00.00.000Z")
     for catalog, size in ((first, 1), (second, 3)):

@@ -63,8 +63,9 @@ def test_additive_model_trains_and_embeds() -> None:
 
 def test_unit_salient_loadings_make_a_code_as_long_as_its_log_fold_change() -> None:
     with seeded(0):
-        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb",
-                               salient_loadings="unit")
+        model = ContrastiveVAE(
+            25, n_background=3, n_salient=2, decoder="additive", likelihood="nb", salient_loadings="unit"
+        )
     assert model.hparams["salient_loadings"] == "unit" and model.decoder.unit_loadings
     assert ContrastiveVAE(25, decoder="additive").hparams["salient_loadings"] == "free"  # the default
     with torch.no_grad():
@@ -101,8 +102,9 @@ def test_checkpoints_from_before_unit_loadings_load_with_free_loadings() -> None
 
 def test_shared_salient_loadings_have_one_learned_length() -> None:
     with seeded(0):
-        model = ContrastiveVAE(25, n_background=3, n_salient=2, decoder="additive", likelihood="nb",
-                               salient_loadings="shared")
+        model = ContrastiveVAE(
+            25, n_background=3, n_salient=2, decoder="additive", likelihood="nb", salient_loadings="shared"
+        )
     assert model.decoder.log_scale is not None and model.decoder.log_scale.requires_grad
     with torch.no_grad():
         model.decoder.log_scale.fill_(np.log(3.0))

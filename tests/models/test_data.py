@@ -27,7 +27,9 @@ def test_batch_equals_dense_rows(small_counts: sp.csr_matrix, fmt: str) -> None:
     multihot = (np.arange(small_counts.shape[0])[:, None] % np.array([2, 3]) == 0).astype(np.float32)
     dense = small_counts.toarray()
     dense[5] = 0  # make one empty row visible through idx below
-    d = CellData(dense if fmt == "dense" else sp.csr_matrix(dense).asformat(fmt), obs={"batch": codes, "cond": multihot})
+    d = CellData(
+        dense if fmt == "dense" else sp.csr_matrix(dense).asformat(fmt), obs={"batch": codes, "cond": multihot}
+    )
     idx = torch.tensor([5, 0, 17, 3, 3, 59, 42])  # includes an empty row and a duplicate
     b = d.batch(idx)
     np.testing.assert_array_equal(b["x"].numpy(), dense[idx.numpy()])

@@ -59,8 +59,16 @@ def _train(distributed: int) -> tuple[float, float]:
     screen, data, train, val, tg = _planted()
     with seeded(0):
         model = ContrastiveVAE(200, n_background=5, n_salient=5, n_hidden=64)
-    config = TrainConfig(max_epochs=40, lr=1e-2, kl_warmup_epochs=5, patience=40, seed=0, progress=False,
-                         num_threads=1, distributed=distributed)
+    config = TrainConfig(
+        max_epochs=40,
+        lr=1e-2,
+        kl_warmup_epochs=5,
+        patience=40,
+        seed=0,
+        progress=False,
+        num_threads=1,
+        distributed=distributed,
+    )
     history = fit(model, train, val, config)
     assert len(history) == 40 and history.best_epoch is not None
     assert next(model.parameters()).device.type == "cpu" and not model.training
@@ -95,5 +103,10 @@ def test_a_diverging_rank_raises_training_error_in_the_caller() -> None:
     data = CellData(random_counts(40, 5))
     sampler = MinibatchSampler(data, batch_size=8)
     with pytest.raises(TrainingError, match="non-finite in epoch 0"):
-        fit(Diverges(), sampler, None, TrainConfig(max_epochs=2, progress=False, distributed=2),
-            settings="contrastive_model")
+        fit(
+            Diverges(),
+            sampler,
+            None,
+            TrainConfig(max_epochs=2, progress=False, distributed=2),
+            settings="contrastive_model",
+        )

@@ -21,7 +21,9 @@ from perturbscope.models.likelihoods import (
 def _problem(B: int = 24, G: int = 37, seed: int = 0, dtype: torch.dtype = torch.float64, per_cell_theta: bool = False):
     g = torch.Generator().manual_seed(seed)
     log_mu = torch.randn(B, G, generator=g, dtype=dtype) * 1.5 - 0.5
-    log_theta = torch.randn(B, G, generator=g, dtype=dtype) if per_cell_theta else torch.randn(G, generator=g, dtype=dtype)
+    log_theta = (
+        torch.randn(B, G, generator=g, dtype=dtype) if per_cell_theta else torch.randn(G, generator=g, dtype=dtype)
+    )
     zi = torch.randn(B, G, generator=g, dtype=dtype) * 2
     # ~80 % zeros, some large counts
     x = torch.poisson(torch.exp(log_mu) * 0.3, generator=g) * (torch.rand(B, G, generator=g, dtype=dtype) < 0.5)
@@ -94,7 +96,7 @@ def test_zinb_matches_mixture_definition() -> None:
 
 
 def test_extreme_parameters_stay_finite() -> None:
-    B, G = 4, 6
+    B = 4
     log_mu = torch.tensor([[-30.0, 30.0, 0.0, -5.0, 12.0, 1.0]] * B)
     log_theta = torch.tensor([-8.0, 8.0, 15.0, -15.0, 0.0, 3.0])
     zi = torch.tensor([[-40.0, 40.0, 0.0, 20.0, -20.0, 5.0]] * B)
@@ -114,7 +116,8 @@ def test_batch_log_likelihood_reads_batch() -> None:
     x, log_mu, log_theta, zi, r, c, v = _problem()
     batch = {"nz_row": r, "nz_col": c, "nz_val": v, "nz_lgamma": torch.lgamma(v + 1)}
     torch.testing.assert_close(
-        batch_log_likelihood("zinb", batch, log_mu, log_theta, zi), dense_log_likelihood("zinb", x, log_mu, log_theta, zi)
+        batch_log_likelihood("zinb", batch, log_mu, log_theta, zi),
+        dense_log_likelihood("zinb", x, log_mu, log_theta, zi),
     )
 
 
@@ -132,7 +135,11 @@ def test_gaussian_matches_torch_distributions() -> None:
     log_var = torch.randn(5, generator=g)
     ref = Normal(mean, torch.exp(0.5 * log_var)).log_prob(x).sum(-1)
     torch.testing.assert_close(gaussian_log_likelihood(x, mean, log_var), ref)
-    assert math.isclose(float(gaussian_log_likelihood(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))), -0.5 * math.log(2 * math.pi), rel_tol=1e-6)
+    assert math.isclose(
+        float(gaussian_log_likelihood(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))),
+        -0.5 * math.log(2 * math.pi),
+        rel_tol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("per_cell_theta", [False, True])
@@ -146,7 +153,11 @@ def test_closed_form_gradients_match_autograd_of_dense_reference(kind: str, per_
     for fn in ("dense", "sparse"):
         lm, lt, zl = (t.clone().requires_grad_(True) for t in (log_mu, log_theta, zi))
         zl_arg = zl if kind == "zinb" else None
-        out = dense_log_likelihood(kind, x, lm, lt, zl_arg) if fn == "dense" else log_likelihood(kind, lm, lt, r, c, v, zl_arg)
+        out = (
+            dense_log_likelihood(kind, x, lm, lt, zl_arg)
+            if fn == "dense"
+            else log_likelihood(kind, lm, lt, r, c, v, zl_arg)
+        )
         (out * weights).sum().backward()
         grads[fn] = [lm.grad, lt.grad] + ([zl.grad] if kind == "zinb" else [])
     for name, gs, gd in zip(["log_mu", "log_theta", "zi_logits"], grads["sparse"], grads["dense"]):

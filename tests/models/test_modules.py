@@ -9,9 +9,9 @@ from torch.distributions import Normal, kl_divergence
 from perturbscope.models.modules import (
     MLP,
     CountDecoder,
-    first_layers,
     GaussianEncoder,
     LibraryEncoder,
+    first_layers,
     kl_normal,
     kl_standard_normal,
     one_hot,

@@ -60,8 +60,9 @@ def test_materialised_cells_keep_their_order() -> None:
     counts = _counts(300, 10)
     streamed = StreamingCellData(RowsOf(counts), *counts.shape, block_size=50)
     picked = np.array([250, 3, 120, 7, 299])
-    np.testing.assert_array_equal(streamed.materialise(picked).batch(torch.arange(5))["x"].numpy(),
-                                  counts[picked].toarray())
+    np.testing.assert_array_equal(
+        streamed.materialise(picked).batch(torch.arange(5))["x"].numpy(), counts[picked].toarray()
+    )
 
 
 def _processed(tmp_path) -> tuple:
@@ -80,8 +81,14 @@ def _processed(tmp_path) -> tuple:
 
 def test_contrastive_trained_from_disk_matches_the_resident_fit(tmp_path) -> None:
     on_disk, in_memory = _processed(tmp_path)
-    training = {"max_epochs": 25, "kl_warmup_epochs": 5, "progress": False, "early_stopping": False,
-                "lr": 3e-3, "stream_block_size": 512}
+    training = {
+        "max_epochs": 25,
+        "kl_warmup_epochs": 5,
+        "progress": False,
+        "early_stopping": False,
+        "lr": 3e-3,
+        "stream_block_size": 512,
+    }
     model = {"n_background": 5, "n_salient": 5, "decoder": "additive"}
     streamed = ContrastiveVI.fit(on_disk, model, training, seed=0, escape={"enabled": False})
     resident = ContrastiveVI.fit(in_memory, model, training, seed=0, escape={"enabled": False})

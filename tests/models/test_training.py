@@ -79,7 +79,15 @@ def test_fit_is_deterministic_and_history_format() -> None:
     assert h.train_loss == hists[1].train_loss and h.val_loss == hists[1].val_loss
     assert h.epoch == [0, 1, 2, 3] and h.kl_weight == [0.5, 1.0, 1.0, 1.0]
     df = h.to_frame()
-    for col in ("epoch", "train_loss", "val_loss", "seconds", "train_reconstruction", "val_kl_salient", "val_wasserstein"):
+    for col in (
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "seconds",
+        "train_reconstruction",
+        "val_kl_salient",
+        "val_wasserstein",
+    ):
         assert col in df.columns, col
     assert len(df) == 4 and np.isfinite(df.to_numpy(dtype=float)).all()
     assert h.train_loss[-1] < h.train_loss[0]
@@ -114,7 +122,9 @@ def test_early_stopping_stops_and_restores_best() -> None:
     # training pulls w toward +1 while the validation target is -1:
     # validation loss only gets worse after the first epoch
     model = _Quadratic()
-    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=0.05, patience=3, progress=False))
+    hist = fit(
+        model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=0.05, patience=3, progress=False)
+    )
     assert hist.stopped_early
     assert len(hist) == 4 and hist.best_epoch == 0
     w = float(model.w.detach())
@@ -124,18 +134,33 @@ def test_early_stopping_stops_and_restores_best() -> None:
     assert not model.training
     # without early stopping it runs to max_epochs but still restores the best epoch
     model = _Quadratic()
-    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=6, lr=0.05, early_stopping=False, progress=False))
+    hist = fit(
+        model,
+        _ListSampler(1.0),
+        _ListSampler(-1.0),
+        TrainConfig(max_epochs=6, lr=0.05, early_stopping=False, progress=False),
+    )
     assert len(hist) == 6 and not hist.stopped_early and float(model.w.detach()) == pytest.approx(0.1, abs=1e-3)
 
 
 def test_min_delta_and_warmup_gate_early_stopping() -> None:
     # val improves every epoch but by less than min_delta -> stops after patience
     model = _Quadratic()
-    hist = fit(model, _ListSampler(-1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=1e-3, patience=2, min_delta=1.0, progress=False))
+    hist = fit(
+        model,
+        _ListSampler(-1.0),
+        _ListSampler(-1.0),
+        TrainConfig(max_epochs=50, lr=1e-3, patience=2, min_delta=1.0, progress=False),
+    )
     assert hist.stopped_early and len(hist) == 3
     # epochs inside the KL warm-up are not eligible for early stopping / best epoch
     model = _Quadratic()
-    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=50, lr=0.05, patience=2, kl_warmup_epochs=4, progress=False))
+    hist = fit(
+        model,
+        _ListSampler(1.0),
+        _ListSampler(-1.0),
+        TrainConfig(max_epochs=50, lr=0.05, patience=2, kl_warmup_epochs=4, progress=False),
+    )
     assert hist.best_epoch == 3 and len(hist) == 6
     assert model.kl_weights[:8] == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
 
@@ -144,8 +169,16 @@ def test_learning_rate_decays_on_a_validation_plateau_after_the_warm_up() -> Non
     # validation only gets worse (train pulls w to +1, validation wants -1): every epoch after the
     # warm-up is a bad one, so with lr_patience=1 the rate halves after every 2nd bad epoch
     model = _Quadratic()
-    cfg = TrainConfig(max_epochs=8, lr=0.08, lr_patience=1, lr_factor=0.5, lr_min=0.015, kl_warmup_epochs=2,
-                      early_stopping=False, progress=False)
+    cfg = TrainConfig(
+        max_epochs=8,
+        lr=0.08,
+        lr_patience=1,
+        lr_factor=0.5,
+        lr_min=0.015,
+        kl_warmup_epochs=2,
+        early_stopping=False,
+        progress=False,
+    )
     hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), cfg)
     # epoch 1 ends the warm-up (first eligible, the best); 2 and 3 are bad -> decay for epoch 4, ...
     assert hist.lr == pytest.approx([0.08, 0.08, 0.08, 0.08, 0.04, 0.04, 0.02, 0.02])
@@ -157,8 +190,12 @@ def test_learning_rate_decays_on_a_validation_plateau_after_the_warm_up() -> Non
     assert hist.lr[-1] == pytest.approx(0.015) and min(hist.lr) == pytest.approx(0.015)
     # a constant rate by default, and the decay needs a validation sampler
     model = _Quadratic()
-    hist = fit(model, _ListSampler(1.0), _ListSampler(-1.0), TrainConfig(max_epochs=5, lr=0.08, early_stopping=False,
-                                                                         progress=False))
+    hist = fit(
+        model,
+        _ListSampler(1.0),
+        _ListSampler(-1.0),
+        TrainConfig(max_epochs=5, lr=0.08, early_stopping=False, progress=False),
+    )
     assert hist.lr == [0.08] * 5
     model = _Quadratic()
     assert fit(model, _ListSampler(1.0), None, cfg).lr == [0.08] * 8
@@ -302,8 +339,13 @@ def test_matmul_dtype_context_restores() -> None:
 def test_training_error_names_the_settings_section() -> None:
     """``fit(settings=...)`` names the pipeline parameters; plain ``fit`` the Python fields."""
     with pytest.raises(TrainingError) as err:
-        fit(_Quadratic(nan_at=(1, 1)), _ListSampler(1.0), None, TrainConfig(max_epochs=3, progress=False),
-            settings="linear_model")
+        fit(
+            _Quadratic(nan_at=(1, 1)),
+            _ListSampler(1.0),
+            None,
+            TrainConfig(max_epochs=3, progress=False),
+            settings="linear_model",
+        )
     assert "linear_model.training.lr" in str(err.value) and "linear_model.model.likelihood" in str(err.value)
     assert "TrainConfig" not in str(err.value)
     with pytest.raises(TrainingError, match=r"TrainConfig\.lr"):

@@ -18,8 +18,9 @@ def _fit(callback=None, max_epochs: int = 4):
     val = PairedSampler(data, np.arange(50, 55), np.arange(55, 60), batch_size=8, shuffle=False)
     with seeded(0):
         model = ContrastiveVAE(20, n_background=2, n_salient=2, n_hidden=8)
-    history = fit(model, train, val, TrainConfig(max_epochs=max_epochs, progress=False, device="cpu", seed=1),
-                  callback=callback)
+    history = fit(
+        model, train, val, TrainConfig(max_epochs=max_epochs, progress=False, device="cpu", seed=1), callback=callback
+    )
     return model, history
 
 

@@ -101,13 +101,18 @@ def test_register_and_load_back_by_version_and_alias(tmp_path: Path) -> None:
     versions = []
     for sha, ari in (("aaa", 0.3), ("bbb", 0.4)):
         run = client.create_run(experiment)
-        versions.append(register_model_version(
-            client, "perturbscope-contrastive-s", run.info.run_id, model,
-            artifact_path="registry/contrastive",
-            tags={"data_sha256": sha, "parameters": {"n_salient": 3}, "none": None},
-            metrics={"m.ari": ari},
-            model_tags={"screen": "s"},
-        ))
+        versions.append(
+            register_model_version(
+                client,
+                "perturbscope-contrastive-s",
+                run.info.run_id,
+                model,
+                artifact_path="registry/contrastive",
+                tags={"data_sha256": sha, "parameters": {"n_salient": 3}, "none": None},
+                metrics={"m.ari": ari},
+                model_tags={"screen": "s"},
+            )
+        )
         client.set_terminated(run.info.run_id)
     assert [str(v.version) for v in versions] == ["1", "2"]
     assert registered_data_hashes(client, "perturbscope-contrastive-s") == {"aaa", "bbb"}

@@ -19,16 +19,21 @@ import torch
 from mlflow import MlflowClient
 
 from perturbscope.models import ContrastiveVAE, load_model
-from perturbscope.pipelines.contrastive_model.nodes import embed_screen
 from perturbscope.ops.registry import load_registered_model
 from perturbscope.ops.retrain import main, retrain
+from perturbscope.pipelines.contrastive_model.nodes import embed_screen
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT
 
 NAME = "perturbscope-contrastive-{}"
 SIM = dict(
-    n_cells=600, n_genes=300, n_programs=3, perturbations_per_program=2, n_null_perturbations=1,
-    genes_per_program=15, n_heterogeneity_genes=10,
+    n_cells=600,
+    n_genes=300,
+    n_programs=3,
+    perturbations_per_program=2,
+    n_null_perturbations=1,
+    genes_per_program=15,
+    n_heterogeneity_genes=10,
 )
 
 
@@ -84,9 +89,7 @@ def run(**kwargs) -> dict[str, pd.Series]:
     return {row.screen: row for row in status.itertuples(index=False)}
 
 
-def test_retrain_only_changed_screens_register_compare_and_promote(
-    test_root: Path, client: MlflowClient
-) -> None:
+def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Path, client: MlflowClient) -> None:
     path_a = write_screen(test_root, "sim_a", seed=0)
     path_b = write_screen(test_root, "sim_b", seed=1)
 
@@ -100,8 +103,13 @@ def test_retrain_only_changed_screens_register_compare_and_promote(
         # the data version: the file's hash and the Kedro save version of the trained model
         assert version.tags["data_sha256"] == sha256(path) == status[screen].data_sha256
         saved[screen] = (
-            test_root / "data" / "06_models" / screen / "contrastive_model.pt"
-            / version.tags["kedro_save_version"] / "contrastive_model.pt"
+            test_root
+            / "data"
+            / "06_models"
+            / screen
+            / "contrastive_model.pt"
+            / version.tags["kedro_save_version"]
+            / "contrastive_model.pt"
         )
         assert saved[screen].exists()
         assert version.run_id == status[screen].mlflow_run_id
@@ -175,9 +183,7 @@ def test_retrain_only_changed_screens_register_compare_and_promote(
     assert mlflow.active_run() is None
 
 
-def test_bad_screens_are_reported_and_skipped_before_any_session(
-    test_root: Path, client: MlflowClient
-) -> None:
+def test_bad_screens_are_reported_and_skipped_before_any_session(test_root: Path, client: MlflowClient) -> None:
     raw = test_root / "data" / "01_raw"
     (raw / "sim_a.h5ad").write_bytes(b"not an h5ad file" * 64)  # unreadable
     adata = simulate_screen(**SIM, seed=0)  # default columns, but sim_b's schema wants `guide`
@@ -216,8 +222,13 @@ def test_retrain_parameters_are_checked() -> None:
     params = {
         "pipelines": ["data_processing", "contrastive_model"],
         "preflight_cells": None,
-        "models": {"contrastive": {"pipeline": "contrastive_model", "dataset": "contrastive_model",
-                                   "metrics": {"ari": {"metric": "m.ari", "margin": 0.1}}}},
+        "models": {
+            "contrastive": {
+                "pipeline": "contrastive_model",
+                "dataset": "contrastive_model",
+                "metrics": {"ari": {"metric": "m.ari", "margin": 0.1}},
+            }
+        },
     }
     config = RetrainConfig.from_params(params)
     assert config.name("contrastive", "sim_a") == "perturbscope-contrastive-sim_a"
@@ -232,7 +243,9 @@ def test_retrain_parameters_are_checked() -> None:
 def test_command_line_params() -> None:
     from perturbscope.ops.retrain import _parse_params
 
-    assert _parse_params("retrain.pipelines=[data_processing,contrastive_model],retrain.preflight_cells=null,a=0.5") == {
+    assert _parse_params(
+        "retrain.pipelines=[data_processing,contrastive_model],retrain.preflight_cells=null,a=0.5"
+    ) == {
         "retrain": {"pipelines": ["data_processing", "contrastive_model"], "preflight_cells": None},
         "a": 0.5,
     }
@@ -240,7 +253,9 @@ def test_command_line_params() -> None:
         _parse_params("retrain.force")
 
 
-def test_command_line_under_python_m_logs_its_summary(test_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_command_line_under_python_m_logs_its_summary(
+    test_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """`python -m perturbscope.retrain`, started outside the project, prints what it would do."""
     import os
     import subprocess
@@ -249,9 +264,22 @@ def test_command_line_under_python_m_logs_its_summary(test_root: Path, tmp_path_
     write_screen(test_root, "sim_a", seed=0)
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     done = subprocess.run(
-        [sys.executable, "-m", "perturbscope.retrain", "--env", "test", "--project-path", str(PROJECT),
-         "--dry-run", "--screens", "sim_a"],
-        cwd=elsewhere, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "perturbscope.retrain",
+            "--env",
+            "test",
+            "--project-path",
+            str(PROJECT),
+            "--dry-run",
+            "--screens",
+            "sim_a",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PERTURBSCOPE_TEST_ROOT": str(test_root), "COLUMNS": "200"},
     )
     output = done.stdout + done.stderr

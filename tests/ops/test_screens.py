@@ -11,7 +11,6 @@ import pytest
 import yaml
 from kedro.config import OmegaConfigLoader
 
-from perturbscope.schema import ScreenValidationError
 from perturbscope.ops.screens import (
     ScreenFileError,
     ScreenRegistryError,
@@ -19,6 +18,7 @@ from perturbscope.ops.screens import (
     fingerprint,
     validate_registry,
 )
+from perturbscope.schema import ScreenValidationError
 from perturbscope.settings import CONFIG_LOADER_ARGS
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT
@@ -77,7 +77,12 @@ def conf(tmp_path: Path) -> Path:
         "screens": {
             "remote": {
                 "file": "s3://bucket/screens/remote.h5ad",
-                "schema": {"perturbation_key": "guide", "control_labels": ["NTC"], "program_key": "pathway", "batch_key": None},
+                "schema": {
+                    "perturbation_key": "guide",
+                    "control_labels": ["NTC"],
+                    "program_key": "pathway",
+                    "batch_key": None,
+                },
             },
             "plain": {"schema": {}},
             "matrix": {"schema": {"perturbation_key": None}},

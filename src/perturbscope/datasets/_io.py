@@ -25,9 +25,7 @@ def filesystem(filepath: str, credentials: dict[str, Any] | None, fs_args: dict[
     return protocol, PurePosixPath(path), fs
 
 
-def write_via_local_file(
-    protocol: str, fs, target: str, suffix: str, write: Callable[[str], None]
-) -> None:
+def write_via_local_file(protocol: str, fs, target: str, suffix: str, write: Callable[[str], None]) -> None:
     """Call ``write(local_path)`` and move the finished file to ``target``.
 
     Local targets get a temporary file in the same folder and an atomic

@@ -72,8 +72,11 @@ class AnnDataDataset(VersionedFileDataset):
             "filepath": self._filepath,
             "protocol": self._protocol,
             "version": self._version,
-            "load_args": {**self._load_args, "on_disk_above_gb": self._on_disk_above_gb,
-                          "chunk_size": self._chunk_size},
+            "load_args": {
+                **self._load_args,
+                "on_disk_above_gb": self._on_disk_above_gb,
+                "chunk_size": self._chunk_size,
+            },
             "save_args": self._save_args,
         }
 
@@ -107,8 +110,12 @@ class AnnDataDataset(VersionedFileDataset):
                 screen = OnDiskScreen.open(load_path, chunk_size=self._chunk_size)
                 logger.info(
                     "%s: %s cells; its count matrix (%.1f GB as CSR) is above on_disk_above_gb=%s, so it "
-                    "is read from disk in blocks of %s cells.", load_path, f"{screen.n_obs:,}",
-                    size / 1e9, self._on_disk_above_gb, f"{self._chunk_size:,}",
+                    "is read from disk in blocks of %s cells.",
+                    load_path,
+                    f"{screen.n_obs:,}",
+                    size / 1e9,
+                    self._on_disk_above_gb,
+                    f"{self._chunk_size:,}",
                 )
                 return screen
             if self._protocol == "file" or self._load_args.get("backed"):
@@ -125,15 +132,16 @@ class AnnDataDataset(VersionedFileDataset):
     def save(self, data: ad.AnnData | OnDiskScreen) -> None:
         if isinstance(data, OnDiskScreen):
             write_via_local_file(
-                self._protocol, self._fs, self._save_path(), ".h5ad",
+                self._protocol,
+                self._fs,
+                self._save_path(),
+                ".h5ad",
                 lambda local: data.write_h5ad(local, compression=self._save_args.get("compression")),
             )
             self._invalidate_cache()
             return
         if not isinstance(data, ad.AnnData):
-            raise DatasetError(
-                f"AnnDataDataset can only save an AnnData object, got {type(data).__name__}."
-            )
+            raise DatasetError(f"AnnDataDataset can only save an AnnData object, got {type(data).__name__}.")
         save_path = self._save_path()
         write_via_local_file(
             self._protocol,
@@ -147,7 +155,6 @@ class AnnDataDataset(VersionedFileDataset):
     def _release(self) -> None:
         super()._release()
         self._invalidate_cache()
-
 
     def preview(self, nrows: int = 10) -> TablePreview:
         """The first ``nrows`` rows of ``obs`` (for kedro-viz), read without loading ``X``."""

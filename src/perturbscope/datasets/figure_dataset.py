@@ -47,8 +47,12 @@ class FigureDataset(VersionedFileDataset):
         self._init_file(filepath, version, credentials, fs_args, metadata)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version,
-                "save_args": self._save_args}
+        return {
+            "filepath": self._filepath,
+            "protocol": self._protocol,
+            "version": self._version,
+            "save_args": self._save_args,
+        }
 
     def load(self) -> bytes:
         with self._fs.open(self._load_path(), mode="rb") as handle:

@@ -40,8 +40,12 @@ class MlflowArtifactDataset(_KedroMlflowArtifactDataset):
         version: Version | None = None,
     ) -> Any:
         instance = super().__new__(
-            cls, dataset=dataset, run_id=run_id, artifact_path=artifact_path,
-            credentials=credentials, metadata=metadata,
+            cls,
+            dataset=dataset,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            credentials=credentials,
+            metadata=metadata,
         )
         if version is not None:
             if not isinstance(instance, AbstractVersionedDataset):

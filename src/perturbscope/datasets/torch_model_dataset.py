@@ -57,22 +57,17 @@ class TorchModelDataset(VersionedFileDataset):
             payload = handle.read()
         from perturbscope.models.io import from_checkpoint
 
-        checkpoint = torch.load(
-            io.BytesIO(payload), map_location=self._map_location, weights_only=False
-        )
+        checkpoint = torch.load(io.BytesIO(payload), map_location=self._map_location, weights_only=False)
         return from_checkpoint(checkpoint, map_location=self._map_location)
 
     def save(self, data: nn.Module) -> None:
         if not hasattr(data, "hparams"):
             raise DatasetError(
-                f"TorchModelDataset saves perturbscope models (with .hparams); got "
-                f"{type(data).__name__}."
+                f"TorchModelDataset saves perturbscope models (with .hparams); got {type(data).__name__}."
             )
         from perturbscope.models.io import to_checkpoint
 
         save_path = self._save_path()
         checkpoint = to_checkpoint(data)
-        write_via_local_file(
-            self._protocol, self._fs, save_path, ".pt", lambda local: torch.save(checkpoint, local)
-        )
+        write_via_local_file(self._protocol, self._fs, save_path, ".pt", lambda local: torch.save(checkpoint, local))
         self._invalidate_cache()

@@ -190,7 +190,6 @@ from .contrastive import ContrastiveVAE
 from .cvae import ConditionalVAE, UnknownPerturbationError
 from .data import CellData, MinibatchSampler, PairedSampler, batch_size_of, batch_to, concat_batches
 from .io import from_checkpoint, load_model, save_model, to_checkpoint
-from .linear import LinearVAE
 from .likelihoods import (
     batch_log_likelihood,
     check_likelihood,
@@ -200,6 +199,7 @@ from .likelihoods import (
     nb_log_prob,
     zinb_log_prob,
 )
+from .linear import LinearVAE
 from .modules import (
     MLP,
     CountDecoder,

@@ -49,7 +49,6 @@ SALIENT_LOADINGS = ("unit", "shared", "free")
 """``ContrastiveVAE(salient_loadings=...)`` choices."""
 
 
-
 class AdditiveSalientDecoder(nn.Module):
     """Decoder whose salient code acts additively on log expression.
 
@@ -218,9 +217,7 @@ class ContrastiveVAE(BatchLibraryModel):
             raise ValueError(
                 f"salient_loadings={salient_loadings!r} is not supported; use one of {list(SALIENT_LOADINGS)}"
             )
-        library_log_mean, library_log_var = check_library_prior(
-            library, library_log_mean, library_log_var, n_batch
-        )
+        library_log_mean, library_log_var = check_library_prior(library, library_log_mean, library_log_var, n_batch)
         self._set_hparams(
             n_genes=n_genes,
             n_background=n_background,
@@ -251,13 +248,23 @@ class ContrastiveVAE(BatchLibraryModel):
         self.decoder: nn.Module
         if decoder == "additive":
             self.decoder = AdditiveSalientDecoder(
-                n_background, n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
-                likelihood=likelihood, unit_loadings=salient_loadings == "unit",
+                n_background,
+                n_salient,
+                n_genes,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                n_cov=n_batch,
+                likelihood=likelihood,
+                unit_loadings=salient_loadings == "unit",
                 shared_scale=salient_loadings == "shared",
             )
         else:
             self.decoder = CountDecoder(
-                n_background + n_salient, n_genes, n_hidden=n_hidden, n_layers=n_layers, n_cov=n_batch,
+                n_background + n_salient,
+                n_genes,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                n_cov=n_batch,
                 likelihood=likelihood,
             )
 

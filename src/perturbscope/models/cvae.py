@@ -63,7 +63,8 @@ Example
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -104,13 +105,12 @@ class _GradientReversal(torch.autograd.Function):
     """Identity forward; gradient multiplied by ``-1`` backward (adversarial training in one loss)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         return -grad
-
 
 
 class ConditionalVAE(BaseModel):
@@ -175,9 +175,7 @@ class ConditionalVAE(BaseModel):
     ) -> None:
         super().__init__()
         n_genes = check_int("n_genes", n_genes, 1, "pass the number of genes of the expression matrix")
-        n_conditions = check_int(
-            "n_conditions", n_conditions, 1, "the vocabulary needs at least one perturbed gene"
-        )
+        n_conditions = check_int("n_conditions", n_conditions, 1, "the vocabulary needs at least one perturbed gene")
         n_latent = check_int("n_latent", n_latent, 1, "use e.g. 10")
         n_hidden = check_int("n_hidden", n_hidden, 1, "use e.g. 128")
         n_layers = check_int("n_layers", n_layers, 1, "use e.g. 1 or 2")
@@ -227,13 +225,18 @@ class ConditionalVAE(BaseModel):
         self.encoder = GaussianEncoder(
             n_genes, n_latent, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, n_cov=n_conditions
         )
-        self.embedding = (
-            nn.Linear(n_conditions, n_condition_embedding, bias=False) if n_condition_embedding else None
-        )
+        self.embedding = nn.Linear(n_conditions, n_condition_embedding, bias=False) if n_condition_embedding else None
         # MLP (with LayerNorm) and expression head; the per-gene scale below is the NB dispersion
         self.decoder = CountDecoder(
-            n_latent, n_genes, n_hidden=n_hidden, n_layers=n_layers, dropout=0.0, n_cov=n_condition_embedding,
-            likelihood="nb", layer_norm=True, dispersion=False,
+            n_latent,
+            n_genes,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=0.0,
+            n_cov=n_condition_embedding,
+            likelihood="nb",
+            layer_norm=True,
+            dispersion=False,
         )
         # per-gene linear shift of each perturbed gene (zero at initialisation)
         self.shift = nn.Parameter(torch.zeros(n_conditions, n_genes)) if condition_shift else None
@@ -254,7 +257,7 @@ class ConditionalVAE(BaseModel):
         var_names: Sequence[str],
         double_separator: str = "+",
         **kwargs: Any,
-    ) -> "ConditionalVAE":
+    ) -> ConditionalVAE:
         """Build a model whose conditions are ``condition_genes`` (stored in ``metadata``).
 
         Parameters
@@ -463,9 +466,7 @@ class ConditionalVAE(BaseModel):
             else:
                 rho = torch.softmax(self.decode_logits(zt, ct), dim=-1).double().cpu().numpy()
                 mu = rho * library[sl, None]
-                draws = [
-                    np.log1p(rng.poisson(rng.gamma(theta, mu / theta)) * scale[sl, None]) for _ in range(n_mc)
-                ]
+                draws = [np.log1p(rng.poisson(rng.gamma(theta, mu / theta)) * scale[sl, None]) for _ in range(n_mc)]
                 expected[sl] = np.mean(draws, axis=0)
                 cells[sl] = draws[0] if sample else expected[sl]
         return cells, expected
@@ -624,4 +625,4 @@ def _rename_old_decoder_keys(state_dict: dict[str, Any], prefix: str, *args: Any
     """Checkpoints written before the decoder became a :class:`CountDecoder` load unchanged."""
     for old, new in (("decoder_net.", "decoder.net."), ("decoder_out.", "decoder.expression.")):
         for key in [k for k in state_dict if k.startswith(prefix + old)]:
-            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+            state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)

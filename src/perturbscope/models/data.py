@@ -18,7 +18,8 @@ Both take a ``seed`` and own a CPU :class:`torch.Generator`;
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -41,9 +42,7 @@ __all__ = [
 Batch = dict[str, Tensor]
 
 #: Keys produced by :meth:`CellData.batch`; per-cell extras may not use them.
-RESERVED_KEYS: frozenset[str] = frozenset(
-    {"x", "nz_row", "nz_col", "nz_val", "nz_lgamma", "log_library", "idx"}
-)
+RESERVED_KEYS: frozenset[str] = frozenset({"x", "nz_row", "nz_col", "nz_val", "nz_lgamma", "log_library", "idx"})
 
 
 def as_index(idx: Any, n: int, name: str = "idx") -> Tensor:
@@ -190,7 +189,7 @@ class CellData:
         """Number of stored nonzero counts."""
         return int(self.row_nnz.sum())
 
-    def to(self, device: str | torch.device) -> "CellData":
+    def to(self, device: str | torch.device) -> CellData:
         """Move all tensors to ``device`` in place (no-op if already there); returns ``self``."""
         device = torch.device(device)
         if device == self.device:
@@ -260,7 +259,9 @@ class CellData:
             out[key] = val.index_select(0, idx)
         return out
 
-    def library_prior(self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0) -> tuple[list[float], list[float]]:
+    def library_prior(
+        self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0
+    ) -> tuple[list[float], list[float]]:
         """Empirical mean and variance of log library size (prior for a learned library).
 
         Parameters
@@ -339,8 +340,10 @@ class StreamingCellData:
         return self.n_cells
 
     def __repr__(self) -> str:
-        return (f"StreamingCellData(n_cells={self.n_cells}, n_genes={self.n_genes}, block_size={self.block_size}, "
-                f"cache_blocks={self.cache_blocks}, device={self.device})")
+        return (
+            f"StreamingCellData(n_cells={self.n_cells}, n_genes={self.n_genes}, block_size={self.block_size}, "
+            f"cache_blocks={self.cache_blocks}, device={self.device})"
+        )
 
     def to(self, device: str | torch.device) -> StreamingCellData:
         """Blocks are read to ``device`` from now on (the cache is emptied); returns ``self``."""
@@ -374,16 +377,25 @@ class StreamingCellData:
             out = self._block(int(blocks[0])).batch(torch.as_tensor(pos - blocks[0] * self.block_size))
         else:
             order = np.argsort(blocks, kind="stable")
-            parts = [self._block(int(b)).batch(torch.as_tensor(pos[order][blocks[order] == b] - b * self.block_size))
-                     for b in np.unique(blocks)]
+            parts = [
+                self._block(int(b)).batch(torch.as_tensor(pos[order][blocks[order] == b] - b * self.block_size))
+                for b in np.unique(blocks)
+            ]
             out = concat_batches(parts)
             if not np.array_equal(order, np.arange(order.size)):
                 # rows came grouped by block: put them back in the order of idx
                 back = torch.as_tensor(np.argsort(order), device=self.device)
                 rows = torch.as_tensor(order, device=self.device)
-                out = {key: (rows.index_select(0, val) if key == "nz_row" else
-                             val if key.startswith("nz_") else val.index_select(0, back))
-                       for key, val in out.items()}
+                out = {
+                    key: (
+                        rows.index_select(0, val)
+                        if key == "nz_row"
+                        else val
+                        if key.startswith("nz_")
+                        else val.index_select(0, back)
+                    )
+                    for key, val in out.items()
+                }
         out["idx"] = torch.as_tensor(pos, device=self.device)
         return out
 
@@ -405,12 +417,16 @@ class StreamingCellData:
         """Each cell's total counts (one pass over the blocks, then kept)."""
         if not hasattr(self, "_library"):
             n_blocks = -(-self.n_cells // self.block_size)
-            self._library = np.concatenate([
-                np.asarray(self._block_rows(b)[2].sum(axis=1)).ravel() for b in range(n_blocks)
-            ]) if self.n_cells else np.zeros(0)
+            self._library = (
+                np.concatenate([np.asarray(self._block_rows(b)[2].sum(axis=1)).ravel() for b in range(n_blocks)])
+                if self.n_cells
+                else np.zeros(0)
+            )
         return self._library
 
-    def library_prior(self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0) -> tuple[list[float], list[float]]:
+    def library_prior(
+        self, idx: Any = None, batch_key: str | None = None, n_batch: int = 0
+    ) -> tuple[list[float], list[float]]:
         """:meth:`CellData.library_prior` (reads every block once)."""
         codes = None if batch_key is None else self._obs[batch_key]
         return _library_prior(self.library, codes, as_index(idx, self.n_cells).numpy(), n_batch)
@@ -555,8 +571,13 @@ class MinibatchSampler:
     def shard(self, rank: int, world: int, equal: bool = True) -> MinibatchSampler:
         """This rank's sampler in a distributed fit: its shard of the cells, ``batch_size / world``
         cells per batch (the global batch stays ``batch_size``)."""
-        return MinibatchSampler(self.data, shard_index(self.idx, rank, world, equal),
-                                _shard_batch(self.batch_size, world), self.shuffle, drop_last=self.drop_last)
+        return MinibatchSampler(
+            self.data,
+            shard_index(self.idx, rank, world, equal),
+            _shard_batch(self.batch_size, world),
+            self.shuffle,
+            drop_last=self.drop_last,
+        )
 
     def __len__(self) -> int:
         n = self.idx.numel()
@@ -642,10 +663,14 @@ class PairedSampler:
     def shard(self, rank: int, world: int, equal: bool = True) -> PairedSampler:
         """This rank's sampler in a distributed fit: its shards of the targets and of the controls,
         ``batch_size / world`` targets per batch (the global batch stays ``batch_size``)."""
-        return PairedSampler(self.data, shard_index(self.background_idx, rank, world, False),
-                             shard_index(self.target_idx, rank, world, equal),
-                             _shard_batch(self.batch_size, world), self.shuffle,
-                             background_data=self.background_data)
+        return PairedSampler(
+            self.data,
+            shard_index(self.background_idx, rank, world, False),
+            shard_index(self.target_idx, rank, world, equal),
+            _shard_batch(self.batch_size, world),
+            self.shuffle,
+            background_data=self.background_data,
+        )
 
     def __len__(self) -> int:
         return math.ceil(self.target_idx.numel() / self.batch_size)

@@ -29,8 +29,9 @@ import os
 import socket
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["world_size_for", "active_group", "LossForward", "reduce_sums", "shard_sampler", "spawn_fit", "check_replicas"]
+__all__ = [
+    "world_size_for",
+    "active_group",
+    "LossForward",
+    "reduce_sums",
+    "shard_sampler",
+    "spawn_fit",
+    "check_replicas",
+]
 
 
 def world_size_for(distributed: Any) -> int:
@@ -133,8 +142,9 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def process_group(rank: int, world: int, backend: str, init_method: str) -> Iterator[None]:
     """Join (and afterwards leave) a process group of ``world`` ranks."""
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
+    )
     try:
         yield
         dist.barrier()  # every rank done before any leaves
@@ -166,8 +176,7 @@ def _worker(rank: int, world: int, backend: str, init_method: str, out: str) -> 
         raise
 
 
-def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world: int,
-              settings: str | None) -> Any:
+def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world: int, settings: str | None) -> Any:
     """Train ``model`` on ``world`` processes of this machine; returns rank 0's history, the weights loaded."""
     import torch.multiprocessing as mp
 
@@ -180,18 +189,25 @@ def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world
             "visible: one process per GPU. Lower training.distributed or use device: cpu."
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    logger.info("Training data-parallel on %d processes (%s, %s): %s", world, backend, device.type,
-                "one GPU each" if device.type == "cuda" else f"{_cpu_threads(world)} thread(s) each")
+    logger.info(
+        "Training data-parallel on %d processes (%s, %s): %s",
+        world,
+        backend,
+        device.type,
+        "one GPU each" if device.type == "cuda" else f"{_cpu_threads(world)} thread(s) each",
+    )
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     model = model.cpu()
     with tempfile.TemporaryDirectory(prefix="perturbscope-ddp-") as out:
         # the job goes to the ranks as a file: tensors passed as spawn arguments travel as shared-memory
         # file descriptors, which subprocess start-up rejects
-        torch.save({"model": model, "train": train, "val": val, "config": config, "settings": settings},
-                   Path(out) / "job.pt")
+        torch.save(
+            {"model": model, "train": train, "val": val, "config": config, "settings": settings}, Path(out) / "job.pt"
+        )
         try:
-            mp.start_processes(_worker, args=(world, backend, init_method, out), nprocs=world, join=True,
-                               start_method="spawn")
+            mp.start_processes(
+                _worker, args=(world, backend, init_method, out), nprocs=world, join=True, start_method="spawn"
+            )
         except mp.ProcessRaisedException:
             errors = sorted(Path(out).glob("error*.pt"))
             if errors:

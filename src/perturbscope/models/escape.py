@@ -63,28 +63,43 @@ class EscapeMixture:
     control_false_calls: np.ndarray  # share of the held-out controls the mixture calls perturbed
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: np.asarray(getattr(self, f.name)).tolist() if f.name != "perturbations"
-                else list(self.perturbations) for f in dataclasses.fields(self)}
+        return {
+            f.name: np.asarray(getattr(self, f.name)).tolist()
+            if f.name != "perturbations"
+            else list(self.perturbations)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EscapeMixture:
-        return cls(**{f.name: list(values[f.name]) if f.name == "perturbations" else np.asarray(values[f.name])
-                      for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: list(values[f.name]) if f.name == "perturbations" else np.asarray(values[f.name])
+                for f in dataclasses.fields(cls)
+            }
+        )
 
     def table(self) -> list[dict[str, Any]]:
         """One dict per perturbation: cells fitted, estimated perturbed share, separation of the two
         components in null sds, and the share of held-out controls it would call perturbed."""
         return [
-            {"perturbation": p, "n_cells_fitted": int(self.n_cells[i]), "estimated_perturbed_share": float(self.weight[i]),
-             "separation": float((self.mean[i] - self.null_mean[i]) / self.null_sd[i]) if self.weight[i] > 0 else 0.0,
-             "control_false_call_rate": float(self.control_false_calls[i])}
+            {
+                "perturbation": p,
+                "n_cells_fitted": int(self.n_cells[i]),
+                "estimated_perturbed_share": float(self.weight[i]),
+                "separation": float((self.mean[i] - self.null_mean[i]) / self.null_sd[i])
+                if self.weight[i] > 0
+                else 0.0,
+                "control_false_call_rate": float(self.control_false_calls[i]),
+            }
             for i, p in enumerate(self.perturbations)
         ]
 
     def posterior(self, t: np.ndarray, row: int) -> np.ndarray:
         """``P(perturbed | t)`` of projections ``t`` under perturbation ``row``'s mixture."""
-        return _posterior(t, float(self.weight[row]), self.mean[row], self.sd[row], self.null_mean[row],
-                          self.null_sd[row])
+        return _posterior(
+            t, float(self.weight[row]), self.mean[row], self.sd[row], self.null_mean[row], self.null_sd[row]
+        )
 
     def probability(self, salient: np.ndarray, labels: Sequence[str]) -> np.ndarray:
         """Each cell's probability of having been perturbed by its label's perturbation.
@@ -108,7 +123,7 @@ def _groups(labels: Sequence[str]) -> dict[str, np.ndarray]:
     names, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(names.size + 1))
-    return {str(name): order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+    return {str(name): order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
 
 def _posterior(t: np.ndarray, pi: float, m1: float, s1: float, m0: float, s0: float) -> np.ndarray:
@@ -208,11 +223,15 @@ def fit_escape_mixture(
     null_salient = np.asarray(null_salient, dtype=np.float64)
     labels = np.asarray(labels, dtype=str)
     if salient.ndim != 2 or salient.shape[0] != labels.size:
-        raise ValueError(f"salient must be (n_cells, n_salient) with one label per cell; got {salient.shape} "
-                         f"and {labels.size} labels")
+        raise ValueError(
+            f"salient must be (n_cells, n_salient) with one label per cell; got {salient.shape} "
+            f"and {labels.size} labels"
+        )
     if null_salient.ndim != 2 or null_salient.shape[0] < 2 or null_salient.shape[1] != salient.shape[1]:
-        raise ValueError("null_salient must hold the salient means of at least 2 control cells "
-                         f"({salient.shape[1]} columns); got shape {null_salient.shape}")
+        raise ValueError(
+            "null_salient must hold the salient means of at least 2 control cells "
+            f"({salient.shape[1]} columns); got shape {null_salient.shape}"
+        )
     folds = max(2, int(folds))
     rng = np.random.default_rng(seed)
     center = null_salient.mean(0)
@@ -235,13 +254,25 @@ def fit_escape_mixture(
         pi, m1, s1, s0 = _fit_one(t, m0, s0, min_separation, max_iter, tol)
         probability[members] = _posterior(t, pi, m1, s1, m0, s0)
         false_calls = float((_posterior(null_t, pi, m1, s1, m0, s0) > 0.5).mean())
-        for key, value in (("p", p), ("u", _unit(codes.mean(0))), ("m0", m0), ("s0", s0), ("m1", m1), ("s1", s1),
-                           ("pi", pi), ("n", members.size), ("fc", false_calls)):
+        for key, value in (
+            ("p", p),
+            ("u", _unit(codes.mean(0))),
+            ("m0", m0),
+            ("s0", s0),
+            ("m1", m1),
+            ("s1", s1),
+            ("pi", pi),
+            ("n", members.size),
+            ("fc", false_calls),
+        ):
             rows[key].append(value)
     n_salient = salient.shape[1]
     mixture = EscapeMixture(
-        rows["p"], center, np.array(rows["u"]).reshape(-1, n_salient),
-        *(np.array(rows[k], dtype=np.float64) for k in ("m0", "s0", "m1", "s1", "pi")), np.array(rows["n"], dtype=int),
+        rows["p"],
+        center,
+        np.array(rows["u"]).reshape(-1, n_salient),
+        *(np.array(rows[k], dtype=np.float64) for k in ("m0", "s0", "m1", "s1", "pi")),
+        np.array(rows["n"], dtype=int),
         np.array(rows["fc"], dtype=np.float64),
     )
     return mixture, probability

@@ -34,7 +34,8 @@ synchronisation inside a training step.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,7 @@ class _SparseCountLogLik(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zinb, log_mu, log_theta, zi_logits, nz_row, nz_col, nz_val, nz_lgamma):  # noqa: D102
+    def forward(ctx, zinb, log_mu, log_theta, zi_logits, nz_row, nz_col, nz_val, nz_lgamma):
         n_cells, n_genes = log_mu.shape
         per_gene = log_theta.dim() <= 1
         theta = log_theta.exp()
@@ -229,7 +230,7 @@ class _SparseCountLogLik(torch.autograd.Function):
         return ll
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         theta, sig_d, nb0, sig_a, zi_logits, nz_flat, nz_row, nz_col, nz_val, theta_nz, d_nz = ctx.saved_tensors
         need_mu, need_theta, need_zi = ctx.needs_input_grad[1:4]
         g = grad.unsqueeze(-1)

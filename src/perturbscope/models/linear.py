@@ -44,7 +44,8 @@ Design notes (measured on simulated screens, see tests and the pipeline):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +73,6 @@ to converge, to the same likelihood and program recovery, on simulated screens."
 ROTATIONS: tuple[str, ...] = ("promax", "varimax", "none")
 """Factor orientations of :meth:`LinearVAE.orient`."""
 """Per-gene normalisation of the linear decoder: ``"batch"`` (BatchNorm, as LDVAE) or ``"none"``."""
-
-
 
 
 class LinearDecoder(nn.Module):
@@ -292,9 +291,7 @@ class LinearVAE(BatchLibraryModel):
                 f"gene_norm={gene_norm!r} is not supported; use 'batch' (BatchNorm after the linear decoder, "
                 "as LDVAE) or 'none' (plain linear decoder)"
             )
-        library_log_mean, library_log_var = check_library_prior(
-            library, library_log_mean, library_log_var, n_batch
-        )
+        library_log_mean, library_log_var = check_library_prior(library, library_log_mean, library_log_var, n_batch)
         self._set_hparams(
             n_genes=n_genes,
             n_latent=n_latent,
@@ -321,8 +318,13 @@ class LinearVAE(BatchLibraryModel):
         self.encoder = GaussianEncoder(n_genes, n_latent, **enc)
         self._init_batch_library(n_genes, n_batch, batch_key, library, library_log_mean, library_log_var, **enc)
         self.decoder = LinearDecoder(
-            n_latent, n_genes, n_batch=n_batch, likelihood=likelihood, gene_norm=gene_norm,
-            momentum=norm_momentum, eps=norm_eps,
+            n_latent,
+            n_genes,
+            n_batch=n_batch,
+            likelihood=likelihood,
+            gene_norm=gene_norm,
+            momentum=norm_momentum,
+            eps=norm_eps,
         )
         # reported factors = latent @ factor_transform (see orient); identity = raw latent
         self.register_buffer("factor_transform", torch.eye(n_latent))
@@ -360,7 +362,7 @@ class LinearVAE(BatchLibraryModel):
 
     # ------------------------------------------------------------------
     @torch.no_grad()
-    def init_intercepts(self, data: CellData, idx: Any = None, pseudocount: float = 0.5) -> "LinearVAE":
+    def init_intercepts(self, data: CellData, idx: Any = None, pseudocount: float = 0.5) -> LinearVAE:
         """Start each gene's intercept at its log share of the counts; returns ``self``.
 
         ``b_g = log((sum_c x_cg + pseudocount) / sum_c l_c)`` over cells
@@ -426,9 +428,7 @@ class LinearVAE(BatchLibraryModel):
 
     # ------------------------------------------------------------------
     @torch.no_grad()
-    def orient(
-        self, data: CellData, idx: Any = None, rotation: str = "promax", batch_size: int = 1024
-    ) -> "LinearVAE":
+    def orient(self, data: CellData, idx: Any = None, rotation: str = "promax", batch_size: int = 1024) -> LinearVAE:
         """Re-express the factors for reading; returns ``self``.
 
         With an isotropic prior the latent of a linear decoder is identified

@@ -13,8 +13,9 @@ BatchNorm), so a minibatch of a single cell works in training mode.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,7 @@ def kl_standard_normal(mean: Tensor, var: Tensor) -> Tensor:
 
 def kl_normal(mean: Tensor, var: Tensor, prior_mean: Tensor, prior_var: Tensor) -> Tensor:
     """``KL(N(mean, var) || N(prior_mean, prior_var))`` summed over the last dimension -> ``(B,)``."""
-    return 0.5 * (
-        (var + (mean - prior_mean).square()) / prior_var - 1.0 + prior_var.log() - var.log()
-    ).sum(-1)
+    return 0.5 * ((var + (mean - prior_mean).square()) / prior_var - 1.0 + prior_var.log() - var.log()).sum(-1)
 
 
 def wasserstein_to_origin(mean: Tensor, var: Tensor) -> Tensor:
@@ -153,9 +152,7 @@ class MLP(nn.Module):
         self.linears = nn.ModuleList(
             Linear((n_in if i == 0 else n_hidden) + self.n_cov, n_hidden) for i in range(n_layers)
         )
-        self.norms = nn.ModuleList(
-            (nn.LayerNorm(n_hidden) if layer_norm else nn.Identity()) for _ in range(n_layers)
-        )
+        self.norms = nn.ModuleList((nn.LayerNorm(n_hidden) if layer_norm else nn.Identity()) for _ in range(n_layers))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor, cov: Tensor | None = None, first: Tensor | None = None) -> Tensor:

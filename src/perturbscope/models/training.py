@@ -14,21 +14,37 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .data import batch_size_of, batch_to
-from .distributed import (LossForward, active_group, check_replicas, reduce_sums, shard_sampler, spawn_fit,
-                          world_size_for)
+from .distributed import (
+    LossForward,
+    active_group,
+    check_replicas,
+    reduce_sums,
+    shard_sampler,
+    spawn_fit,
+    world_size_for,
+)
 from .modules import matmul_dtype
 
 __all__ = [
-    "TrainConfig", "History", "TrainingError", "fit", "resolve_device", "resolve_precision", "seeded",
-    "kl_weight_at", "torch_threads", "PRECISIONS",
+    "TrainConfig",
+    "History",
+    "TrainingError",
+    "fit",
+    "resolve_device",
+    "resolve_precision",
+    "seeded",
+    "kl_weight_at",
+    "torch_threads",
+    "PRECISIONS",
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -361,7 +377,8 @@ def _run_epoch(
         out = loss(batch, kl_weight)
         if names is None:
             if "loss" not in out:
-                raise KeyError(f"{type(getattr(loss, '__self__', loss)).__name__}.loss must return a dict with key 'loss'; got {list(out)}")
+                owner = type(getattr(loss, "__self__", loss)).__name__
+                raise KeyError(f"{owner}.loss must return a dict with key 'loss'; got {list(out)}")
             names = ["loss"] + [k for k in out if k != "loss"]
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -463,8 +480,10 @@ def fit(
     world = world_size_for(config.distributed)
     if active_group() is None and world > 1:
         if callback is not None:
-            raise ValueError("fit: a callback cannot follow a distributed fit (the epochs run in other processes); "
-                             "set distributed: false to use one.")
+            raise ValueError(
+                "fit: a callback cannot follow a distributed fit (the epochs run in other processes); "
+                "set distributed: false to use one."
+            )
         history = spawn_fit(model, train_sampler, val_sampler, config, world, settings)
         model.to(device).eval()
         return history
@@ -502,8 +521,13 @@ def _fit_one(
     scheduler = None
     if config.lr_patience is not None and val_sampler is not None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.lr_factor, patience=int(config.lr_patience),
-            threshold=config.min_delta, threshold_mode="abs", min_lr=config.lr_min,
+            optimizer,
+            mode="min",
+            factor=config.lr_factor,
+            patience=int(config.lr_patience),
+            threshold=config.min_delta,
+            threshold_mode="abs",
+            min_lr=config.lr_min,
         )
     train_loss: Callable[[Any, float], Mapping[str, Tensor]] = model.loss
     rank, world = active_group() or (0, 1)
@@ -530,8 +554,12 @@ def _fit_one(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(config.max_epochs), disable=not config.progress or rank > 0,
-               desc=f"fit {type(model).__name__}", unit="epoch")
+    bar = tqdm(
+        range(config.max_epochs),
+        disable=not config.progress or rank > 0,
+        desc=f"fit {type(model).__name__}",
+        unit="epoch",
+    )
     with torch.random.fork_rng(devices=rng_devices), torch_threads(config.num_threads), matmul_dtype(dtype):
         torch.manual_seed(config.seed + 7919 * rank)
         for epoch in bar:

@@ -219,10 +219,20 @@ def compare_metrics(
                 "verdict": verdict,
             }
         )
-    table = pd.DataFrame(rows, columns=[
-        "metric", "key", "higher_is_better", "margin", "champion_value", "candidate_value",
-        "change", "worse_by", "verdict",
-    ])
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "metric",
+            "key",
+            "higher_is_better",
+            "margin",
+            "champion_value",
+            "candidate_value",
+            "change",
+            "worse_by",
+            "verdict",
+        ],
+    )
     if champion is None:
         return table, True, "first version: no champion yet"
     if blockers:
@@ -267,7 +277,7 @@ def version_metrics(version: ModelVersion) -> dict[str, float]:
     out = {}
     for tag, value in (version.tags or {}).items():
         if tag.startswith(METRIC_TAG) and (number := _finite(value)) is not None:
-            out[tag[len(METRIC_TAG):]] = number
+            out[tag[len(METRIC_TAG) :]] = number
     return out
 
 
@@ -309,9 +319,7 @@ def register_model_version(
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
     version_tags = {k: _tag(v) for k, v in tags.items() if v is not None}
     version_tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})
-    return client.create_model_version(
-        name, source=source, run_id=run_id, tags=version_tags, description=description
-    )
+    return client.create_model_version(name, source=source, run_id=run_id, tags=version_tags, description=description)
 
 
 def load_registered_model(
@@ -363,9 +371,7 @@ def load_registered_model(
         ) from err
     with tempfile.TemporaryDirectory() as folder:
         local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=folder, tracking_uri=tracking_uri
-            )
+            mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=folder, tracking_uri=tracking_uri)
         )
         if not (local / CHECKPOINT).exists():
             raise ValueError(

@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ from perturbscope.ops.registry import (
     registered_data_hashes,
     version_metrics,
 )
-from perturbscope.schema import ScreenValidationError
 from perturbscope.ops.screens import (
     ScreenFileError,
     ScreenRegistryError,
@@ -78,6 +77,7 @@ from perturbscope.ops.screens import (
     fingerprint,
     validate_registry,
 )
+from perturbscope.schema import ScreenValidationError
 
 # named explicitly: under `python -m perturbscope.ops.retrain` __name__ is "__main__", a logger that
 # Kedro's logging configuration (INFO for the project's package) does not reach
@@ -135,9 +135,7 @@ class RetrainConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> RetrainConfig:
         if not params:
-            raise RegistryConfigError(
-                "No `retrain` parameters: conf/base/ops/parameters_retrain.yml is missing."
-            )
+            raise RegistryConfigError("No `retrain` parameters: conf/base/ops/parameters_retrain.yml is missing.")
         models = []
         for key, spec in dict(params.get("models") or {}).items():
             spec = dict(spec or {})
@@ -158,9 +156,7 @@ class RetrainConfig:
             )
         template = str(params.get("model_name", "perturbscope-{model}-{screen}"))
         if "{model}" not in template or "{screen}" not in template:
-            raise RegistryConfigError(
-                f"retrain.model_name '{template}' must contain {{model}} and {{screen}}."
-            )
+            raise RegistryConfigError(f"retrain.model_name '{template}' must contain {{model}} and {{screen}}.")
         cells = params.get("preflight_cells", 2000)
         return cls(
             pipelines=list(params.get("pipelines") or []),
@@ -262,7 +258,7 @@ def _short(err: BaseException, limit: int = 600) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------- one screen
@@ -297,12 +293,9 @@ class _Screen:
         }
 
 
-def _description(
-    screen: str, spec: ModelSpec, info: _Screen, table: pd.DataFrame, decision: str, env: str
-) -> str:
+def _description(screen: str, spec: ModelSpec, info: _Screen, table: pd.DataFrame, decision: str, env: str) -> str:
     lines = [
-        f"perturbscope `{spec.key}` model of screen `{screen}` (pipeline `{spec.pipeline}`, "
-        f"dataset `{spec.dataset}`).",
+        f"perturbscope `{spec.key}` model of screen `{screen}` (pipeline `{spec.pipeline}`, dataset `{spec.dataset}`).",
         "",
         f"Data: `{info.file}`, sha256 `{info.data_sha256}`; Kedro save version "
         f"`{info.kedro_session_id}` (env `{env}`); MLflow run `{info.mlflow_run_id}`.",
@@ -334,17 +327,28 @@ def _register(
         skipped = (getattr(model, "metadata", None) or {}).get("not_applicable")
         if skipped:  # e.g. the held-out-perturbation cVAE of a singles-only screen trains nothing
             logger.info("Model %s of screen %s is not applicable (%s): not registered.", spec.key, info.screen, skipped)
-            frames.append(pd.DataFrame([{
-                "model": spec.key, "registered_model": name, "verdict": f"not applicable: {skipped}",
-                "decision": "not registered",
-            }]).reindex(columns=COMPARISON_COLUMNS))
+            frames.append(
+                pd.DataFrame(
+                    [
+                        {
+                            "model": spec.key,
+                            "registered_model": name,
+                            "verdict": f"not applicable: {skipped}",
+                            "decision": "not registered",
+                        }
+                    ]
+                ).reindex(columns=COMPARISON_COLUMNS)
+            )
             continue
         candidate = {r.key: run_metrics[r.key] for r in spec.rules if r.key in run_metrics}
         for rule in spec.rules:
             if rule.key not in run_metrics:
                 logger.warning(
-                    "Key metric %s of model %s was not logged by the run; check "
-                    "retrain.models.%s.metrics.%s.metric.", rule.key, spec.key, spec.key, rule.name,
+                    "Key metric %s of model %s was not logged by the run; check retrain.models.%s.metrics.%s.metric.",
+                    rule.key,
+                    spec.key,
+                    spec.key,
+                    rule.name,
                 )
         champion = champion_version(client, name, config.alias)
         table, promote, reason = compare_metrics(
@@ -394,11 +398,18 @@ def _register(
         table["candidate_version"] = version.version
         table["decision"] = "promoted" if promote else "not promoted"
         if table.empty:
-            table = pd.DataFrame([{
-                "model": spec.key, "registered_model": name, "candidate_version": version.version,
-                "champion_version": champion.version if champion is not None else None,
-                "verdict": "no key metrics", "decision": "promoted" if promote else "not promoted",
-            }])
+            table = pd.DataFrame(
+                [
+                    {
+                        "model": spec.key,
+                        "registered_model": name,
+                        "candidate_version": version.version,
+                        "champion_version": champion.version if champion is not None else None,
+                        "verdict": "no key metrics",
+                        "decision": "promoted" if promote else "not promoted",
+                    }
+                ]
+            )
         frames.append(table.reindex(columns=COMPARISON_COLUMNS))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COMPARISON_COLUMNS)
 
@@ -435,8 +446,7 @@ def _retrain_screen(
     models = [m for m in config.models if m.pipeline in trained]
     client = MlflowClient()
     stale = [
-        m.key for m in models
-        if info.data_sha256 not in registered_data_hashes(client, config.name(m.key, screen))
+        m.key for m in models if info.data_sha256 not in registered_data_hashes(client, config.name(m.key, screen))
     ]
     if not stale and not force:
         info.status = "up_to_date"
@@ -445,15 +455,14 @@ def _retrain_screen(
         return info
     # 2. check the file before anything runs
     try:
-        checked = check_screen_file(
-            info.file, project.params["schema"], screen, n_cells=config.preflight_cells
-        )
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported, not raised
+        checked = check_screen_file(info.file, project.params["schema"], screen, n_cells=config.preflight_cells)
+    except Exception as err:
         clear = isinstance(err, (ScreenFileError, ScreenValidationError))
         info.status, info.detail = "invalid", str(err) if clear else _short(err)
         logger.error(
             "Screen %s skipped, nothing was written and its registered models are untouched: %s",
-            screen, info.detail,
+            screen,
+            info.detail,
         )
         return info
     reason = "forced" if not stale else f"new or changed file for model(s) {stale}"
@@ -463,7 +472,11 @@ def _retrain_screen(
         return info
     logger.info(
         "Retraining screen %s (%s; %d cells x %d genes): pipelines %s.",
-        screen, reason, checked["n_obs"], checked["n_vars"], trained,
+        screen,
+        reason,
+        checked["n_obs"],
+        checked["n_vars"],
+        trained,
     )
     session = KedroSession.create(project_path=project_path, env=env, runtime_params=runtime)
     with session:
@@ -490,7 +503,9 @@ def _retrain_screen(
                 session.run(pipeline_names=trained)
             if file_stamp(info.file) != stamp:
                 info.status = "failed"
-                info.detail = "the file changed while the models trained; nothing registered, the next retrain uses the new file"
+                info.detail = (
+                    "the file changed while the models trained; nothing registered, the next retrain uses the new file"
+                )
                 logger.error("Screen %s: %s.", screen, info.detail)
                 return info
             # 4. register, compare, promote
@@ -503,12 +518,14 @@ def _retrain_screen(
                 # kedro-mlflow tags the run with each session's run_params: keep the training
                 # session's (its id is the save version of the models), note the report's
                 kept = {
-                    k: v for k, v in MlflowClient().get_run(info.mlflow_run_id).data.tags.items()
+                    k: v
+                    for k, v in MlflowClient().get_run(info.mlflow_run_id).data.tags.items()
                     if k in ("run_id", "pipeline_names", "kedro_command", "runtime_params")
                 }
-                with KedroSession.create(
-                    project_path=project_path, env=env, runtime_params=runtime
-                ) as report_session, _orchestrated_run():
+                with (
+                    KedroSession.create(project_path=project_path, env=env, runtime_params=runtime) as report_session,
+                    _orchestrated_run(),
+                ):
                     report_session.run(pipeline_names=reports)
                     mlflow.set_tags({**kept, "report_session_id": report_session.session_id})
             info.status = "retrained"
@@ -556,9 +573,7 @@ def retrain(
     """
     project_path = Path(project_path) if project_path else find_kedro_project(Path.cwd())
     if project_path is None:
-        raise ScreenRegistryError(
-            "No Kedro project here: run from the perturbscope folder or pass --project-path."
-        )
+        raise ScreenRegistryError("No Kedro project here: run from the perturbscope folder or pass --project-path.")
     project_path = Path(project_path).resolve()
     _bootstrap(project_path)
     extra = dict(extra_params or {})
@@ -575,14 +590,16 @@ def retrain(
     rows = []
     for screen in names:
         if screen not in registry:
-            info = _Screen(screen, status="failed", detail=(
-                f"'{screen}' is not in the screens registry; registered: {sorted(registry)}"
-            ))
+            info = _Screen(
+                screen,
+                status="failed",
+                detail=(f"'{screen}' is not in the screens registry; registered: {sorted(registry)}"),
+            )
             logger.error("Screen %s: %s.", screen, info.detail)
         else:
             try:
                 info = _retrain_screen(project_path, env, screen, extra, force=force, dry_run=dry_run)
-            except Exception as err:  # noqa: BLE001 - e.g. a config error for this screen only
+            except Exception as err:
                 logger.exception("Screen %s failed before training.", screen)
                 info = _Screen(screen, status="failed", detail=_short(err))
         rows.append(info.row())
@@ -638,11 +655,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain even if the file did not change")
     parser.add_argument("--dry-run", action="store_true", help="hash and check the files only")
     parser.add_argument("--params", default=None, help="runtime parameters, e.g. 'retrain.preflight_cells=500'")
-    parser.add_argument("--plan", action="store_true",
-                        help="check the files only and print, as the last line, the JSON list of the screens a "
-                        "retrain would run: new or changed files, and invalid ones (so that their task fails)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the retrain_status rows as one JSON list on the last line (Airflow's XCom)")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="check the files only and print, as the last line, the JSON list of the screens a "
+        "retrain would run: new or changed files, and invalid ones (so that their task fails)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the retrain_status rows as one JSON list on the last line (Airflow's XCom)",
+    )
     args = parser.parse_args(argv)
     status = retrain(
         args.screens,

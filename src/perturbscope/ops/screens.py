@@ -88,15 +88,13 @@ def validate_registry(screens: Mapping[str, Any] | None) -> dict[str, dict[str, 
             )
         if "file" in entry and not entry["file"]:
             raise ScreenRegistryError(
-                f"screens.{name}.file is empty: give a path, or omit `file` for "
-                f"<data_root>/01_raw/{name}.h5ad."
+                f"screens.{name}.file is empty: give a path, or omit `file` for <data_root>/01_raw/{name}.h5ad."
             )
         schema = dict(entry.get("schema") or {})
         unknown = sorted(set(schema) - SCHEMA_KEYS)
         if unknown:
             raise ScreenRegistryError(
-                f"screens.{name}.schema has unknown key(s) {unknown}; the schema takes "
-                f"{sorted(SCHEMA_KEYS)}."
+                f"screens.{name}.schema has unknown key(s) {unknown}; the schema takes {sorted(SCHEMA_KEYS)}."
             )
         entry["schema"] = schema
         entry["retrain"] = bool(entry.get("retrain", True))
@@ -152,9 +150,7 @@ def _sampled_counts(element: Any, n_obs: int, n_vars: int, n_cells: int | None) 
     """An ``n_obs x n_vars`` CSR holding the stored counts of the sampled rows; the other rows empty."""
     matrix = element if isinstance(element, h5py.Dataset) else sparse_dataset(element)
     if tuple(matrix.shape) != (n_obs, n_vars):
-        raise ScreenFileError(
-            f"the count matrix is {tuple(matrix.shape)} but obs x var is {(n_obs, n_vars)}."
-        )
+        raise ScreenFileError(f"the count matrix is {tuple(matrix.shape)} but obs x var is {(n_obs, n_vars)}.")
     parts, position, n_read = [], 0, 0
     for block in _row_blocks(n_obs, n_cells):
         if block.start > position:
@@ -205,8 +201,8 @@ def check_screen_file(
     The file is opened with h5py (HDF5 refuses a truncated file: its stored end of
     file lies beyond the bytes present), ``obs`` and ``var`` are read whole and the
     counts of the first and last ``n_cells / 2`` cells (all cells for ``None``); then
-    the data_processing pipeline's own validation (:func:`perturbscope.validation.validate_screen`) runs on that proxy with
-    the screen's schema, so the checks are exactly those of a run.
+    the data_processing pipeline's own validation (:func:`perturbscope.validation.validate_screen`) runs on
+    that proxy with the screen's schema, so the checks are exactly those of a run.
 
     Returns
     -------
@@ -236,19 +232,18 @@ def check_screen_file(
         raise ScreenFileError(f"'{path}' is not a usable .h5ad: {err}") from err
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         hint = (
-            "It looks half-copied (shorter than HDF5 says): wait for the copy to finish; the next "
-            "retrain picks it up."
+            "It looks half-copied (shorter than HDF5 says): wait for the copy to finish; the next retrain picks it up."
             if "truncated" in str(err).lower()
-            else "Check that the file was copied completely and written by anndata "
-            "(`adata.write_h5ad(path)`)."
+            else "Check that the file was copied completely and written by anndata (`adata.write_h5ad(path)`)."
         )
-        raise ScreenFileError(
-            f"'{path}' is not a readable .h5ad file ({type(err).__name__}: {err}). {hint}"
-        ) from err
+        raise ScreenFileError(f"'{path}' is not a readable .h5ad file ({type(err).__name__}: {err}). {hint}") from err
     validate_screen(proxy, dict(schema_params), screen)
     logger.info(
         "Screen %s: %s passed the checks (%d cells x %d genes; counts of %d cells read).",
-        screen, path, proxy.n_obs, proxy.n_vars, n_read,
+        screen,
+        path,
+        proxy.n_obs,
+        proxy.n_vars,
+        n_read,
     )
     return {"n_obs": proxy.n_obs, "n_vars": proxy.n_vars, "cells_checked": n_read}
-

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from perturbscope.models import ConditionalVAE, ContrastiveVAE, LinearVAE, seeded
-from perturbscope.models.model import CVAE, ContrastiveModelError, ContrastiveVI, LDVAE, LinearModelError
+from perturbscope.models.model import CVAE, LDVAE, ContrastiveModelError, ContrastiveVI, LinearModelError
 from perturbscope.models.model.inputs import train_config
 from perturbscope.simulation import simulate_screen
 
 
 def test_shared_training_block_is_overridden_key_by_key() -> None:
     shared = {"lr": 3e-3, "patience": 20, "batch_size": 128, "device": "cpu"}
-    config, batch_size, val_batch_size = train_config({"lr": 1e-3, "max_epochs": 7}, 5, "x.training", ValueError, shared)
+    config, batch_size, val_batch_size = train_config(
+        {"lr": 1e-3, "max_epochs": 7}, 5, "x.training", ValueError, shared
+    )
     assert (config.lr, config.patience, config.max_epochs, config.device) == (1e-3, 20, 7, "cpu")
     assert (batch_size, val_batch_size, config.seed) == (128, 1024, 5)  # the one seed unless the block names one
     with pytest.raises(ValueError, match=r"Unknown x\.training parameter\(s\) \['epochs'\]"):
@@ -60,4 +62,6 @@ def test_cvae_checkpoints_from_before_the_shared_decoder_load() -> None:
         fresh = ConditionalVAE(n_genes=10, n_conditions=2, likelihood="nb")
     fresh.load_state_dict(old)
     z, c = torch.zeros(3, model.n_latent), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    np.testing.assert_array_equal(fresh.decode_logits(z, c).detach().numpy(), model.decode_logits(z, c).detach().numpy())
+    np.testing.assert_array_equal(
+        fresh.decode_logits(z, c).detach().numpy(), model.decode_logits(z, c).detach().numpy()
+    )

@@ -1,4 +1,5 @@
-"""ConditionalVAE and its AnnData API (CVAE): construction, conditions, training with the shared loop, generation, checkpoints."""
+"""ConditionalVAE and its AnnData API (CVAE): construction, conditions, training with the shared loop,
+generation, checkpoints."""
 
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ def _train(adata: ad.AnnData, likelihood: str = "gaussian", epochs: int = 60, **
             vocab, list(adata.var_names), likelihood=likelihood, n_hidden=64, n_layers=1, n_latent=4, **kw
         )
     data = CVAE(model).cell_data(adata)
-    fit(model, MinibatchSampler(data, batch_size=128, seed=0), None,
-        TrainConfig(max_epochs=epochs, kl_warmup_epochs=10, device="cpu", progress=False, lr=3e-3))
+    fit(
+        model,
+        MinibatchSampler(data, batch_size=128, seed=0),
+        None,
+        TrainConfig(max_epochs=epochs, kl_warmup_epochs=10, device="cpu", progress=False, lr=3e-3),
+    )
     return model
 
 
@@ -93,15 +98,20 @@ def test_conditions_are_multi_hot_over_genes() -> None:
 @pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
 def test_loss_terms_and_training_reduce_loss(adata: ad.AnnData, likelihood: str) -> None:
     with seeded(0):
-        model = ConditionalVAE.from_vocabulary(["A", "B", "C"], list(adata.var_names), likelihood=likelihood,
-                                               n_hidden=32, n_layers=1)
+        model = ConditionalVAE.from_vocabulary(
+            ["A", "B", "C"], list(adata.var_names), likelihood=likelihood, n_hidden=32, n_layers=1
+        )
     data = CVAE(model).cell_data(adata)
     batch = data.batch(torch.arange(64))
     out = model.loss(batch, kl_weight=0.5)
     assert set(out) == {"loss", "reconstruction", "kl"}
     assert torch.isclose(out["loss"], out["reconstruction"] + 0.5 * out["kl"])
-    history = fit(model, MinibatchSampler(data, batch_size=128), None,
-                  TrainConfig(max_epochs=8, kl_warmup_epochs=4, device="cpu", progress=False, lr=3e-3))
+    history = fit(
+        model,
+        MinibatchSampler(data, batch_size=128),
+        None,
+        TrainConfig(max_epochs=8, kl_warmup_epochs=4, device="cpu", progress=False, lr=3e-3),
+    )
     assert history.kl_weight[:4] == [0.25, 0.5, 0.75, 1.0]  # β warm-up
     assert history.train_terms["reconstruction"][-1] < history.train_terms["reconstruction"][0]
 
@@ -159,10 +169,13 @@ def test_nb_generation_matches_the_processed_scale(adata: ad.AnnData) -> None:
     a_cells = np.flatnonzero(adata.obs["perturbation"].to_numpy() == "A")
     # NB draws are counts normalised like the screen: X = log1p(counts * scale); the log-normalised
     # mean depends on sequencing depth, so each perturbation gets the libraries of its own cells here
-    pred = ad.concat([
-        CVAE(model).sample_prior(["control"], n_cells=300, library=lib[ctrl], scale=scales[ctrl], seed=0),
-        CVAE(model).sample_prior(["A"], n_cells=300, library=lib[a_cells], scale=scales[a_cells], seed=0),
-    ], index_unique="-")
+    pred = ad.concat(
+        [
+            CVAE(model).sample_prior(["control"], n_cells=300, library=lib[ctrl], scale=scales[ctrl], seed=0),
+            CVAE(model).sample_prior(["A"], n_cells=300, library=lib[a_cells], scale=scales[a_cells], seed=0),
+        ],
+        index_unique="-",
+    )
     assert (pred.X >= 0).all()
     c = np.asarray(adata.X[ctrl].mean(axis=0)).ravel()
     assert np.abs(_delta(pred, "control", c)).mean() < 0.1

@@ -35,17 +35,21 @@ def process(raw: ad.AnnData) -> ad.AnnData:
     screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
     # ground truth for the evaluation: the program of cells that responded to their perturbation
     responded = screen.obs["responded"].to_numpy().astype(bool)
-    screen.obs["program_responded"] = pd.Categorical(
-        np.where(responded, screen.obs["program"].astype(str), "none")
-    )
+    screen.obs["program_responded"] = pd.Categorical(np.where(responded, screen.obs["program"].astype(str), "none"))
     return screen
 
 
 def simulated(**overrides: Any) -> tuple[ad.AnnData, ad.AnnData]:
     """(raw, processed) screen whose programs are detectable but hidden behind a strong cell cycle in PCA."""
     config = dict(
-        n_cells=1500, n_genes=300, n_programs=3, perturbations_per_program=2, n_null_perturbations=1,
-        cell_cycle_strength=2.0, high_expression_share=0.6, seed=2,
+        n_cells=1500,
+        n_genes=300,
+        n_programs=3,
+        perturbations_per_program=2,
+        n_null_perturbations=1,
+        cell_cycle_strength=2.0,
+        high_expression_share=0.6,
+        seed=2,
     )
     config.update(overrides)
     raw = simulate_screen(**config)

@@ -81,8 +81,12 @@ def test_table_skips_unknown_or_absent_confounders_with_a_note(caplog: pytest.Lo
     adata.obs.loc[adata.obs_names[:5], "program"] = "unassigned"
     with caplog.at_level(logging.INFO):
         table = evaluate_spaces(
-            adata, {"good": "X_good", "noise": "X_noise"}, ~adata.obs["is_control"].to_numpy(), "program",
-            confounder_keys=["phase", "replicate", "lane"], ignore_labels=["unassigned", "ctrl"],
+            adata,
+            {"good": "X_good", "noise": "X_noise"},
+            ~adata.obs["is_control"].to_numpy(),
+            "program",
+            confounder_keys=["phase", "replicate", "lane"],
+            ignore_labels=["unassigned", "ctrl"],
         )
     ari = table[(table["metric"] == "ari")].set_index("space")["value"]
     assert ari["good"] > 0.99 and abs(ari["noise"]) < 0.1

@@ -31,7 +31,9 @@ FAST = {**TRAINING, "max_epochs": 1, "kl_warmup_epochs": 0}
         ({}, {"epochs": 3}, r"Unknown contrastive_model\.training parameter\(s\) \['epochs'\]"),
     ],
 )
-def test_bad_parameters_fail_with_clear_messages(sim_screen: ad.AnnData, model: dict, training: dict, match: str) -> None:
+def test_bad_parameters_fail_with_clear_messages(
+    sim_screen: ad.AnnData, model: dict, training: dict, match: str
+) -> None:
     with pytest.raises(ContrastiveModelError, match=match):
         nodes.train_contrastive_model(sim_screen, {**MODEL, **model}, {**FAST, **training}, SCHEMA, 0)
 
@@ -78,7 +80,9 @@ def test_save_load_through_catalog_dataset_reproduces_embeddings(trained: Traine
     for key in ("X_salient", "X_background"):
         np.testing.assert_array_equal(before.obsm[key], after.obsm[key])
         np.testing.assert_array_equal(before.obsm[key], trained.embedded.obsm[key])
-    with_a, without_a = trained.model.salient_expression(ContrastiveVI(trained.model).cell_data(trained.screen), np.arange(50))
+    with_a, without_a = trained.model.salient_expression(
+        ContrastiveVI(trained.model).cell_data(trained.screen), np.arange(50)
+    )
     with_b, without_b = loaded.salient_expression(ContrastiveVI(loaded).cell_data(trained.screen), np.arange(50))
     np.testing.assert_array_equal(with_a, with_b)
     np.testing.assert_array_equal(without_a, without_b)
@@ -178,8 +182,9 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
     assert ((scored >= 0) & (scored <= 1)).all()
     assert not embedded.obs["called_perturbed"].to_numpy()[is_control].any()
     with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(embedded.obs["called_perturbed"].to_numpy()[~is_control],
-                                      probability[~is_control] > 0.5)
+        np.testing.assert_array_equal(
+            embedded.obs["called_perturbed"].to_numpy()[~is_control], probability[~is_control] > 0.5
+        )
 
     escape = nodes.escape_table(embedded, model)
     assert "control" not in set(escape["perturbation"])
@@ -215,5 +220,6 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
 
     genes = nodes.rank_salient_genes(embedded, model, {"top_genes": 5})
     called = escape.set_index("perturbation")["n_called_perturbed"]
-    assert (genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(
-        genes["perturbation"].unique())).all()
+    assert (
+        genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(genes["perturbation"].unique())
+    ).all()

@@ -12,7 +12,7 @@ from kedro.framework.session import KedroSession
 from mlflow.tracking import MlflowClient
 
 from perturbscope.pipelines.contrastive_model import embed_screen
-from tests.conftest import latest_version, PROJECT
+from tests.conftest import PROJECT, latest_version
 
 
 def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:

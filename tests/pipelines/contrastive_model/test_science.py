@@ -15,10 +15,12 @@ KEY = "program_responded"
 PHASE = "phase_original"
 
 
-def _value(table: pd.DataFrame, metric: str, key: str, space: str, column: str = "value",
-           cells: str = "perturbed") -> float:
-    row = table[(table["metric"] == metric) & (table["key"] == key) & (table["space"] == space)
-                & (table["cells"] == cells)]
+def _value(
+    table: pd.DataFrame, metric: str, key: str, space: str, column: str = "value", cells: str = "perturbed"
+) -> float:
+    row = table[
+        (table["metric"] == metric) & (table["key"] == key) & (table["space"] == space) & (table["cells"] == cells)
+    ]
     assert len(row) == 1, f"no {metric}/{key}/{space} row in\n{table}"
     return float(row[column].iloc[0])
 
@@ -42,7 +44,9 @@ def _check_science(run: Trained) -> None:
     salient = run.embedded.obsm["X_salient"]
     norm = np.linalg.norm(salient, axis=1)
     is_control = run.embedded.obs["is_control"].to_numpy()
-    responded = run.embedded.obs["responded"].to_numpy().astype(bool) & (run.embedded.obs["program"] != "none").to_numpy()
+    responded = (
+        run.embedded.obs["responded"].to_numpy().astype(bool) & (run.embedded.obs["program"] != "none").to_numpy()
+    )
     assert np.median(norm[is_control]) < 0.3 * np.median(norm[responded]), summary
 
 

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from perturbscope.pipelines.data_processing import nodes
-from tests.conftest import PROJECT
 from perturbscope.schema import ScreenSchema, ScreenValidationError, parse_perturbation
+from tests.conftest import PROJECT
 
 SCHEMA = {"perturbation_key": "guide", "control_labels": ["non-targeting", "ctrl"]}
 QC = {"min_genes_per_cell": 1, "min_cells_per_gene": 1, "max_mito_fraction": 0.2, "mito_prefix": "MT-"}

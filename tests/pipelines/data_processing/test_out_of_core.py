@@ -14,8 +14,13 @@ from perturbscope.schema import COUNTS_LAYER, PHASE, ScreenValidationError
 from perturbscope.simulation import load_cell_cycle_genes, simulate_screen
 
 SCHEMA = {"perturbation_key": "perturbation", "control_labels": ["control"], "batch_key": None}
-QC = {"min_genes_per_cell": 20, "min_cells_per_gene": 3, "max_mito_fraction": 0.2, "mito_prefix": "MT-",
-      "min_cells_per_perturbation": 10}
+QC = {
+    "min_genes_per_cell": 20,
+    "min_cells_per_gene": 3,
+    "max_mito_fraction": 0.2,
+    "mito_prefix": "MT-",
+    "min_cells_per_perturbation": 10,
+}
 
 
 def _raw(tmp_path, n_cells=1500, n_genes=400, batches=1, seed=3) -> tuple[ad.AnnData, str]:
@@ -64,8 +69,9 @@ def test_processing_from_disk_matches_memory(tmp_path, batches) -> None:
     assert list(lazy.obs_names) == list(expected.obs_names)
     for column in ("perturbation", "split", "is_control", "perturbed_genes", PHASE, "total_counts", "n_genes"):
         pd.testing.assert_series_equal(lazy.obs[column], expected.obs[column], check_dtype=False)
-    np.testing.assert_allclose(lazy.obs[["S_score", "G2M_score"]], expected.obs[["S_score", "G2M_score"]],
-                               rtol=0, atol=2e-6)  # float32 normalised values
+    np.testing.assert_allclose(
+        lazy.obs[["S_score", "G2M_score"]], expected.obs[["S_score", "G2M_score"]], rtol=0, atol=2e-6
+    )  # float32 normalised values
     np.testing.assert_allclose(lazy.var["variances_norm"], expected.var["variances_norm"], rtol=1e-6)
     np.testing.assert_array_equal(lazy.var["highly_variable_rank"], expected.var["highly_variable_rank"])
 

@@ -6,7 +6,7 @@ import anndata as ad
 import mlflow
 import pandas as pd
 
-from tests.conftest import latest_version, PROJECT
+from tests.conftest import PROJECT, latest_version
 
 
 def _mtime(path: Path) -> float | None:
@@ -29,7 +29,9 @@ def test_data_processing_in_test_env(run_kedro, test_root: Path) -> None:
     # X is log-normalised, the counts layer holds integers
     assert processed.X.max() < 15 and (processed.layers["counts"].data % 1 == 0).all()
 
-    summary = pd.read_csv(latest_version(test_root / "data" / "08_reporting" / "norman2019_subset" / "screen_summary.csv"))
+    summary = pd.read_csv(
+        latest_version(test_root / "data" / "08_reporting" / "norman2019_subset" / "screen_summary.csv")
+    )
     assert summary["cells_raw"].sum() == 3375
     assert summary.loc[summary["is_control"], "perturbation"].tolist() == ["control"]
     assert summary["cells_kept"].sum() == processed.n_obs

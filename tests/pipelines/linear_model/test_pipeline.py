@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from perturbscope.models.linear import LinearVAE
 from perturbscope.pipelines.linear_model.nodes import EFFECT_COLUMNS, TOP_GENE_COLUMNS
-from tests.conftest import latest_version, PROJECT
+from tests.conftest import PROJECT, latest_version
 
 PBMC = PROJECT / "tests" / "data" / "pbmc1k_v3.h5ad"
 

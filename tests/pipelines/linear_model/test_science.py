@@ -40,8 +40,13 @@ FACTORS, EFFECTS = PARAMS["factors"], PARAMS["effects"]
 
 def _processed_simulation(seed: int) -> tuple[pd.DataFrame, object]:
     sim = simulate_screen(
-        n_cells=2000, n_genes=600, n_programs=3, genes_per_program=20, n_heterogeneity_genes=20,
-        library_size_median=6000.0, seed=seed,
+        n_cells=2000,
+        n_genes=600,
+        n_programs=3,
+        genes_per_program=20,
+        n_heterogeneity_genes=20,
+        library_size_median=6000.0,
+        seed=seed,
     )
     truth = sim.var["program"].astype(str).copy()
     screen = dp.validate_screen(sim, SCHEMA, "simulated")
@@ -71,7 +76,9 @@ def test_factors_recover_programs_and_their_perturbations_move_them(seed: int) -
         rows = effects[(effects["program"] == program) & (effects["factor"] == factor)]
         report.append(
             f"{program}: {factor} top-{n} overlap {overlaps[factor]:.2f}; effects "
-            + ", ".join(f"{r.perturbation} {r.effect:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in rows.itertuples())
+            + ", ".join(
+                f"{r.perturbation} {r.effect:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in rows.itertuples()
+            )
         )
         # the oracle: the top genes of the mean difference between the program's responding cells and the
         # controls (log-normalised X), which needs the ground truth the model never sees

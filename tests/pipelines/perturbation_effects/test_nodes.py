@@ -10,16 +10,37 @@ from perturbscope.pipelines.perturbation_effects import de, nodes
 from perturbscope.simulation import simulate_screen
 from tests.pipelines.contrastive_model.conftest import SCHEMA, process
 
-EFFECT_TEST = {"n_pcs": 30, "distance": "euclidean", "n_permutations": 199, "max_cells": 500,
-               "max_control_cells": 600, "min_cells": 10, "alpha": 0.05}
-DE = {"methods": ["pseudobulk_deseq2", "wilcoxon"], "min_cells": 20, "n_pseudo_replicates": 3,
-      "wilcoxon_max_cells": 2000, "n_cpus": 1, "alpha": 0.05}
+EFFECT_TEST = {
+    "n_pcs": 30,
+    "distance": "euclidean",
+    "n_permutations": 199,
+    "max_cells": 500,
+    "max_control_cells": 600,
+    "min_cells": 10,
+    "alpha": 0.05,
+}
+DE = {
+    "methods": ["pseudobulk_deseq2", "wilcoxon"],
+    "min_cells": 20,
+    "n_pseudo_replicates": 3,
+    "wilcoxon_max_cells": 2000,
+    "n_cpus": 1,
+    "alpha": 0.05,
+}
 
 
 @pytest.fixture(scope="module")
 def screen():
-    raw = simulate_screen(n_cells=3000, n_genes=400, n_programs=3, perturbations_per_program=2,
-                          n_null_perturbations=2, penetrance=0.7, high_expression_share=0.6, seed=5)
+    raw = simulate_screen(
+        n_cells=3000,
+        n_genes=400,
+        n_programs=3,
+        perturbations_per_program=2,
+        n_null_perturbations=2,
+        penetrance=0.7,
+        high_expression_share=0.6,
+        seed=5,
+    )
     return raw, process(raw)
 
 
@@ -33,7 +54,9 @@ def test_effect_test_calls_true_effects_and_spares_null_ones(screen) -> None:
     assert table.loc[truth[truth].index, "significant"].all(), table
     assert not table.loc[truth[~truth].index, "significant"].any(), table
     assert (table["q_value"] >= table["p_value"]).all()
-    assert table.loc[truth[truth].index, "energy_distance"].min() > table.loc[truth[~truth].index, "energy_distance"].max()
+    assert (
+        table.loc[truth[truth].index, "energy_distance"].min() > table.loc[truth[~truth].index, "energy_distance"].max()
+    )
     # pure: the input is untouched; same seed, same table
     assert before.obs.equals(processed.obs) and (before.X != processed.X).nnz == 0
     assert nodes.run_effect_tests(processed, EFFECT_TEST, 0).set_index("perturbation").equals(table)
@@ -82,12 +105,18 @@ def test_differential_expression_finds_the_program_genes(screen) -> None:
 
 
 def test_agreement_with_the_salient_genes() -> None:
-    de_table = pd.DataFrame({
-        "perturbation": "A", "gene": ["g1", "g2", "g3", "g4"], "method": "wilcoxon",
-        "log2_fold_change": [2.0, 1.0, -1.0, -3.0], "q_value": [0.001, 0.01, 0.5, 0.001],
-    })
-    salient = pd.DataFrame({"perturbation": "A", "gene": ["g1", "g2", "g3", "g4"],
-                            "mean_log2fc": [1.5, 0.7, -0.2, -2.0]})
+    de_table = pd.DataFrame(
+        {
+            "perturbation": "A",
+            "gene": ["g1", "g2", "g3", "g4"],
+            "method": "wilcoxon",
+            "log2_fold_change": [2.0, 1.0, -1.0, -3.0],
+            "q_value": [0.001, 0.01, 0.5, 0.001],
+        }
+    )
+    salient = pd.DataFrame(
+        {"perturbation": "A", "gene": ["g1", "g2", "g3", "g4"], "mean_log2fc": [1.5, 0.7, -0.2, -2.0]}
+    )
     table = nodes.compare_with_salient_genes(de_table, salient, {"alpha": 0.05})
     row = table.iloc[0]
     assert row["spearman"] == pytest.approx(1.0)

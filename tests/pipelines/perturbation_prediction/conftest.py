@@ -30,8 +30,18 @@ def simulated_screen() -> ad.AnnData:
     informative; a library of ~3,000 UMIs over 150 genes.
     """
     raw = simulate_screen(
-        n_cells=2700, n_genes=150, n_programs=3, perturbations_per_program=2, n_null_perturbations=1,
-        n_doubles=3, interaction_scale=0.0, genes_per_program=15, n_heterogeneity_genes=10,
-        penetrance=1.0, library_size_median=3000, control_fraction=0.2, seed=3,
+        n_cells=2700,
+        n_genes=150,
+        n_programs=3,
+        perturbations_per_program=2,
+        n_null_perturbations=1,
+        n_doubles=3,
+        interaction_scale=0.0,
+        genes_per_program=15,
+        n_heterogeneity_genes=10,
+        penetrance=1.0,
+        library_size_median=3000,
+        control_fraction=0.2,
+        seed=3,
     )
     return process(raw)

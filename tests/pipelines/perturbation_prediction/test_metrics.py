@@ -69,11 +69,20 @@ def test_score_perturbation_keys_and_references() -> None:
     c = np.zeros(6)
     m = np.full(6, 0.5)
     true = np.array([2.0, -1.0, 0.5, 0.0, 0.0, 1.0])
-    out = M.score_perturbation(true, true, c, m, de_genes=[0, 1], top_k=(2, 25), pred_pcs=np.zeros((3, 2)),
-                               true_pcs=np.zeros((4, 2)))
-    assert set(out) == {"pearson_delta", "pearson_delta_top_de", "jaccard_top2", "jaccard_top25", "mse",
-                        "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance",
-                        "l2_top_expressed"}
+    out = M.score_perturbation(
+        true, true, c, m, de_genes=[0, 1], top_k=(2, 25), pred_pcs=np.zeros((3, 2)), true_pcs=np.zeros((4, 2))
+    )
+    assert set(out) == {
+        "pearson_delta",
+        "pearson_delta_top_de",
+        "jaccard_top2",
+        "jaccard_top25",
+        "mse",
+        "direction_accuracy_top_de",
+        "pearson_delta_vs_perturbed_mean",
+        "energy_distance",
+        "l2_top_expressed",
+    }
     assert out["pearson_delta"] == pytest.approx(1.0) and out["mse"] == 0.0 and out["energy_distance"] == 0.0
     assert out["jaccard_top2"] == 1.0 and out["direction_accuracy_top_de"] == 1.0
     # predicting the perturbed mean itself: no delta against it, so that correlation is undefined

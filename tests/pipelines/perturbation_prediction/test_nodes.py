@@ -13,10 +13,25 @@ from perturbscope.pipelines.perturbation_prediction.splits import SplitError
 
 from .conftest import SCHEMA
 
-MODEL = {"likelihood": "gaussian", "n_latent": 6, "n_hidden": 64, "n_layers": 1, "dropout": 0.0,
-         "n_condition_embedding": 8, "condition_shift": True}
-TRAINING = {"batch_size": 128, "max_epochs": 40, "lr": 0.003, "kl_warmup_epochs": 10, "patience": 10,
-            "seed": 0, "device": "cpu", "progress": False}
+MODEL = {
+    "likelihood": "gaussian",
+    "n_latent": 6,
+    "n_hidden": 64,
+    "n_layers": 1,
+    "dropout": 0.0,
+    "n_condition_embedding": 8,
+    "condition_shift": True,
+}
+TRAINING = {
+    "batch_size": 128,
+    "max_epochs": 40,
+    "lr": 0.003,
+    "kl_warmup_epochs": 10,
+    "patience": 10,
+    "seed": 0,
+    "device": "cpu",
+    "progress": False,
+}
 GENERATION = {"n_cells": 150, "seed": 0}
 EVALUATION = {"n_top_de": 20, "top_k": [25, 50, 100], "n_pcs": 10, "max_cells_energy": 150, "seed": 0}
 
@@ -92,8 +107,10 @@ def test_no_test_cell_reaches_training(simulated_screen, monkeypatch) -> None:
         return History(epoch=[0], train_loss=[0.0], val_loss=[0.0], kl_weight=[1.0], seconds=[0.0])
 
     monkeypatch.setattr(model_base, "fit", spy_fit)  # the one training loop, as the model layer calls it
-    for params, seed in (({"kind": "held_out_perturbations", "perturbations": "auto"}, 0),
-                         ({"kind": "held_out_cells", "test_fraction": 0.3}, 1)):
+    for params, seed in (
+        ({"kind": "held_out_perturbations", "perturbations": "auto"}, 0),
+        ({"kind": "held_out_cells", "test_fraction": 0.3}, 1),
+    ):
         split = nodes.as_split(nodes.make_prediction_split(simulated_screen, params, SCHEMA, seed), simulated_screen)
         seen.clear()
         model, _ = nodes.train_cvae(simulated_screen, split, MODEL, TRAINING, SCHEMA)
@@ -161,7 +178,9 @@ def test_singles_only_screen_marks_held_out_perturbations_not_applicable(simulat
     pca = nodes.fit_expression_pca(singles, EVALUATION)
     empty = nodes.evaluate_predictions(singles, split, cvae, base, pca, EVALUATION)
     assert empty.empty
-    assert list(nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})) == ["not_applicable.png"]
+    assert list(nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})) == [
+        "not_applicable.png"
+    ]
     _, scored, _ = _run(singles, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0}, "gaussian")
     metrics, summary, mlflow_metrics = nodes.summarise_metrics(held_out_cells=scored, held_out_perturbations=empty)
     skipped = summary[summary["evaluation"] == "held_out_perturbations"]

@@ -40,9 +40,18 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     assert set(cells.loc[cells["method"] == "additive", "perturbation"]) == DOUBLES
     assert (cells.groupby("perturbation")["method"].apply(lambda m: "same_perturbation" in set(m))).all()
     assert doubles["n_true_cells"].min() >= 79  # every cell of a held-out double is a test cell
-    for column in ("pearson_delta", "pearson_delta_top_de", "jaccard_top25", "jaccard_top50", "jaccard_top100",
-                   "mse", "direction_accuracy_top_de", "pearson_delta_vs_perturbed_mean", "energy_distance",
-                   "l2_top_expressed"):
+    for column in (
+        "pearson_delta",
+        "pearson_delta_top_de",
+        "jaccard_top25",
+        "jaccard_top50",
+        "jaccard_top100",
+        "mse",
+        "direction_accuracy_top_de",
+        "pearson_delta_vs_perturbed_mean",
+        "energy_distance",
+        "l2_top_expressed",
+    ):
         assert column in metrics
     # 169 genes < 1,000: the L2 runs over every gene, so it is the root of G x MSE
     np.testing.assert_allclose(metrics["l2_top_expressed"], np.sqrt(169 * metrics["mse"]), rtol=1e-9)
@@ -75,12 +84,18 @@ def test_perturbation_prediction_in_test_env(run_kedro, test_root: Path) -> None
     assert run["metrics.perturbation_prediction.held_out_perturbations.additive.pearson_delta"] > 0.5
     assert "metrics.perturbation_prediction.held_out_cells.cvae_controls.mse" in run.index
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "perturbation_prediction")}
-    assert {"perturbation_prediction/prediction_metrics.csv", "perturbation_prediction/prediction_summary.csv",
-            "perturbation_prediction/prediction_summary.png", "perturbation_prediction/figures"} <= artifacts
+    assert {
+        "perturbation_prediction/prediction_metrics.csv",
+        "perturbation_prediction/prediction_summary.csv",
+        "perturbation_prediction/prediction_summary.png",
+        "perturbation_prediction/figures",
+    } <= artifacts
     # the cVAE training curve of each split, one value per epoch (as for the other two models)
     client = mlflow.MlflowClient()
     for split in ("held_out_cells", "held_out_perturbations"):
-        history = pd.read_csv(latest_version(test_root / "data" / "06_models" / screen / split / "cvae_training_history.csv"))
+        history = pd.read_csv(
+            latest_version(test_root / "data" / "06_models" / screen / split / "cvae_training_history.csv")
+        )
         losses = client.get_metric_history(run["run_id"], f"perturbation_prediction.{split}.training.train_loss")
         assert [m.step for m in losses] == history["epoch"].tolist()
         assert [m.value for m in losses] == history["train_loss"].tolist()

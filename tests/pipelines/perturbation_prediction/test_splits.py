@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from perturbscope.pipelines.perturbation_prediction.splits import (
-    LeakageError,
     NOT_APPLICABLE,
+    LeakageError,
     SplitError,
     assert_no_leakage,
     auto_held_out_perturbations,
@@ -24,8 +24,12 @@ def _obs(counts: dict[str, int], validation_every: int = 10) -> pd.DataFrame:
     genes = ["" if lab == "control" else "+".join(sorted(lab.split("+"))) for lab in labels]
     split = np.where(np.arange(len(labels)) % validation_every == 0, "validation", "train")
     return pd.DataFrame(
-        {"perturbation": labels, "perturbed_genes": genes, "is_control": [lab == "control" for lab in labels],
-         "split": split},
+        {
+            "perturbation": labels,
+            "perturbed_genes": genes,
+            "is_control": [lab == "control" for lab in labels],
+            "split": split,
+        },
         index=[f"c{i}" for i in range(len(labels))],
     )
 

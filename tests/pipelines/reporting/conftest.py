@@ -24,9 +24,9 @@ SCREEN = "norman2019_subset"
 
 @dataclass(frozen=True)
 class FinishedRun:
-    root: Path                 # PERTURBSCOPE_TEST_ROOT of the run
-    pipelines: list[str]       # registered pipelines (without __default__)
-    session_id: str            # the Kedro session id = save version of the run
+    root: Path  # PERTURBSCOPE_TEST_ROOT of the run
+    pipelines: list[str]  # registered pipelines (without __default__)
+    session_id: str  # the Kedro session id = save version of the run
 
     @property
     def reporting(self) -> Path:
@@ -44,7 +44,7 @@ def register_run_info_hook(session: Any) -> None:
     from perturbscope.hooks import RunInfoHook
 
     if not any(isinstance(hook, RunInfoHook) for hook in settings.HOOKS):
-        session._hook_manager.register(RunInfoHook())  # noqa: SLF001 - until settings.py registers it
+        session._hook_manager.register(RunInfoHook())
 
 
 @pytest.fixture(scope="package")
@@ -89,8 +89,12 @@ def processed_sim() -> tuple[ad.AnnData, Any, Any]:
     schema = {"perturbation_key": "perturbation", "control_labels": ["control"], "program_key": "program"}
     validated = dp.validate_screen(raw, schema, "sim")
     cells_raw = dp.count_cells_per_perturbation(validated)
-    qc, qc_table = dp.quality_control(validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
-    phased = dp.score_cell_cycle(dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5, "n_bins": 25}, seed=0)
+    qc, qc_table = dp.quality_control(
+        validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2}
+    )
+    phased = dp.score_cell_cycle(
+        dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5, "n_bins": 25}, seed=0
+    )
     hvg = dp.select_highly_variable_genes(phased, {"n_top_genes": 2000})
     processed = dp.label_cells(hvg, schema, {"validation_fraction": 0.1}, seed=0)
     summary, qc_summary = dp.summarise_screen(cells_raw, processed, qc_table)

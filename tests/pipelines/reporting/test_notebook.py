@@ -45,7 +45,9 @@ def test_notebook_executes_on_a_finished_run(
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     NotebookClient(
-        notebook, kernel_name=project_kernel, timeout=240,
+        notebook,
+        kernel_name=project_kernel,
+        timeout=240,
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     ).execute()
 

@@ -11,8 +11,8 @@ import mlflow
 import pandas as pd
 
 from perturbscope.pipelines.reporting.sections import SECTIONS, figure_output
-from tests.pipelines.reporting.conftest import FinishedRun
 from tests.conftest import latest_version
+from tests.pipelines.reporting.conftest import FinishedRun
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,15 +57,15 @@ def test_report_names_the_versions_and_the_mlflow_run(finished_run: FinishedRun)
     # every versioned dataset written by the run carries the session id as its version
     rows = re.search(r'data-table="dataset_versions">.*?<tbody>(.*?)</tbody>', page, re.S).group(1)
     table = {
-        cells[0]: cells
-        for cells in (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows.split("</tr>")) if cells
+        cells[0]: cells for cells in (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows.split("</tr>")) if cells
     }
     assert "processed_screen" in table
     name, kind, mode, version, path = table["processed_screen"]
     assert (kind, mode, version) == ("AnnDataDataset", "saved", finished_run.session_id)
     assert Path(path).exists() and version in path
     written = {
-        p.resolve() for p in (finished_run.root / "data").glob(f"**/{finished_run.session_id}/*")
+        p.resolve()
+        for p in (finished_run.root / "data").glob(f"**/{finished_run.session_id}/*")
         if p.name != "report.html"  # written after the report's table was made
     }
     listed = {Path(cells[4]).resolve() for cells in table.values() if cells[3] == finished_run.session_id}

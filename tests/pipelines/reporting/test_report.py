@@ -32,10 +32,13 @@ def _figure(seed: int = 0):
 def _section(name: str = "data_processing", key: str = "line", n_rows: int = 3) -> ReportSection:
     table = pd.DataFrame({"perturbation": [f"P{i}" for i in range(n_rows)], "cells": np.arange(n_rows)})
     return make_section(
-        name, f"Section {name}", figures={key: _figure()},
+        name,
+        f"Section {name}",
+        figures={key: _figure()},
         tables=[ReportTable(f"table_{name}", "Cells", table, "per perturbation")],
         facts={"cells": 1234, "fraction": 0.5, "flag": True, "missing": float("nan")},
-        intro="intro <b>not html</b>", notes=["a note"],
+        intro="intro <b>not html</b>",
+        notes=["a note"],
     )
 
 
@@ -44,7 +47,9 @@ def _provenance() -> ReportSection:
 
 
 def test_report_is_self_contained_and_complete() -> None:
-    page = render_report([_section()], screen="demo <screen>", provenance=_provenance(), header={"MLflow run": "abc123"})
+    page = render_report(
+        [_section()], screen="demo <screen>", provenance=_provenance(), header={"MLflow run": "abc123"}
+    )
     assert page.startswith("<!DOCTYPE html>")
     # nothing is fetched: no external scripts, stylesheets, images or links
     assert "<script" not in page
@@ -63,9 +68,7 @@ def test_report_is_self_contained_and_complete() -> None:
 
 
 def test_long_tables_are_cut_and_collapsed() -> None:
-    page = render_report(
-        [_section(n_rows=30)], screen="s", provenance=_provenance(), max_rows=10, inline_rows=5
-    )
+    page = render_report([_section(n_rows=30)], screen="s", provenance=_provenance(), max_rows=10, inline_rows=5)
     block = re.search(r'<details data-table="table_data_processing">(.*?)</details>', page, re.S).group(1)
     assert block.count("<tr>") == 11  # header + 10 rows
     assert "Showing 10 of 30 rows" in block
@@ -73,8 +76,6 @@ def test_long_tables_are_cut_and_collapsed() -> None:
 
 def test_duplicate_keys_are_refused() -> None:
     with pytest.raises(ReportError, match="unique"):
-        render_report(
-            [_section("a", key="same"), _section("b", key="same")], screen="s", provenance=_provenance()
-        )
+        render_report([_section("a", key="same"), _section("b", key="same")], screen="s", provenance=_provenance())
     with pytest.raises(ReportError, match="share a name"):
         render_report([_section("a", key="x"), _section("a", key="y")], screen="s", provenance=_provenance())

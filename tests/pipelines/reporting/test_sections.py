@@ -13,7 +13,12 @@ from perturbscope.pipelines.reporting.report import ReportSection
 from perturbscope.pipelines.reporting.sections import SECTIONS, available_sections
 from perturbscope.pipelines.reporting.sections import data_processing as dp_section
 
-PARAMS = {"figure_dpi": 40, "max_table_rows": 40, "inline_table_rows": 15, "data_processing": {"max_perturbations_shown": 60}}
+PARAMS = {
+    "figure_dpi": 40,
+    "max_table_rows": 40,
+    "inline_table_rows": 15,
+    "data_processing": {"max_perturbations_shown": 60},
+}
 
 
 def test_every_section_reports_a_distinct_pipeline_and_figures() -> None:
@@ -119,7 +124,8 @@ def test_contrastive_umaps_tell_the_story(processed_sim) -> None:
     assert _knn_purity(pca, phase) > _knn_purity(sal, phase) + 0.1
 
     result = cm.report_contrastive_model(
-        umap, pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
+        umap,
+        pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
         pd.DataFrame({"metric": ["asw_program"], "value": [0.5]}),
         {**PARAMS, "contrastive_model": {"point_size": 4}},
     )
@@ -128,12 +134,20 @@ def test_contrastive_umaps_tell_the_story(processed_sim) -> None:
     assert result["section"].figure_keys == list(cm.FIGURES)
     assert [t.key for t in result["section"].tables] == ["contrastive_evaluation"]  # no escape table given
 
-    escape = pd.DataFrame({"perturbation": ["A", "B"], "n_cells": [100, 80], "n_called_perturbed": [70, 0],
-                           "fraction_called_perturbed": [0.7, 0.0]})
+    escape = pd.DataFrame(
+        {
+            "perturbation": ["A", "B"],
+            "n_cells": [100, 80],
+            "n_called_perturbed": [70, 0],
+            "fraction_called_perturbed": [0.7, 0.0],
+        }
+    )
     with_escape = cm.report_contrastive_model(
-        umap, pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
+        umap,
+        pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.5, 1.5]}),
         pd.DataFrame({"metric": ["asw_program"], "value": [0.5]}),
-        {**PARAMS, "contrastive_model": {"point_size": 4}}, escape,
+        {**PARAMS, "contrastive_model": {"point_size": 4}},
+        escape,
     )["section"]
     table = {t.key: t for t in with_escape.tables}["contrastive_escape"]
     assert list(table.frame["perturbation"]) == ["B", "A"]  # the lowest called share first
@@ -196,10 +210,15 @@ def test_prediction_section_reads_the_pipelines_own_tables() -> None:
     for evaluation, perturbations in (("held_out_cells", ["A", "B", "C"]), ("held_out_perturbations", ["A+B"])):
         for perturbation in perturbations:
             for method, quality in (("cvae_controls", 0.6), ("no_change", np.nan), ("additive", 0.8)):
-                rows.append({
-                    "evaluation": evaluation, "perturbation": perturbation, "method": method,
-                    "pearson_delta": quality + rng.normal(scale=0.05), "mse": rng.uniform(0, 1),
-                })
+                rows.append(
+                    {
+                        "evaluation": evaluation,
+                        "perturbation": perturbation,
+                        "method": method,
+                        "pearson_delta": quality + rng.normal(scale=0.05),
+                        "mse": rng.uniform(0, 1),
+                    }
+                )
     metrics, summary, _ = summarise_metrics(held_out_cells=pd.DataFrame(rows))
     history = pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_loss": [3.2, 2.1, 1.9]})
     figure_params = {"summary_scores": ["pearson_delta", "mse"]}
@@ -226,16 +245,40 @@ def test_contrastive_evaluation_is_one_row_per_metric_and_a_column_per_space() -
     rows = []
     for space, accuracy in (("salient", 0.8), ("background", 0.5), ("pca", 0.45)):
         rows += [
-            {"metric": "ari", "key": "program", "space": space, "value": accuracy / 2, "chance_level": np.nan, "note": np.nan},
-            {"metric": "knn_accuracy", "key": "program", "space": space, "value": accuracy, "chance_level": 0.3, "note": np.nan},
+            {
+                "metric": "ari",
+                "key": "program",
+                "space": space,
+                "value": accuracy / 2,
+                "chance_level": np.nan,
+                "note": np.nan,
+            },
+            {
+                "metric": "knn_accuracy",
+                "key": "program",
+                "space": space,
+                "value": accuracy,
+                "chance_level": 0.3,
+                "note": np.nan,
+            },
         ]
-    rows.append({"metric": "leakage_knn_accuracy", "key": "phase", "space": np.nan, "value": np.nan,
-                 "chance_level": np.nan, "note": "'phase' is unknown"})
+    rows.append(
+        {
+            "metric": "leakage_knn_accuracy",
+            "key": "phase",
+            "space": np.nan,
+            "value": np.nan,
+            "chance_level": np.nan,
+            "note": "'phase' is unknown",
+        }
+    )
     evaluation = pd.DataFrame(rows)
     table = cm.evaluation_table(evaluation)
     assert table.columns.tolist() == ["metric", "key", "salient", "background", "pca", "chance level"]
     assert table.set_index("metric").loc["knn_accuracy", "salient"] == 0.8
-    assert cm.evaluation_facts(evaluation) == {"program kNN accuracy": "salient 0.80, background 0.50, pca 0.45 (chance 0.30)"}
+    assert cm.evaluation_facts(evaluation) == {
+        "program kNN accuracy": "salient 0.80, background 0.50, pca 0.45 (chance 0.30)"
+    }
 
 
 def test_data_processing_section_of_a_plain_count_matrix() -> None:
@@ -246,10 +289,14 @@ def test_data_processing_section_of_a_plain_count_matrix() -> None:
     raw = simulate_screen(n_cells=200, n_genes=200, seed=1)
     schema = {"perturbation_key": None, "control_labels": ["control"]}
     validated = dp.validate_screen(raw, schema, "plain")
-    qc, qc_table = dp.quality_control(validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
+    qc, qc_table = dp.quality_control(
+        validated, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2}
+    )
     processed = dp.label_cells(
         dp.score_cell_cycle(dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5}),
-        schema, {"validation_fraction": 0.1}, seed=0,
+        schema,
+        {"validation_fraction": 0.1},
+        seed=0,
     )
     summary, qc_summary = dp.summarise_screen(dp.count_cells_per_perturbation(validated), processed, qc_table)
     section = dp_section.report_data_processing(processed, summary, qc_summary, PARAMS, schema, "plain")["section"]

@@ -57,9 +57,7 @@ class ModelAPI:
 
     def __init__(self, module: BaseModel) -> None:
         if not isinstance(module, self.module_class):
-            raise TypeError(
-                f"{type(self).__name__} wraps a {self.module_class.__name__}, got {type(module).__name__}."
-            )
+            raise TypeError(f"{type(self).__name__} wraps a {self.module_class.__name__}, got {type(module).__name__}.")
         self.module = module
         self.history: pd.DataFrame | None = None
 

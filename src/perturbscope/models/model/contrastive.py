@@ -26,11 +26,13 @@ from perturbscope.schema import CONTROL, IS_CONTROL, PERTURBATION, SPLIT, UNPERT
 from .base import ModelAPI, training_summary
 from .inputs import (
     BATCH_OBS_KEY,
-    align_counts as _align_counts,
     raw_counts,
     screen_metadata,
     training_batches,
     training_cells,
+)
+from .inputs import (
+    align_counts as _align_counts,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,8 +189,9 @@ class ContrastiveVI(ModelAPI):
             background = data.materialise(controls)
             bg_of = np.full(screen.n_obs, -1)
             bg_of[controls] = np.arange(controls.size)
-            logger.info("%s control cells are held in memory (%.2f GB).", f"{controls.size:,}",
-                        background.nnz * 16 / 1e9)
+            logger.info(
+                "%s control cells are held in memory (%.2f GB).", f"{controls.size:,}", background.nnz * 16 / 1e9
+            )
         n_batch = len(categories)
         if kwargs.get("library") == "learned":
             mean, var = data.library_prior(
@@ -197,19 +200,31 @@ class ContrastiveVI(ModelAPI):
             kwargs.update(library_log_mean=mean, library_log_var=var)
         api = cls(cls._build(seed, n_genes=data.n_genes, n_batch=n_batch, batch_key=BATCH_OBS_KEY, **kwargs))
 
-        train = PairedSampler(data, bg_of[train_bg], train_tg, batch_size=batch_size, seed=seed,
-                              background_data=background)
+        train = PairedSampler(
+            data, bg_of[train_bg], train_tg, batch_size=batch_size, seed=seed, background_data=background
+        )
         val = None
         if val_bg.size and val_tg.size:
-            val = PairedSampler(data, bg_of[val_bg], val_tg, batch_size=val_batch_size, shuffle=False, seed=seed,
-                                background_data=background)
+            val = PairedSampler(
+                data,
+                bg_of[val_bg],
+                val_tg,
+                batch_size=val_batch_size,
+                shuffle=False,
+                seed=seed,
+                background_data=background,
+            )
         else:
             logger.warning(
                 "No validation controls or targets: training %d epochs without early stopping.", config.max_epochs
             )
         logger.info(
             "Training contrastiveVI on %d target and %d control cells (%d / %d for validation), %d genes.",
-            train_tg.size, train_bg.size, val_tg.size, val_bg.size, data.n_genes,
+            train_tg.size,
+            train_bg.size,
+            val_tg.size,
+            val_bg.size,
+            data.n_genes,
         )
         history = api._fit(train, val, config, callback=callback)
         api.module.cpu().eval()
@@ -217,8 +232,7 @@ class ContrastiveVI(ModelAPI):
         mixture = None
         if escape.pop("enabled", True) and PERTURBATION in screen.obs:
             # the training data, now on the module's device (the CPU): no second read of the counts
-            mixture = api._fit_escape(data.to("cpu"), screen, val_bg, train_bg, is_target,
-                                      val_batch_size, seed, escape)
+            mixture = api._fit_escape(data.to("cpu"), screen, val_bg, train_bg, is_target, val_batch_size, seed, escape)
         api.module.metadata = {
             **({ESCAPE_METADATA: mixture.to_dict()} if mixture is not None else {}),
             **screen_metadata(screen, batch_key, categories),
@@ -229,14 +243,23 @@ class ContrastiveVI(ModelAPI):
         best = api.history.loc[api.history["best"], "val_loss"]
         logger.info(
             "Trained %d epochs (best %s, %.2f s/epoch); validation loss %.4g.",
-            len(history), history.best_epoch, float(np.mean(history.seconds)),
+            len(history),
+            history.best_epoch,
+            float(np.mean(history.seconds)),
             float(best.iloc[0]) if len(best) else float("nan"),
         )
         return api
 
     def _fit_escape(
-        self, data: CellData, screen: ad.AnnData, val_bg: np.ndarray, train_bg: np.ndarray, is_target: np.ndarray,
-        batch_size: int, seed: int, settings: Mapping[str, Any],
+        self,
+        data: CellData,
+        screen: ad.AnnData,
+        val_bg: np.ndarray,
+        train_bg: np.ndarray,
+        is_target: np.ndarray,
+        batch_size: int,
+        seed: int,
+        settings: Mapping[str, Any],
     ) -> EscapeMixture:
         """Fit the escape mixture on the trained model's salient codes (null: held-out controls)."""
         unknown = set(settings) - {"min_cells", "min_separation", "folds"}
@@ -250,21 +273,27 @@ class ContrastiveVI(ModelAPI):
             logger.warning(
                 "Only %d validation controls: the escape mixture's null uses the training controls, which the "
                 "model pulled to 0, so escapers may be called perturbed. Raise "
-                "data_processing.split.validation_fraction.", null.size,
+                "data_processing.split.validation_fraction.",
+                null.size,
             )
             null = np.concatenate([val_bg, train_bg])
         _, salient = self.module.embed(data, batch_size=batch_size)
         labels = screen.obs[PERTURBATION].astype(str).to_numpy()
         try:
-            mixture, _ = fit_escape_mixture(salient[is_target], labels[is_target], salient[null], seed=seed,
-                                            **{k: settings[k] for k in settings})
+            mixture, _ = fit_escape_mixture(
+                salient[is_target], labels[is_target], salient[null], seed=seed, **{k: settings[k] for k in settings}
+            )
         except (TypeError, ValueError) as err:
             raise ContrastiveModelError(f"contrastive_model.escape: {err}") from None
         called = sum(int(round(w * n)) for w, n in zip(mixture.weight, mixture.n_cells, strict=True))
         logger.info(
             "Escape mixture on %d perturbations (null: %d held-out controls): about %d of %d target cells "
-            "perturbed; %d perturbations call nobody.", len(mixture.perturbations), null.size, called,
-            int(is_target.sum()), int((mixture.weight == 0).sum()),
+            "perturbed; %d perturbations call nobody.",
+            len(mixture.perturbations),
+            null.size,
+            called,
+            int(is_target.sum()),
+            int((mixture.weight == 0).sum()),
         )
         return mixture
 
@@ -332,8 +361,11 @@ class ContrastiveVI(ModelAPI):
             keep = None
             if umap_max_cells is not None and out.n_obs > int(umap_max_cells):
                 keep = np.sort(np.random.default_rng(seed).choice(out.n_obs, int(umap_max_cells), replace=False))
-                logger.info("UMAPs of %s of the %s cells (contrastive_model.embedding.umap_max_cells).",
-                            f"{keep.size:,}", f"{out.n_obs:,}")
+                logger.info(
+                    "UMAPs of %s of the %s cells (contrastive_model.embedding.umap_max_cells).",
+                    f"{keep.size:,}",
+                    f"{out.n_obs:,}",
+                )
             for space, key in UMAP_KEYS.items():
                 if keep is None:
                     out.obsm[key] = _umap(out, f"X_{space}", n_neighbors, min_dist, seed)
@@ -346,7 +378,12 @@ class ContrastiveVI(ModelAPI):
         return out
 
     def salient_log_fold_change(
-        self, data: CellData, idx: np.ndarray, scale: float = 1e4, pseudocount: float = 0.01, batch_size: int = 1024,
+        self,
+        data: CellData,
+        idx: np.ndarray,
+        scale: float = 1e4,
+        pseudocount: float = 0.01,
+        batch_size: int = 1024,
         weights: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Per gene, what the salient code does to the decoded expression of cells ``idx``.

@@ -88,7 +88,10 @@ class CVAE(ModelAPI):
         )
         logger.info(
             "Training ConditionalVAE (%s likelihood) on %d cells (%d validation), %d perturbed genes.",
-            api.module.likelihood, int((~validation).sum()), int(validation.sum()), len(vocabulary),
+            api.module.likelihood,
+            int((~validation).sum()),
+            int(validation.sum()),
+            len(vocabulary),
         )
         api._fit(train_sampler, val_sampler, config)
         api.module.cpu()
@@ -140,9 +143,7 @@ class CVAE(ModelAPI):
         if not names or len(names) != model.n_genes:
             names = [f"gene_{i}" for i in range(model.n_genes)]
         labels = cells.labels
-        obs = pd.DataFrame(
-            {PERTURBATION: pd.Categorical(labels, categories=list(dict.fromkeys(labels))), "mode": mode}
-        )
+        obs = pd.DataFrame({PERTURBATION: pd.Categorical(labels, categories=list(dict.fromkeys(labels))), "mode": mode})
         if cells.source is not None:
             obs["source_cell"] = cells.source
         obs.index = [f"{mode}_{i}" for i in range(len(labels))]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -82,8 +83,9 @@ def align_counts(
     missing = [g for g, p in zip(genes, position) if p < 0]
     if missing and not fill_missing:
         shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        option = ("" if fill_missing is None else
-                  ", or pass fill_missing=True to treat them as zero counts (less accurate)")
+        option = (
+            "" if fill_missing is None else ", or pass fill_missing=True to treat them as zero counts (less accurate)"
+        )
         raise error(
             f"{len(missing)} of the model's {len(genes)} genes are missing from the screen: {shown}. "
             "The model reads cells by these genes (matched by name in var_names): give a screen that "
@@ -171,8 +173,7 @@ def model_cell_data(
     if is_on_disk(adata):  # its blocks stream to the model's device
         reader = AlignedRows(adata, genes, error, fill_missing)
         block = int((meta.get("train_config") or {}).get("stream_block_size") or 16384)
-        return StreamingCellData(reader, adata.n_obs, reader.n_genes, obs=obs, device=model.device,
-                                 block_size=block)
+        return StreamingCellData(reader, adata.n_obs, reader.n_genes, obs=obs, device=model.device, block_size=block)
     counts = raw_counts(adata, counts_layer, error, hint)
     if genes is not None:
         counts = align_counts(counts, adata.var_names, list(genes), error, fill_missing)
@@ -194,10 +195,12 @@ def training_cells(
     if is_on_disk(screen):
         logger.info(
             "The screen (%s cells) is read from disk: training streams its counts in blocks of %s cells.",
-            f"{screen.n_obs:,}", f"{block:,}",
+            f"{screen.n_obs:,}",
+            f"{block:,}",
         )
-        return StreamingCellData(screen.read_rows, screen.n_obs, screen.n_vars, obs=obs, device=device,
-                                 block_size=block)
+        return StreamingCellData(
+            screen.read_rows, screen.n_obs, screen.n_vars, obs=obs, device=device, block_size=block
+        )
     counts = raw_counts(screen, None, error, hint)
     need = counts.nnz * 16 + counts.shape[0] * 16  # device CSR: int64 index + value + lgamma, per-cell terms
     budget = config.memory_budget_gb
@@ -205,24 +208,29 @@ def training_cells(
         return CellData(counts, obs=obs, device=device)
     logger.info(
         "The counts would take %.2f GB on %s, above training.memory_budget_gb=%s: they stream to it in blocks "
-        "of %s cells.", need / 1e9, device, budget, f"{block:,}",
+        "of %s cells.",
+        need / 1e9,
+        device,
+        budget,
+        f"{block:,}",
     )
-    return StreamingCellData(RowsOf(counts), counts.shape[0], counts.shape[1], obs=obs, device=device,
-                             block_size=block)
+    return StreamingCellData(RowsOf(counts), counts.shape[0], counts.shape[1], obs=obs, device=device, block_size=block)
 
 
 class AlignedRows:
     """``read_rows`` of a screen read from disk, columns reordered to a model's genes."""
 
-    def __init__(self, screen: OnDiskScreen, genes: list[str] | None, error: type[ValueError],
-                 fill_missing: bool | None) -> None:
+    def __init__(
+        self, screen: OnDiskScreen, genes: list[str] | None, error: type[ValueError], fill_missing: bool | None
+    ) -> None:
         self.screen, self.error, self.fill_missing = screen, error, fill_missing
         same = genes is None or list(map(str, screen.var_names)) == list(genes)
         self.genes = None if same else list(genes)
         self.n_genes = screen.n_vars if self.genes is None else len(self.genes)
         if self.genes is not None:  # check the names once, on an empty block
-            align_counts(sp.csr_matrix((0, screen.n_vars), dtype=np.float32), screen.var_names, self.genes,
-                         error, fill_missing)
+            align_counts(
+                sp.csr_matrix((0, screen.n_vars), dtype=np.float32), screen.var_names, self.genes, error, fill_missing
+            )
 
     def __call__(self, start: int, stop: int) -> sp.csr_matrix:
         counts = self.screen.read_rows(start, stop)
@@ -231,7 +239,9 @@ class AlignedRows:
         return align_counts(counts, self.screen.var_names, self.genes, self.error, self.fill_missing)
 
 
-def model_kwargs(model_cls: type, params: Mapping[str, Any] | None, section: str, error: type[ValueError]) -> dict[str, Any]:
+def model_kwargs(
+    model_cls: type, params: Mapping[str, Any] | None, section: str, error: type[ValueError]
+) -> dict[str, Any]:
     """``params`` checked against ``model_cls``'s arguments (those set from the screen excluded)."""
     allowed = set(inspect.signature(model_cls.__init__).parameters) - {"self"} - DERIVED_MODEL_ARGS
     params = dict(params or {})

@@ -124,7 +124,10 @@ class LDVAE(ModelAPI):
             logger.warning("No validation cells: training %d epochs without early stopping.", config.max_epochs)
         logger.info(
             "Training the LDVAE (%d factors) on %d cells (%d for validation), %d genes.",
-            model.n_latent, train_idx.size, val_idx.size, data.n_genes,
+            model.n_latent,
+            train_idx.size,
+            val_idx.size,
+            data.n_genes,
         )
         with torch_threads(config.num_threads):  # also for orienting and scoring after training
             history = api._fit(train, val, config)
@@ -144,7 +147,10 @@ class LDVAE(ModelAPI):
         }
         logger.info(
             "Trained %d epochs (best %s, %.3f s/epoch); held-out reconstruction log-likelihood %.2f per cell.",
-            len(history), history.best_epoch, float(np.mean(history.seconds)), held_out,
+            len(history),
+            history.best_epoch,
+            float(np.mean(history.seconds)),
+            held_out,
         )
         return api
 

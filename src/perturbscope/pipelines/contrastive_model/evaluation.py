@@ -125,9 +125,7 @@ def _leiden(
     holder: ad.AnnData, n_clusters: int | None, resolution: float | None, seed: int, max_iterations: int = 20
 ) -> np.ndarray:
     def run(res: float) -> np.ndarray:
-        sc.tl.leiden(
-            holder, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed
-        )
+        sc.tl.leiden(holder, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
         return holder.obs["leiden"].to_numpy().astype(str)
 
     if resolution is not None:
@@ -202,51 +200,113 @@ def program_scores(
     }
 
 
-def _row(metric: str, key: str, space: str, value: float, chance: float = float("nan"),
-         n_cells: int = 0, n_classes: int = 0, note: str = "", cells: str = ALL_CELLS) -> dict[str, Any]:
-    return {"metric": metric, "key": key, "space": space, "value": value, "chance_level": chance,
-            "n_cells": n_cells, "n_classes": n_classes, "note": note, "cells": cells}
+def _row(
+    metric: str,
+    key: str,
+    space: str,
+    value: float,
+    chance: float = float("nan"),
+    n_cells: int = 0,
+    n_classes: int = 0,
+    note: str = "",
+    cells: str = ALL_CELLS,
+) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "key": key,
+        "space": space,
+        "value": value,
+        "chance_level": chance,
+        "n_cells": n_cells,
+        "n_classes": n_classes,
+        "note": note,
+        "cells": cells,
+    }
 
 
 def _program_rows(
-    adata: ad.AnnData, spaces: Mapping[str, str], mask: np.ndarray, annotation_key: str,
-    ignore_labels: Iterable[str], cells: str, score: Any,
+    adata: ad.AnnData,
+    spaces: Mapping[str, str],
+    mask: np.ndarray,
+    annotation_key: str,
+    ignore_labels: Iterable[str],
+    cells: str,
+    score: Any,
 ) -> list[dict[str, Any]]:
     """Program-score rows of every space over the annotated cells of ``mask``."""
     mask = mask & _usable_labels(adata.obs[annotation_key], ignore_labels)
     labels = adata.obs[annotation_key].astype(str).to_numpy()[mask]
     n_classes = len(np.unique(labels))
     if n_classes < 2:
-        note = (f"fewer than two annotated classes among {cells} cells in '{annotation_key}' "
-                f"(ignoring {sorted(set(ignore_labels))})")
+        note = (
+            f"fewer than two annotated classes among {cells} cells in '{annotation_key}' "
+            f"(ignoring {sorted(set(ignore_labels))})"
+        )
         logger.info("Program scores skipped: %s.", note)
-        return [_row("ari", annotation_key, "", float("nan"), n_cells=int(mask.sum()),
-                     n_classes=n_classes, note=note, cells=cells)]
+        return [
+            _row(
+                "ari",
+                annotation_key,
+                "",
+                float("nan"),
+                n_cells=int(mask.sum()),
+                n_classes=n_classes,
+                note=note,
+                cells=cells,
+            )
+        ]
     chance = chance_accuracy(labels)
     rows = []
     for space, obsm_key in spaces.items():
         for metric, value in score(adata.obsm[obsm_key][mask], labels).items():
-            rows.append(_row(metric, annotation_key, space, value,
-                             chance if metric == "knn_accuracy" else float("nan"),
-                             int(mask.sum()), n_classes, cells=cells))
+            rows.append(
+                _row(
+                    metric,
+                    annotation_key,
+                    space,
+                    value,
+                    chance if metric == "knn_accuracy" else float("nan"),
+                    int(mask.sum()),
+                    n_classes,
+                    cells=cells,
+                )
+            )
     return rows
 
 
-def _auroc_rows(adata: ad.AnnData, target_mask: np.ndarray, probability: np.ndarray | None,
-                responder_key: str | None) -> list[dict[str, Any]]:
+def _auroc_rows(
+    adata: ad.AnnData, target_mask: np.ndarray, probability: np.ndarray | None, responder_key: str | None
+) -> list[dict[str, Any]]:
     """AUROC of the escape probability for the target cells that truly responded (ground truth);
     cells without a probability (perturbations too rare to fit) are left out."""
     if probability is None or not responder_key:
         return []
     metric = "perturbed_probability_auroc"
     if responder_key not in adata.obs:
-        return [_row(metric, responder_key, "escape", float("nan"), note=f"obs has no column '{responder_key}'",
-                     cells="targets")]
+        return [
+            _row(
+                metric,
+                responder_key,
+                "escape",
+                float("nan"),
+                note=f"obs has no column '{responder_key}'",
+                cells="targets",
+            )
+        ]
     scored = target_mask & np.isfinite(np.asarray(probability, dtype=np.float64))
     truth = adata.obs[responder_key].to_numpy().astype(bool)[scored]
     if truth.all() or not truth.any():
-        return [_row(metric, responder_key, "escape", float("nan"), n_cells=int(scored.sum()),
-                     note=f"'{responder_key}' has a single value among scored target cells", cells="targets")]
+        return [
+            _row(
+                metric,
+                responder_key,
+                "escape",
+                float("nan"),
+                n_cells=int(scored.sum()),
+                note=f"'{responder_key}' has a single value among scored target cells",
+                cells="targets",
+            )
+        ]
     value = float(roc_auc_score(truth, np.asarray(probability)[scored]))
     return [_row(metric, responder_key, "escape", value, 0.5, int(scored.sum()), 2, cells="targets")]
 
@@ -316,6 +376,7 @@ def evaluate_spaces(
         logger.info("Program scores skipped: %s.", note)
         rows.append(_row("ari", annotation_key, "", float("nan"), note=note))
     else:
+
         def score(embedding: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             return program_scores(embedding, labels, resolution, n_neighbors, folds, max_cells, seed, leiden_runs)
 
@@ -336,8 +397,9 @@ def evaluate_spaces(
             usable = target_mask & _usable_labels(values, _MISSING)
             labels = values.astype(str).to_numpy()[usable]
             n_classes = len(np.unique(labels))
-            note = "" if n_classes >= 2 else (
-                f"'{key}' is unknown/missing or has a single category among perturbed cells")
+            note = (
+                "" if n_classes >= 2 else (f"'{key}' is unknown/missing or has a single category among perturbed cells")
+            )
         if note:
             logger.info("Confounder '%s' skipped: %s.", key, note)
             rows.append(_row("leakage_knn_accuracy", key, "", float("nan"), note=note))
@@ -347,8 +409,7 @@ def evaluate_spaces(
         chance = chance_accuracy(labels)
         for space, obsm_key in spaces.items():
             acc = knn_accuracy(adata.obsm[obsm_key][keep], labels, n_neighbors, folds, seed)
-            rows.append(_row("leakage_knn_accuracy", key, space, acc, chance, keep.size,
-                             len(np.unique(labels))))
+            rows.append(_row("leakage_knn_accuracy", key, space, acc, chance, keep.size, len(np.unique(labels))))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 

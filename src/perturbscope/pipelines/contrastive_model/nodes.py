@@ -59,11 +59,29 @@ __all__ = [
 
 PCA_KEY = "X_pca_baseline"
 """``obsm`` key of the PCA baseline of the evaluation."""
-SALIENT_GENE_COLUMNS = [PERTURBATION, "rank", "gene", "mean_log2fc", "direction", "fraction_same_direction",
-                        "mean_with_salient", "mean_without_salient", "n_cells", "n_called_perturbed"]
-ESCAPE_COLUMNS = [PERTURBATION, "n_cells", "n_called_perturbed", "fraction_called_perturbed",
-                  "mean_perturbed_probability", "median_perturbed_probability", "estimated_perturbed_share",
-                  "separation", "control_false_call_rate"]
+SALIENT_GENE_COLUMNS = [
+    PERTURBATION,
+    "rank",
+    "gene",
+    "mean_log2fc",
+    "direction",
+    "fraction_same_direction",
+    "mean_with_salient",
+    "mean_without_salient",
+    "n_cells",
+    "n_called_perturbed",
+]
+ESCAPE_COLUMNS = [
+    PERTURBATION,
+    "n_cells",
+    "n_called_perturbed",
+    "fraction_called_perturbed",
+    "mean_perturbed_probability",
+    "median_perturbed_probability",
+    "estimated_perturbed_share",
+    "separation",
+    "control_false_call_rate",
+]
 
 
 def train_contrastive_model(
@@ -87,8 +105,13 @@ def train_contrastive_model(
     mode, CPU) and the per-epoch history (``best`` marks the restored epoch).
     """
     api = ContrastiveVI.fit(
-        screen, model_params, training_params, shared_training=shared_training,
-        batch_key=ScreenSchema.from_params(schema_params or {}).batch_key, seed=seed, callback=callback,
+        screen,
+        model_params,
+        training_params,
+        shared_training=shared_training,
+        batch_key=ScreenSchema.from_params(schema_params or {}).batch_key,
+        seed=seed,
+        callback=callback,
         escape=escape_params,
     )
     return api.module, api.history
@@ -110,8 +133,13 @@ def embed_cells(
     params = dict(params or {})
     umap_max = params.get("umap_max_cells")
     out = embed_screen(
-        model, screen, batch_size=int(params.get("batch_size", 1024)), umap=bool(params.get("umap", True)),
-        n_neighbors=int(params.get("n_neighbors", 15)), min_dist=float(params.get("umap_min_dist", 0.5)), seed=seed,
+        model,
+        screen,
+        batch_size=int(params.get("batch_size", 1024)),
+        umap=bool(params.get("umap", True)),
+        n_neighbors=int(params.get("n_neighbors", 15)),
+        min_dist=float(params.get("umap_min_dist", 0.5)),
+        seed=seed,
         call_threshold=float(params.get("call_threshold", 0.5)),
         umap_max_cells=None if umap_max is None else int(umap_max),
     )
@@ -142,8 +170,11 @@ def _pca_on_disk(screen: OnDiskScreen, n_comps: int, max_cells: int, seed: int) 
     out = np.empty((screen.n_obs, n_comps), dtype=np.float32)
     for chunk in screen.chunks(x=True):
         out[chunk.start : chunk.stop] = np.asarray(chunk.x @ components.T) - offset
-    logger.info("PCA baseline fitted on %s of %s cells (contrastive_model.embedding.pca_max_cells).",
-                f"{int(pick.sum()):,}", f"{screen.n_obs:,}")
+    logger.info(
+        "PCA baseline fitted on %s of %s cells (contrastive_model.embedding.pca_max_cells).",
+        f"{int(pick.sum()):,}",
+        f"{screen.n_obs:,}",
+    )
     return out
 
 
@@ -185,10 +216,10 @@ def evaluate_embeddings(
         max_cells=params.get("max_cells", 20000),
         seed=seed,
         leiden_runs=params.get("leiden_runs", 1),
-        called_mask=(embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool)
-                     if CALLED_PERTURBED in embedded.obs else None),
-        probability=(embedded.obs[PERTURBED_PROBABILITY].to_numpy()
-                     if PERTURBED_PROBABILITY in embedded.obs else None),
+        called_mask=(
+            embedded.obs[CALLED_PERTURBED].to_numpy().astype(bool) if CALLED_PERTURBED in embedded.obs else None
+        ),
+        probability=(embedded.obs[PERTURBED_PROBABILITY].to_numpy() if PERTURBED_PROBABILITY in embedded.obs else None),
         responder_key=params.get("responder_key"),
     )
     for row in table.itertuples(index=False):
@@ -224,8 +255,11 @@ def rank_salient_genes(embedded: ad.AnnData, model: ContrastiveVAE, params: dict
     is_target = cell_groups(screen)[1]
     data = api.cell_data(screen)
     genes = np.asarray((model.metadata or {}).get("genes") or screen.var_names, dtype=object)
-    labels = (screen.obs[PERTURBATION].astype(str).to_numpy() if PERTURBATION in screen.obs
-              else np.full(screen.n_obs, "target"))
+    labels = (
+        screen.obs[PERTURBATION].astype(str).to_numpy()
+        if PERTURBATION in screen.obs
+        else np.full(screen.n_obs, "target")
+    )
     frames = []
     probability = None
     if PERTURBED_PROBABILITY in screen.obs:
@@ -237,12 +271,17 @@ def rank_salient_genes(embedded: ad.AnnData, model: ContrastiveVAE, params: dict
             continue
         weights = None if probability is None else probability[idx]
         shift = api.salient_log_fold_change(
-            data, idx, scale=float(params.get("scale", 1e4)), pseudocount=float(params.get("pseudocount", 0.01)),
-            batch_size=int(params.get("batch_size", 1024)), weights=weights,
+            data,
+            idx,
+            scale=float(params.get("scale", 1e4)),
+            pseudocount=float(params.get("pseudocount", 0.01)),
+            batch_size=int(params.get("batch_size", 1024)),
+            weights=weights,
         )
         n_called = idx.size if weights is None else int((weights > threshold).sum())
-        frame = pd.DataFrame({PERTURBATION: label, "gene": genes, **shift, "n_cells": idx.size,
-                              "n_called_perturbed": n_called})
+        frame = pd.DataFrame(
+            {PERTURBATION: label, "gene": genes, **shift, "n_cells": idx.size, "n_called_perturbed": n_called}
+        )
         frame = frame.reindex(frame["mean_log2fc"].abs().sort_values(ascending=False, kind="stable").index)
         frame.insert(1, "rank", np.arange(1, len(frame) + 1))
         frame.insert(4, "direction", np.where(frame["mean_log2fc"] >= 0, "up", "down"))
@@ -276,13 +315,23 @@ def escape_table(embedded: ad.AnnData, model: ContrastiveVAE) -> pd.DataFrame:
         p = probability[mask]
         fit = fits.get(label, {})
         fitted = bool(np.isfinite(p).any())
-        rows.append({PERTURBATION: label, "n_cells": int(mask.sum()), "n_called_perturbed": int(called[mask].sum()),
-                     "fraction_called_perturbed": float(called[mask].mean()),
-                     "mean_perturbed_probability": float(np.nanmean(p)) if fitted else np.nan,
-                     "median_perturbed_probability": float(np.nanmedian(p)) if fitted else np.nan,
-                     **{k: fit.get(k, np.nan) for k in ESCAPE_COLUMNS[6:]}})
+        rows.append(
+            {
+                PERTURBATION: label,
+                "n_cells": int(mask.sum()),
+                "n_called_perturbed": int(called[mask].sum()),
+                "fraction_called_perturbed": float(called[mask].mean()),
+                "mean_perturbed_probability": float(np.nanmean(p)) if fitted else np.nan,
+                "median_perturbed_probability": float(np.nanmedian(p)) if fitted else np.nan,
+                **{k: fit.get(k, np.nan) for k in ESCAPE_COLUMNS[6:]},
+            }
+        )
     table = pd.DataFrame(rows, columns=ESCAPE_COLUMNS)
-    logger.info("Escape mixture: %d of %d target cells called perturbed; %d of %d perturbations call nobody.",
-                int(table["n_called_perturbed"].sum()), int(table["n_cells"].sum()),
-                int((table["estimated_perturbed_share"] == 0).sum()), len(table))
+    logger.info(
+        "Escape mixture: %d of %d target cells called perturbed; %d of %d perturbations call nobody.",
+        int(table["n_called_perturbed"].sum()),
+        int(table["n_cells"].sum()),
+        int((table["estimated_perturbed_share"] == 0).sum()),
+        len(table),
+    )
     return table

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-# nodes that take a screen read from disk in blocks (perturbscope.ondisk.OnDiskScreen)
-STREAMS = ["streams"]
-
 from perturbscope import tracking
 from perturbscope.pipelines.contrastive_model import nodes
+
+# nodes that take a screen read from disk in blocks (perturbscope.ondisk.OnDiskScreen)
+STREAMS = ["streams"]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -68,7 +68,11 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.rank_salient_genes,
-                inputs=["contrastive_embedded_screen", "contrastive_model", "params:contrastive_model.salient_expression"],
+                inputs=[
+                    "contrastive_embedded_screen",
+                    "contrastive_model",
+                    "params:contrastive_model.salient_expression",
+                ],
                 outputs="contrastive_salient_genes",
                 name="rank_salient_genes",
                 tags=STREAMS,

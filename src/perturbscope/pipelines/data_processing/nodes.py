@@ -108,7 +108,10 @@ def score_cell_cycle(
         logger.warning(
             "Only %d S-phase and %d G2/M genes of the Tirosh list are in the screen "
             "(need %d each): cell-cycle phase is marked '%s'.",
-            len(s_present), len(g2m_present), minimum, UNKNOWN_PHASE,
+            len(s_present),
+            len(g2m_present),
+            minimum,
+            UNKNOWN_PHASE,
         )
         for column, values in out_of_core.unknown_phase(out.obs_names).items():
             out.obs[column] = values
@@ -120,7 +123,10 @@ def score_cell_cycle(
             out.obs[column] = values
     else:
         sc.tl.score_genes_cell_cycle(
-            out, s_genes=s_present, g2m_genes=g2m_present, n_bins=n_bins,
+            out,
+            s_genes=s_present,
+            g2m_genes=g2m_present,
+            n_bins=n_bins,
             random_state=int(seed),
         )
     out.obs[PHASE] = pd.Categorical(out.obs[PHASE])
@@ -160,8 +166,12 @@ def select_highly_variable_genes(
         out.uns["hvg"] = {"flavor": flavor}
         return out.subset(genes=out.var["highly_variable"].to_numpy())
     sc.pp.highly_variable_genes(
-        out, flavor=params.get("flavor", "seurat_v3"), n_top_genes=n_top, layer="counts",
-        batch_key=batch_key, span=float(params.get("span", 0.3)),
+        out,
+        flavor=params.get("flavor", "seurat_v3"),
+        n_top_genes=n_top,
+        layer="counts",
+        batch_key=batch_key,
+        span=float(params.get("span", 0.3)),
     )
     return out[:, out.var["highly_variable"].to_numpy()].copy()
 
@@ -189,9 +199,7 @@ def label_cells(
 
     fraction = float(split_params.get("validation_fraction", 0.1))
     if not 0.0 <= fraction < 1.0:
-        raise ScreenValidationError(
-            f"data_processing.split.validation_fraction must be in [0, 1), got {fraction}."
-        )
+        raise ScreenValidationError(f"data_processing.split.validation_fraction must be in [0, 1), got {fraction}.")
     rng = np.random.default_rng(int(seed))
     split = np.full(out.n_obs, "train", dtype=object)
     codes = labels.to_numpy()
@@ -227,31 +235,32 @@ def summarise_screen(
         n_perturbed_genes=(N_PERTURBED_GENES, "first"),
     )
     table = cells_raw.set_index(PERTURBATION).join(kept, how="left")
-    table[["cells_kept", "train", "validation"]] = (
-        table[["cells_kept", "train", "validation"]].fillna(0).astype(int)
-    )
+    table[["cells_kept", "train", "validation"]] = table[["cells_kept", "train", "validation"]].fillna(0).astype(int)
     table[IS_CONTROL] = table.index == CONTROL
     min_cells = next((s for s in qc_table["step"] if str(s).startswith("min_cells_per_perturbation=")), None)
     dropped = {
-        label for text in qc_table.get("perturbations_dropped", pd.Series(dtype=object)).fillna("")
-        for label in str(text).split(", ") if label
+        label
+        for text in qc_table.get("perturbations_dropped", pd.Series(dtype=object)).fillna("")
+        for label in str(text).split(", ")
+        if label
     }
     table["note"] = [
-        f"dropped: fewer cells than {min_cells} after QC" if label in dropped
+        f"dropped: fewer cells than {min_cells} after QC"
+        if label in dropped
         else ("removed by QC" if kept == 0 else "")
         for label, kept in zip(table.index, table["cells_kept"])
     ]
-    table = table.reset_index().sort_values(
-        [IS_CONTROL, "cells_kept"], ascending=[False, False]
-    ).reset_index(drop=True)
+    table = table.reset_index().sort_values([IS_CONTROL, "cells_kept"], ascending=[False, False]).reset_index(drop=True)
     last = qc_table.iloc[-1]
     hvg_row = pd.DataFrame(
-        [{
-            "step": "highly_variable_genes",
-            "cells_removed": 0,
-            "genes_removed": int(last["genes_left"]) - processed.n_vars,
-            "cells_left": processed.n_obs,
-            "genes_left": processed.n_vars,
-        }]
+        [
+            {
+                "step": "highly_variable_genes",
+                "cells_removed": 0,
+                "genes_removed": int(last["genes_left"]) - processed.n_vars,
+                "cells_left": processed.n_obs,
+                "genes_left": processed.n_vars,
+            }
+        ]
     )
     return table, pd.concat([qc_table, hvg_row], ignore_index=True)

@@ -58,8 +58,14 @@ def quality_masks(
                     keep &= 100.0 * total_mt[rows] / total[rows] <= 100.0 * float(max_mito)
         pass_genes[rows] = keep
         gene_cells += np.bincount(counts[keep].indices, minlength=screen.n_vars)
-    return {"n_genes": n_genes, "total_counts": total, "total_counts_mt": total_mt,
-            "cells_kept": pass_genes, "gene_cells": gene_cells, "genes_kept": gene_cells >= min_cells}
+    return {
+        "n_genes": n_genes,
+        "total_counts": total,
+        "total_counts_mt": total_mt,
+        "cells_kept": pass_genes,
+        "gene_cells": gene_cells,
+        "genes_kept": gene_cells >= min_cells,
+    }
 
 
 def library_sizes(screen: OnDiskScreen) -> np.ndarray:
@@ -83,7 +89,7 @@ def _control_genes(means: pd.Series, genes: list[str], ctrl_size: int, n_bins: i
     """scanpy's ``score_genes`` choice of control genes: genes binned by mean expression,
     ``ctrl_size`` drawn from each bin a scored gene falls in (numpy's global generator seeded
     with ``seed``, as scanpy does), the scored genes left out."""
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - scanpy's own draw, reproduced exactly
     means = means[np.isfinite(means)]
     n_items = int(np.round(len(means) / (n_bins - 1)))
     cut = means.rank(method="min") // n_items
@@ -125,8 +131,9 @@ def score_cell_cycle_on_disk(
 
 def unknown_phase(index: pd.Index) -> pd.DataFrame:
     """The phase columns when the screen lacks the cell-cycle genes."""
-    return pd.DataFrame({"S_score": np.nan, "G2M_score": np.nan,
-                         PHASE: pd.Categorical([UNKNOWN_PHASE] * len(index))}, index=index)
+    return pd.DataFrame(
+        {"S_score": np.nan, "G2M_score": np.nan, PHASE: pd.Categorical([UNKNOWN_PHASE] * len(index))}, index=index
+    )
 
 
 # ---------------------------------------------------------------------------- HVG
@@ -140,8 +147,11 @@ def seurat_v3_on_disk(screen: OnDiskScreen, n_top_genes: int, span: float, batch
     """
     from skmisc.loess import loess
 
-    codes, categories = (np.zeros(screen.n_obs, dtype=np.int64), [0]) if batch is None else (
-        pd.factorize(np.asarray(batch), sort=True)[0], sorted(pd.unique(np.asarray(batch))))
+    codes, categories = (
+        (np.zeros(screen.n_obs, dtype=np.int64), [0])
+        if batch is None
+        else (pd.factorize(np.asarray(batch), sort=True)[0], sorted(pd.unique(np.asarray(batch))))
+    )
     n_b, n_g = len(categories), screen.n_vars
     sums, squares = np.zeros((n_b, n_g)), np.zeros((n_b, n_g))
     n_cells = np.bincount(codes, minlength=n_b).astype(np.float64)
@@ -181,14 +191,19 @@ def seurat_v3_on_disk(screen: OnDiskScreen, n_top_genes: int, span: float, batch
     all_means = all_sums / all_n
     all_var = (squares.sum(axis=0) / all_n - all_means**2) * (all_n / max(all_n - 1, 1))
     table = pd.DataFrame(
-        {"highly_variable_rank": median_rank, "means": all_means, "variances": all_var,
-         "variances_norm": norm_var.mean(axis=0), "highly_variable_nbatches": n_batches_variable},
+        {
+            "highly_variable_rank": median_rank,
+            "means": all_means,
+            "variances": all_var,
+            "variances_norm": norm_var.mean(axis=0),
+            "highly_variable_nbatches": n_batches_variable,
+        },
         index=screen.var_names,
     )
-    order = table.sort_values(["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False],
-                              na_position="last").index
+    order = table.sort_values(
+        ["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last"
+    ).index
     table["highly_variable"] = table.index.isin(order[: int(n_top_genes)])
     if batch is None:
         table = table.drop(columns="highly_variable_nbatches")
     return table
-

@@ -44,8 +44,9 @@ class _Steps:
         self.rows: list[dict[str, Any]] = [{"step": "input", "cells_removed": 0, "genes_removed": 0}]
         self.max_removed = _guard(qc_params, "max_fraction_removed_per_step")
 
-    def record(self, step: str, before: tuple[int, int], after: tuple[int, int], guarded: bool = True,
-               **extra: Any) -> None:
+    def record(
+        self, step: str, before: tuple[int, int], after: tuple[int, int], guarded: bool = True, **extra: Any
+    ) -> None:
         n_cells, removed = before[0], before[0] - after[0]
         self.rows.append({"step": step, "cells_removed": removed, "genes_removed": before[1] - after[1], **extra})
         if guarded and self.max_removed is not None and n_cells and removed > float(self.max_removed) * n_cells:
@@ -62,14 +63,16 @@ class _Steps:
         min_cells, min_genes = _guard(qc_params, "min_cells_after_qc"), _guard(qc_params, "min_genes_after_qc")
         if left[0] < int(min_cells or 1) or left[1] < int(min_genes or 1):
             which = (
-                f"data_processing.qc.min_cells_after_qc={min_cells}" if left[0] < int(min_cells or 1)
+                f"data_processing.qc.min_cells_after_qc={min_cells}"
+                if left[0] < int(min_cells or 1)
                 else f"data_processing.qc.min_genes_after_qc={min_genes}"
             )
             raise ScreenValidationError(
                 f"Only {left[0]:,} cells x {left[1]:,} genes are left after QC (of {before[0]:,} x "
                 f"{before[1]:,}), fewer than {which}: too little to model. The steps removed: "
-                + "; ".join(f"{r['step']}: {r['cells_removed']:,} cells, {r['genes_removed']:,} genes"
-                            for r in self.rows[1:])
+                + "; ".join(
+                    f"{r['step']}: {r['cells_removed']:,} cells, {r['genes_removed']:,} genes" for r in self.rows[1:]
+                )
                 + ". Relax those thresholds in data_processing.qc, or check that X holds the whole "
                 "count matrix."
             )
@@ -141,7 +144,9 @@ def quality_control(
         out._inplace_subset_obs(keep)
         steps.record(f"max_mito_fraction={max_mito}", before, out.shape)
     else:
-        steps.rows.append({"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0})
+        steps.rows.append(
+            {"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0}
+        )
 
     before = out.shape
     sc.pp.filter_genes(out, min_cells=int(qc_params["min_cells_per_gene"]))
@@ -155,8 +160,13 @@ def quality_control(
         out._inplace_subset_obs(~out.obs[PERTURBATION].astype(str).isin(dropped).to_numpy())
         out.obs[PERTURBATION] = out.obs[PERTURBATION].cat.remove_unused_categories()
     # not guarded by max_fraction_removed_per_step: a screen of only thin perturbations gets its own error
-    steps.record(f"min_cells_per_perturbation={min_per_perturbation}", before, out.shape, guarded=False,
-                 perturbations_dropped=", ".join(dropped))
+    steps.record(
+        f"min_cells_per_perturbation={min_per_perturbation}",
+        before,
+        out.shape,
+        guarded=False,
+        perturbations_dropped=", ".join(dropped),
+    )
     _check_perturbations_left(out.obs, dropped, min_per_perturbation)
     out.obs["total_counts"] = np.asarray(out.X.sum(axis=1)).ravel()
     return out, steps.table(*adata.shape)
@@ -172,8 +182,9 @@ def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) ->
     mito = _mito_genes(screen.var_names, qc_params)
     max_mito = qc_params.get("max_mito_fraction")
     use_mito = bool(mito.any()) and max_mito is not None
-    stats = out_of_core.quality_masks(screen, min_genes, mito if mito.any() else None,
-                                      max_mito if use_mito else None, min_cells)
+    stats = out_of_core.quality_masks(
+        screen, min_genes, mito if mito.any() else None, max_mito if use_mito else None, min_cells
+    )
     enough_genes = stats["n_genes"] >= min_genes
     n0, g0 = screen.shape
     steps.record(f"min_genes_per_cell={min_genes}", (n0, g0), (int(enough_genes.sum()), g0))
@@ -181,7 +192,9 @@ def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) ->
     if use_mito:
         steps.record(f"max_mito_fraction={max_mito}", (int(enough_genes.sum()), g0), (int(cells.sum()), g0))
     else:
-        steps.rows.append({"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0})
+        steps.rows.append(
+            {"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0}
+        )
     genes = stats["genes_kept"]
     left = (int(cells.sum()), int(genes.sum()))
     steps.record(f"min_cells_per_gene={min_cells}", (left[0], g0), left)
@@ -203,8 +216,13 @@ def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) ->
     if dropped:
         out = out.subset(cells=~out.obs[PERTURBATION].astype(str).isin(dropped).to_numpy())
         out.obs[PERTURBATION] = out.obs[PERTURBATION].cat.remove_unused_categories()
-    steps.record(f"min_cells_per_perturbation={min_per_perturbation}", before, out.shape, guarded=False,
-                 perturbations_dropped=", ".join(dropped))
+    steps.record(
+        f"min_cells_per_perturbation={min_per_perturbation}",
+        before,
+        out.shape,
+        guarded=False,
+        perturbations_dropped=", ".join(dropped),
+    )
     _check_perturbations_left(out.obs, dropped, min_per_perturbation)
     out.obs["total_counts"] = out_of_core.library_sizes(out).astype(np.float32)  # as X.sum(axis=1)
     return out, steps.table(*screen.shape)
@@ -222,6 +240,9 @@ def _thin_perturbations(adata: ad.AnnData, min_cells: int | None) -> list[str]:
         logger.warning(
             "Dropping %d perturbation(s) with fewer than %d cells after QC "
             "(data_processing.qc.min_cells_per_perturbation): %s%s.",
-            len(thin), int(min_cells), shown, " ..." if len(thin) > 20 else "",
+            len(thin),
+            int(min_cells),
+            shown,
+            " ..." if len(thin) > 20 else "",
         )
     return sorted(thin.index)

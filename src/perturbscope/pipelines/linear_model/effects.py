@@ -60,9 +60,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q
 
 
-def welch(
-    x: np.ndarray, y: np.ndarray, confidence: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def welch(x: np.ndarray, y: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-column Welch t-test of ``x - y`` (scipy): (diff, CI half-width, p, se); NaN below 2 cells.
 
     A column without variance in either group has p = 1 when the means agree and 0 otherwise.

@@ -70,9 +70,13 @@ def train_linear_model(
     per-epoch history (``best`` marks the restored epoch).
     """
     api = LDVAE.fit(
-        screen, model_params, training_params, shared_training=shared_training,
+        screen,
+        model_params,
+        training_params,
+        shared_training=shared_training,
         rotation=(factor_params or {}).get("rotation", "promax"),
-        batch_key=ScreenSchema.from_params(schema_params or {}).batch_key, seed=seed,
+        batch_key=ScreenSchema.from_params(schema_params or {}).batch_key,
+        seed=seed,
     )
     return api.module, api.history
 

@@ -36,8 +36,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["DE_COLUMNS", "DESEQ2", "WILCOXON", "pseudobulk", "pseudobulk_deseq2", "wilcoxon"]
 
 DESEQ2, WILCOXON = "pseudobulk_deseq2", "wilcoxon"
-DE_COLUMNS = [PERTURBATION, "gene", "method", "log2_fold_change", "p_value", "q_value", "base_mean",
-              "n_cells", "n_control", "n_replicates"]
+DE_COLUMNS = [
+    PERTURBATION,
+    "gene",
+    "method",
+    "log2_fold_change",
+    "p_value",
+    "q_value",
+    "base_mean",
+    "n_cells",
+    "n_control",
+    "n_replicates",
+]
 
 
 def screen_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +88,7 @@ def pseudobulk(
     ``condition`` is the perturbation label or ``control``; ``replicate`` is the batch
     (with ``batch_key``) or a random pseudo-replicate (``rep1`` ...) of the cells.
     """
-    counts = screen.layers[COUNTS_LAYER] if COUNTS_LAYER in screen.layers else screen.X
+    counts = screen.layers.get(COUNTS_LAYER, screen.X)
     counts = sp.csr_matrix(counts)
     labels, is_control = screen_groups(screen)
     condition = np.where(is_control, CONTROL, labels)
@@ -100,8 +110,7 @@ def pseudobulk(
         names.append(f"{cond}|{rep}")
         meta.append({"condition": cond, "replicate": rep, "n_cells": idx.size})
         sums.append(np.asarray(counts[rows[idx]].sum(0)).ravel())
-    matrix = pd.DataFrame(np.rint(np.vstack(sums)).astype(np.int64), index=names,
-                          columns=screen.var_names.astype(str))
+    matrix = pd.DataFrame(np.rint(np.vstack(sums)).astype(np.int64), index=names, columns=screen.var_names.astype(str))
     return matrix, pd.DataFrame(meta, index=names)
 
 
@@ -129,8 +138,14 @@ def pseudobulk_deseq2(
     inference = DefaultInference(n_cpus=n_cpus)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dds = DeseqDataSet(counts=counts[keep_genes], metadata=meta[["level", "replicate"]], design=design,
-                           refit_cooks=True, inference=inference, quiet=True)
+        dds = DeseqDataSet(
+            counts=counts[keep_genes],
+            metadata=meta[["level", "replicate"]],
+            design=design,
+            refit_cooks=True,
+            inference=inference,
+            quiet=True,
+        )
         dds.deseq2()
     n_control = int(meta.loc[meta["condition"] == CONTROL, "n_cells"].sum())
     frames = []
@@ -141,18 +156,22 @@ def pseudobulk_deseq2(
             stats.summary()
         res = stats.results_df
         mine = meta["condition"] == label
-        frames.append(pd.DataFrame({
-            PERTURBATION: label,
-            "gene": res.index.astype(str),
-            "method": DESEQ2,
-            "log2_fold_change": res["log2FoldChange"].to_numpy(),
-            "p_value": res["pvalue"].to_numpy(),
-            "q_value": res["padj"].to_numpy(),
-            "base_mean": res["baseMean"].to_numpy(),
-            "n_cells": int(meta.loc[mine, "n_cells"].sum()),
-            "n_control": n_control,
-            "n_replicates": int(mine.sum()),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    PERTURBATION: label,
+                    "gene": res.index.astype(str),
+                    "method": DESEQ2,
+                    "log2_fold_change": res["log2FoldChange"].to_numpy(),
+                    "p_value": res["pvalue"].to_numpy(),
+                    "q_value": res["padj"].to_numpy(),
+                    "base_mean": res["baseMean"].to_numpy(),
+                    "n_cells": int(meta.loc[mine, "n_cells"].sum()),
+                    "n_control": n_control,
+                    "n_replicates": int(mine.sum()),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)[DE_COLUMNS]
 
 
@@ -166,26 +185,39 @@ def wilcoxon(screen: ad.AnnData, perturbations: list[str], max_cells: int | None
     labels, is_control = screen_groups(screen)
     group = np.where(is_control, CONTROL, labels)
     rng = np.random.default_rng(seed)
-    idx = np.sort(np.concatenate([subsample(np.flatnonzero(group == name), max_cells, rng)
-                                  for name in [CONTROL, *perturbations]]))
-    cells = ad.AnnData(X=screen.X[idx], obs=pd.DataFrame({"group": pd.Categorical(group[idx])},
-                                                         index=screen.obs_names[idx]),
-                       var=pd.DataFrame(index=screen.var_names.astype(str)))
-    sc.tl.rank_genes_groups(cells, "group", groups=perturbations, reference=CONTROL, method="wilcoxon",
-                            corr_method="benjamini-hochberg", use_raw=False, key_added="de")
+    idx = np.sort(
+        np.concatenate([subsample(np.flatnonzero(group == name), max_cells, rng) for name in [CONTROL, *perturbations]])
+    )
+    cells = ad.AnnData(
+        X=screen.X[idx],
+        obs=pd.DataFrame({"group": pd.Categorical(group[idx])}, index=screen.obs_names[idx]),
+        var=pd.DataFrame(index=screen.var_names.astype(str)),
+    )
+    sc.tl.rank_genes_groups(
+        cells,
+        "group",
+        groups=perturbations,
+        reference=CONTROL,
+        method="wilcoxon",
+        corr_method="benjamini-hochberg",
+        use_raw=False,
+        key_added="de",
+    )
     table = sc.get.rank_genes_groups_df(cells, group=perturbations, key="de")
     sizes = pd.Series(group[idx]).value_counts()
     control = cells.X[(cells.obs["group"] == CONTROL).to_numpy()]
     control_mean = pd.Series(np.asarray(control.mean(0)).ravel(), index=cells.var_names)
-    return pd.DataFrame({
-        PERTURBATION: table["group"].astype(str).to_numpy(),
-        "gene": table["names"].astype(str).to_numpy(),
-        "method": WILCOXON,
-        "log2_fold_change": table["logfoldchanges"].to_numpy(),
-        "p_value": table["pvals"].to_numpy(),
-        "q_value": table["pvals_adj"].to_numpy(),
-        "base_mean": control_mean.reindex(table["names"].astype(str)).to_numpy(),
-        "n_cells": table["group"].astype(str).map(sizes).to_numpy(),
-        "n_control": int(sizes.get(CONTROL, 0)),
-        "n_replicates": np.nan,
-    })[DE_COLUMNS]
+    return pd.DataFrame(
+        {
+            PERTURBATION: table["group"].astype(str).to_numpy(),
+            "gene": table["names"].astype(str).to_numpy(),
+            "method": WILCOXON,
+            "log2_fold_change": table["logfoldchanges"].to_numpy(),
+            "p_value": table["pvals"].to_numpy(),
+            "q_value": table["pvals_adj"].to_numpy(),
+            "base_mean": control_mean.reindex(table["names"].astype(str)).to_numpy(),
+            "n_cells": table["group"].astype(str).map(sizes).to_numpy(),
+            "n_control": int(sizes.get(CONTROL, 0)),
+            "n_replicates": np.nan,
+        }
+    )[DE_COLUMNS]

@@ -22,18 +22,18 @@ import anndata as ad
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scanpy as sc  # noqa: E402
-from scipy import stats  # noqa: E402
-from statsmodels.stats.multitest import multipletests  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
-from perturbscope.schema import PERTURBATION, UNPERTURBED, ScreenSchema  # noqa: E402
-from perturbscope.tracking import metric_name  # noqa: E402
+from perturbscope.schema import PERTURBATION, UNPERTURBED, ScreenSchema
+from perturbscope.tracking import metric_name
 
-from . import de  # noqa: E402
-from .energy import DISTANCES, energy_test  # noqa: E402
+from . import de
+from .energy import DISTANCES, energy_test
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,27 @@ __all__ = [
     "run_effect_tests",
 ]
 
-EFFECT_TEST_COLUMNS = [PERTURBATION, "n_cells", "n_cells_tested", "n_control_tested", "energy_distance",
-                       "p_value", "q_value", "significant", "distance", "n_pcs", "n_permutations"]
-AGREEMENT_COLUMNS = [PERTURBATION, "method", "n_genes", "spearman", "fraction_significant_same_direction",
-                     "n_significant_de_genes"]
+EFFECT_TEST_COLUMNS = [
+    PERTURBATION,
+    "n_cells",
+    "n_cells_tested",
+    "n_control_tested",
+    "energy_distance",
+    "p_value",
+    "q_value",
+    "significant",
+    "distance",
+    "n_pcs",
+    "n_permutations",
+]
+AGREEMENT_COLUMNS = [
+    PERTURBATION,
+    "method",
+    "n_genes",
+    "spearman",
+    "fraction_significant_same_direction",
+    "n_significant_de_genes",
+]
 
 
 class PerturbationEffectsError(ValueError):
@@ -108,8 +125,11 @@ def run_effect_tests(screen: ad.AnnData, params: dict[str, Any], seed: int) -> p
     sizes = pd.Series(labels[~is_control & (labels != UNPERTURBED)]).value_counts()
     tested = sorted(sizes.index[sizes >= min_cells].astype(str))
     if len(sizes) > len(tested):
-        logger.info("Effect test: %d perturbations with fewer than %d cells are not tested.",
-                    len(sizes) - len(tested), min_cells)
+        logger.info(
+            "Effect test: %d perturbations with fewer than %d cells are not tested.",
+            len(sizes) - len(tested),
+            min_cells,
+        )
     if not tested or controls.size < 2:
         return pd.DataFrame(columns=EFFECT_TEST_COLUMNS)
     members = {label: de.subsample(np.flatnonzero(labels == label), max_cells, rng) for label in tested}
@@ -122,15 +142,27 @@ def run_effect_tests(screen: ad.AnnData, params: dict[str, Any], seed: int) -> p
     for i, label in enumerate(tested):
         mine = pcs[[position[c] for c in members[label]]]
         e, p = energy_test(mine, control_pcs, n_permutations=n_perm, distance=distance, seed=seed + i)
-        rows.append({PERTURBATION: label, "n_cells": int(sizes[label]), "n_cells_tested": len(mine),
-                     "n_control_tested": controls.size, "energy_distance": e, "p_value": p})
+        rows.append(
+            {
+                PERTURBATION: label,
+                "n_cells": int(sizes[label]),
+                "n_cells_tested": len(mine),
+                "n_control_tested": controls.size,
+                "energy_distance": e,
+                "p_value": p,
+            }
+        )
     table = pd.DataFrame(rows)
     table["q_value"] = multipletests(table["p_value"].to_numpy(), method="fdr_bh")[1]
     table["significant"] = table["q_value"] < alpha
     table["distance"], table["n_pcs"], table["n_permutations"] = distance, n_comps, n_perm
     table = table.sort_values(["q_value", "energy_distance"], ascending=[True, False], kind="stable")
-    logger.info("Effect test: %d of %d perturbations differ from the controls (q < %g).",
-                int(table["significant"].sum()), len(table), alpha)
+    logger.info(
+        "Effect test: %d of %d perturbations differ from the controls (q < %g).",
+        int(table["significant"].sum()),
+        len(table),
+        alpha,
+    )
     return table[EFFECT_TEST_COLUMNS].reset_index(drop=True)
 
 
@@ -192,16 +224,16 @@ def differential_expression(
     frames = []
     if de.DESEQ2 in methods:
         n_rep = _positive_int(params, "n_pseudo_replicates", "differential_expression", 2)
-        frames.append(de.pseudobulk_deseq2(screen, tested, n_rep, batch_key, seed,
-                                           n_cpus=int(params.get("n_cpus", 1))))
+        frames.append(de.pseudobulk_deseq2(screen, tested, n_rep, batch_key, seed, n_cpus=int(params.get("n_cpus", 1))))
     if de.WILCOXON in methods:
         frames.append(de.wilcoxon(screen, tested, params.get("wilcoxon_max_cells"), seed))
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=de.DE_COLUMNS)
     table = pd.concat(frames, ignore_index=True)
-    logger.info("Differential expression: %d perturbations x %d genes, methods %s.",
-                len(tested), screen.n_vars, methods)
+    logger.info(
+        "Differential expression: %d perturbations x %d genes, methods %s.", len(tested), screen.n_vars, methods
+    )
     return table
 
 
@@ -226,11 +258,21 @@ def compare_with_salient_genes(
         if merged.empty:
             continue
         ok = merged["log2_fold_change"].notna()
-        rho = (stats.spearmanr(merged.loc[ok, "mean_log2fc"], merged.loc[ok, "log2_fold_change"]).statistic
-               if ok.sum() > 2 else np.nan)
+        rho = (
+            stats.spearmanr(merged.loc[ok, "mean_log2fc"], merged.loc[ok, "log2_fold_change"]).statistic
+            if ok.sum() > 2
+            else np.nan
+        )
         same = np.sign(merged["mean_log2fc"]) == np.sign(merged["log2_fold_change"])
         hit = (merged["q_value"] < alpha) & same
-        rows.append({PERTURBATION: label, "method": method, "n_genes": len(merged), "spearman": rho,
-                     "fraction_significant_same_direction": float(hit.mean()),
-                     "n_significant_de_genes": int((group["q_value"] < alpha).sum())})
+        rows.append(
+            {
+                PERTURBATION: label,
+                "method": method,
+                "n_genes": len(merged),
+                "spearman": rho,
+                "fraction_significant_same_direction": float(hit.mean()),
+                "n_significant_de_genes": int((group["q_value"] < alpha).sum()),
+            }
+        )
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .splits import training_mask
-
 from perturbscope.schema import IS_CONTROL, PERTURBATION, PERTURBED_GENES
+
+from .splits import training_mask
 
 __all__ = ["BASELINES", "column_mean", "baseline_means", "baseline_cells"]
 

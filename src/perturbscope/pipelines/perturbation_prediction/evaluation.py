@@ -97,7 +97,13 @@ def top_de_genes(
     with warnings.catch_warnings():  # scanpy builds its result frame column by column
         warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
         sc.tl.rank_genes_groups(
-            view, "group", groups=valid, reference="control", method=method, n_genes=n_top, rankby_abs=True,
+            view,
+            "group",
+            groups=valid,
+            reference="control",
+            method=method,
+            n_genes=n_top,
+            rankby_abs=True,
         )
     position = {g: i for i, g in enumerate(view.var_names)}
     names = view.uns["rank_genes_groups"]["names"]
@@ -173,9 +179,16 @@ def score_split(
             if (method, label) not in groups:
                 continue
             sel, preds = groups[(method, label)]
-            p = mean_of((preds.layers["expected"] if "expected" in preds.layers else preds.X)[sel])
+            p = mean_of((preds.layers.get("expected", preds.X))[sel])
             scores = score_perturbation(
-                p, t, c, m, de[label], top_k, pred_pcs=project(pca, preds.X[subsample(sel)]), true_pcs=true_pcs,
+                p,
+                t,
+                c,
+                m,
+                de[label],
+                top_k,
+                pred_pcs=project(pca, preds.X[subsample(sel)]),
+                true_pcs=true_pcs,
                 expressed_genes=expressed,
             )
             rows.append(
@@ -213,9 +226,15 @@ def summarise(tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFra
     scored = [t for t in tables.values() if len(t)]
     skipped = pd.DataFrame(
         [
-            {"evaluation": name, "method": "", "status": "not applicable",
-             "reason": NOT_APPLICABLE.get(name, "no test cells"), "n_perturbations": 0}
-            for name, table in tables.items() if not len(table)
+            {
+                "evaluation": name,
+                "method": "",
+                "status": "not applicable",
+                "reason": NOT_APPLICABLE.get(name, "no test cells"),
+                "n_perturbations": 0,
+            }
+            for name, table in tables.items()
+            if not len(table)
         ],
         columns=["evaluation", "method", "status", "reason", "n_perturbations"],
     )
@@ -240,6 +259,7 @@ def summarise(tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFra
             value = row[f"{score}_mean"]
             if pd.notna(value):
                 mlflow_metrics[f"{row['evaluation']}.{row['method']}.{score}"] = {
-                    "value": float(value), "step": 0,
+                    "value": float(value),
+                    "step": 0,
                 }
     return metrics, summary, mlflow_metrics

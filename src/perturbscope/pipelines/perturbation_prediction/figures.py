@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perturbscope.schema import PERTURBATION
+
 from .evaluation import dense as _dense
 from .evaluation import mean_of as _mean
 from .metrics import pearson_delta
 from .splits import reference_mask
-
-from perturbscope.schema import PERTURBATION
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "perturbation_figure", "perturbation_figures", "summary_figure"]
 
@@ -98,7 +98,11 @@ def perturbation_figure(
         dp = _mean(predicted[method]) - c
         r = pearson_delta(_mean(predicted[method]), t, c)
         ax_scatter.scatter(
-            t - c, dp, s=10, alpha=0.7, color=METHOD_COLORS.get(method, "k"),
+            t - c,
+            dp,
+            s=10,
+            alpha=0.7,
+            color=METHOD_COLORS.get(method, "k"),
             label=f"{METHOD_LABELS.get(method, method)} (r = {r:.2f})",
         )
         lim = [min(lim[0], dp.min()), max(lim[1], dp.max())]
@@ -117,8 +121,11 @@ def perturbation_figure(
         row = metrics.loc[metrics["method"] == method].iloc[0]
         values = [row.get(f"jaccard_top{k}", np.nan) for k in top_k]
         ax_j.bar(
-            np.arange(len(top_k)) + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(values), width,
-            color=METHOD_COLORS.get(method, "k"), label=METHOD_LABELS.get(method, method),
+            np.arange(len(top_k)) + (i - (len(methods) - 1) / 2) * width,
+            np.nan_to_num(values),
+            width,
+            color=METHOD_COLORS.get(method, "k"),
+            label=METHOD_LABELS.get(method, method),
         )
     ax_j.set_xticks(np.arange(len(top_k)), [f"K = {k}" for k in top_k])
     ax_j.set_ylim(0, 1)
@@ -137,8 +144,14 @@ def perturbation_figure(
     ax_pca.scatter(ctrl[:, 0], ctrl[:, 1], s=6, color="0.8", label="reference control cells")
     if primary in predicted:
         pr = pcs(predicted[primary])
-        ax_pca.scatter(pr[:, 0], pr[:, 1], s=8, alpha=0.6, color=METHOD_COLORS.get(primary, "r"),
-                       label=f"predicted: {METHOD_LABELS.get(primary, primary)}")
+        ax_pca.scatter(
+            pr[:, 0],
+            pr[:, 1],
+            s=8,
+            alpha=0.6,
+            color=METHOD_COLORS.get(primary, "r"),
+            label=f"predicted: {METHOD_LABELS.get(primary, primary)}",
+        )
     tr = pcs(true_cells)
     ax_pca.scatter(tr[:, 0], tr[:, 1], s=10, color="k", label="true held-out cells")
     ax_pca.set_xlabel("PC1")
@@ -230,8 +243,17 @@ def summary_figure(metrics: pd.DataFrame, params: dict[str, Any]) -> Figure:
                     continue
                 color = METHOD_COLORS.get(method, "k")
                 ax.scatter(x + rng.uniform(-0.15, 0.15, values.size), values, s=8, alpha=0.5, color=color)
-                ax.errorbar(x, values.mean(), yerr=values.std(ddof=1) if values.size > 1 else 0,
-                            fmt="o", color=color, ecolor="k", capsize=3, markersize=7, markeredgecolor="k")
+                ax.errorbar(
+                    x,
+                    values.mean(),
+                    yerr=values.std(ddof=1) if values.size > 1 else 0,
+                    fmt="o",
+                    color=color,
+                    ecolor="k",
+                    capsize=3,
+                    markersize=7,
+                    markeredgecolor="k",
+                )
             ax.set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], rotation=45, ha="right", fontsize=7)
             ax.set_title(SCORE_LABELS.get(score, score), fontsize=9)
             if j == 0:

@@ -15,7 +15,8 @@ against control, and the perturbed-mean baseline against ``m``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.spatial.distance import cdist

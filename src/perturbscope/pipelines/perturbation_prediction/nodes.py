@@ -74,7 +74,9 @@ def make_prediction_split(
     counts = split.groupby("role", observed=False).size().to_dict()
     logger.info(
         "Split %s: %s; %d test perturbation(s).",
-        split_params.get("kind"), counts, len(perturbations_with_test_cells(split)),
+        split_params.get("kind"),
+        counts,
+        len(perturbations_with_test_cells(split)),
     )
     return split.reset_index()
 
@@ -121,8 +123,15 @@ def train_cvae(
         api.history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "best"])
     else:
         api = CVAE.fit(
-            train_cells, split["role"].to_numpy()[mask] == "validation", vocab, model_params, training_params,
-            shared_training=shared_training, separator=sep, seed=seed, error=SplitError,
+            train_cells,
+            split["role"].to_numpy()[mask] == "validation",
+            vocab,
+            model_params,
+            training_params,
+            shared_training=shared_training,
+            separator=sep,
+            seed=seed,
+            error=SplitError,
             extra_obs={"screen_row": np.flatnonzero(mask)},
         )
     kinds = split.loc[split["role"] == "test", "evaluation"]
@@ -173,8 +182,13 @@ def predict_cvae(
     )
     prior.obs["source_cell"] = -1
     transfer = api.transfer_controls(
-        api.cell_data(adata[source].copy()), None, genes, n_cells,
-        scale=None if scales is None else scales[source], seed=seed + 1, **draws,
+        api.cell_data(adata[source].copy()),
+        None,
+        genes,
+        n_cells,
+        scale=None if scales is None else scales[source],
+        seed=seed + 1,
+        **draws,
     )
     transfer.obs["source_cell"] = np.flatnonzero(source)[transfer.obs["source_cell"].to_numpy()]
     out = ad.concat([prior, transfer], index_unique=None)
@@ -188,7 +202,10 @@ def predict_cvae(
 
 
 def predict_baselines(
-    adata: ad.AnnData, split: pd.DataFrame, params: dict[str, Any], schema: dict[str, Any] | None = None,
+    adata: ad.AnnData,
+    split: pd.DataFrame,
+    params: dict[str, Any],
+    schema: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> ad.AnnData:
     """The baselines' predicted cells for the split's test perturbations (see :mod:`.baselines`)."""

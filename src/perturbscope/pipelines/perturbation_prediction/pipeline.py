@@ -40,8 +40,13 @@ def _split_template() -> Pipeline:
             Node(
                 nodes.train_cvae,
                 inputs=[
-                    "processed_screen", "prediction_split", f"{_P}.model", f"{_P}.training", "params:schema",
-                    "params:seed", "params:training",
+                    "processed_screen",
+                    "prediction_split",
+                    f"{_P}.model",
+                    f"{_P}.training",
+                    "params:schema",
+                    "params:seed",
+                    "params:training",
                 ],
                 outputs=["cvae_model", "cvae_training_history"],
                 name="train_cvae",
@@ -67,8 +72,13 @@ def _split_template() -> Pipeline:
             Node(
                 nodes.evaluate_predictions,
                 inputs=[
-                    "processed_screen", "prediction_split", "cvae_predictions", "baseline_predictions",
-                    "expression_pca", f"{_P}.evaluation", "params:seed",
+                    "processed_screen",
+                    "prediction_split",
+                    "cvae_predictions",
+                    "baseline_predictions",
+                    "expression_pca",
+                    f"{_P}.evaluation",
+                    "params:seed",
                 ],
                 outputs="prediction_metrics",
                 name="evaluate_predictions",
@@ -76,8 +86,14 @@ def _split_template() -> Pipeline:
             Node(
                 nodes.plot_perturbations,
                 inputs=[
-                    "processed_screen", "prediction_split", "cvae_predictions", "baseline_predictions",
-                    "prediction_metrics", "expression_pca", f"{_P}.figures", "params:seed",
+                    "processed_screen",
+                    "prediction_split",
+                    "cvae_predictions",
+                    "baseline_predictions",
+                    "prediction_metrics",
+                    "expression_pca",
+                    f"{_P}.figures",
+                    "params:seed",
                 ],
                 outputs="prediction_figures",
                 name="plot_perturbations",

@@ -32,7 +32,8 @@ can reach training.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -142,9 +143,10 @@ def _resolve_held_out(obs: pd.DataFrame, requested: Any, separator: str) -> list
         requested = [requested]
     targets = obs.loc[~obs[IS_CONTROL].astype(bool)]
     by_canonical = (
-        targets.groupby(PERTURBATION, observed=True)[PERTURBED_GENES].first().astype(str).map(
-            lambda g: canonical(g, separator)
-        )
+        targets.groupby(PERTURBATION, observed=True)[PERTURBED_GENES]
+        .first()
+        .astype(str)
+        .map(lambda g: canonical(g, separator))
     )
     lookup = {canon: str(label) for label, canon in by_canonical.items()}
     lookup.update({str(label): str(label) for label in by_canonical.index})

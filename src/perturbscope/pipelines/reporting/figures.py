@@ -77,9 +77,7 @@ def compute_umap(
     else:
         adata.obsm["X_rep"] = features
         rep = "X_rep"
-    sc.pp.neighbors(
-        adata, n_neighbors=int(min(n_neighbors, features.shape[0] - 1)), use_rep=rep, random_state=seed
-    )
+    sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, features.shape[0] - 1)), use_rep=rep, random_state=seed)
     sc.tl.umap(adata, min_dist=min_dist, random_state=seed)
     return np.asarray(adata.obsm["X_umap"])
 
@@ -94,8 +92,13 @@ def scatter_categorical(ax, xy: np.ndarray, labels: pd.Series, *, title: str, po
     for category in muted + vivid:
         mask = labels == category
         ax.scatter(
-            xy[mask, 0], xy[mask, 1], s=point_size, c=colours[category], linewidths=0,
-            alpha=0.55 if category in muted else 0.85, rasterized=True,
+            xy[mask, 0],
+            xy[mask, 1],
+            s=point_size,
+            c=colours[category],
+            linewidths=0,
+            alpha=0.55 if category in muted else 0.85,
+            rasterized=True,
         )
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
@@ -104,12 +107,17 @@ def scatter_categorical(ax, xy: np.ndarray, labels: pd.Series, *, title: str, po
         spine.set_color("#cccccc")
     if legend:
         handles = [
-            Line2D([], [], marker="o", linestyle="", color=colours[c], markersize=6, label=c)
-            for c in vivid + muted
+            Line2D([], [], marker="o", linestyle="", color=colours[c], markersize=6, label=c) for c in vivid + muted
         ]
         ax.legend(
-            handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
-            fontsize=7.5, ncol=1 if len(handles) <= 14 else 2, handletextpad=0.2, borderaxespad=0.2,
+            handles=handles,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            frameon=False,
+            fontsize=7.5,
+            ncol=1 if len(handles) <= 14 else 2,
+            handletextpad=0.2,
+            borderaxespad=0.2,
         )
 
 
@@ -163,7 +171,15 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame], *, dpi: int, tit
     axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
     for ax, (name, history) in zip(axes, histories.items()):
         if history.empty:  # e.g. the cVAE of a split that was not applicable to the screen
-            ax.text(0.5, 0.5, "not trained: split not applicable", ha="center", va="center", color="#888888", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "not trained: split not applicable",
+                ha="center",
+                va="center",
+                color="#888888",
+                transform=ax.transAxes,
+            )
             ax.set_title(name, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -186,8 +202,12 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame], *, dpi: int, tit
             ax.axvline(epoch[best], color="#888888", ls=":", lw=1)
             ax.scatter([epoch[best]], [val[best]], color="#d1495b", s=18, zorder=3)
             ax.annotate(
-                f"best epoch {epoch[best]}", (epoch[best], val[best]), xytext=(4, 8),
-                textcoords="offset points", fontsize=7.5, color="#555555",
+                f"best epoch {epoch[best]}",
+                (epoch[best], val[best]),
+                xytext=(4, 8),
+                textcoords="offset points",
+                fontsize=7.5,
+                color="#555555",
             )
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")

@@ -13,13 +13,13 @@ import mlflow
 import pandas as pd
 
 import perturbscope
+from perturbscope.hooks import NOT_RECORDED
 from perturbscope.pipelines.reporting.report import (
     ReportError,
     ReportSection,
     ReportTable,
     render_report,
 )
-from perturbscope.hooks import NOT_RECORDED
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def mlflow_run_info() -> dict[str, str]:
         info["experiment"] = experiment.name if experiment else ""
         # kedro-mlflow tags the run with the Kedro run parameters; run_id is the session id
         info["kedro_session_id"] = str(stored.data.tags.get("run_id", ""))
-    except Exception as err:  # noqa: BLE001 - the report still names the run
+    except Exception as err:
         logger.warning("Could not read the MLflow run's tags: %s", err)
     return info
 
@@ -70,7 +70,9 @@ def provenance_section(run_info: dict[str, Any], mlflow_info: dict[str, str]) ->
     if datasets:
         tables.append(
             ReportTable(
-                "dataset_versions", "Versions of the data and models used", pd.DataFrame(datasets),
+                "dataset_versions",
+                "Versions of the data and models used",
+                pd.DataFrame(datasets),
                 "Every versioned dataset this run read (its resolved load version) or wrote (its "
                 "save version), then the latest version on disk of the project's other versioned "
                 "datasets. Load one again with catalog.load(name, version=...) or "
@@ -105,12 +107,19 @@ def build_report(run_info: dict[str, Any], params: dict[str, Any], screen: str, 
         "sections": ", ".join(s.name for s in sections),
     }
     page = render_report(
-        sections, screen=screen, provenance=provenance, header=header,
-        max_rows=int(params["max_table_rows"]), inline_rows=int(params["inline_table_rows"]),
+        sections,
+        screen=screen,
+        provenance=provenance,
+        header=header,
+        max_rows=int(params["max_table_rows"]),
+        inline_rows=int(params["inline_table_rows"]),
     )
     n_figures = sum(len(s.figures) for s in sections)
     logger.info(
         "Report of screen '%s': %d sections, %d figures (MLflow run %s).",
-        screen, len(sections), n_figures, mlflow_info.get("run_id", "none"),
+        screen,
+        len(sections),
+        n_figures,
+        mlflow_info.get("run_id", "none"),
     )
     return page

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from perturbscope.pipelines.reporting.nodes import build_report
 from perturbscope.hooks import REPORT_DATASET, RUN_INFO
+from perturbscope.pipelines.reporting.nodes import build_report
 from perturbscope.pipelines.reporting.sections import Section, available_sections
 
 

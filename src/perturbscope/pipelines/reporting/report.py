@@ -215,13 +215,12 @@ def _table_html(frame: pd.DataFrame, max_rows: int, css_class: str = "") -> str:
     if len(frame) > max_rows:
         more = f'<p class="caption">Showing {max_rows} of {len(frame):,} rows; the full table is in the catalog.</p>'
     cls = f' class="{css_class}"' if css_class else ""
-    return f'<div class="tablewrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{more}'
+    body = "".join(rows)
+    return f'<div class="tablewrap"><table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
 
 
 def _facts_html(facts: Mapping[str, str]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
-    )
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     return f'<div class="tablewrap"><table class="facts"><tbody>{rows}</tbody></table></div>'
 
 
@@ -292,10 +291,8 @@ def render_report(
     show at most ``max_rows`` rows.
     """
     _check_unique_keys([*sections, provenance])
-    generated = generated or _dt.datetime.now(_dt.timezone.utc)
-    meta = " &middot; ".join(
-        f"{html.escape(k)}: <code>{html.escape(v)}</code>" for k, v in (header or {}).items()
-    )
+    generated = generated or _dt.datetime.now(_dt.UTC)
+    meta = " &middot; ".join(f"{html.escape(k)}: <code>{html.escape(v)}</code>" for k, v in (header or {}).items())
     nav = "".join(
         f'<a href="#section-{html.escape(s.name)}">{html.escape(s.title)}</a>' for s in [*sections, provenance]
     )

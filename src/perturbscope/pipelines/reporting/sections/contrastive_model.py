@@ -97,7 +97,9 @@ def story_umaps(
     common = {"n_neighbors": int(params["n_neighbors"]), "min_dist": float(params["min_dist"]), "seed": int(seed)}
     pca_umap = compute_umap(x, n_pcs=int(params["n_pcs"]), **common)
     salient_umap = compute_umap(salient, **common)
-    table = _labels(processed.obs.loc[target], ScreenSchema.from_params(schema).program_key, int(params["max_categories"]))
+    table = _labels(
+        processed.obs.loc[target], ScreenSchema.from_params(schema).program_key, int(params["max_categories"])
+    )
     table[["pca_umap_1", "pca_umap_2"]] = pca_umap
     table[["salient_umap_1", "salient_umap_2"]] = salient_umap
     return table.rename_axis("cell").reset_index()
@@ -115,9 +117,7 @@ def story_figure(umap: pd.DataFrame, dpi: int, point_size: float = 6.0) -> Figur
     if "program" in umap and (~umap["program"].astype(str).str.lower().isin(MUTED_LABELS)).any():
         colourings["gene program"] = umap["program"]
     colourings[PERTURBATION] = umap["perturbation_top"]
-    embeddings = {
-        label: umap[[f"{rep}_umap_1", f"{rep}_umap_2"]].to_numpy() for rep, label in REPRESENTATIONS.items()
-    }
+    embeddings = {label: umap[[f"{rep}_umap_1", f"{rep}_umap_2"]].to_numpy() for rep, label in REPRESENTATIONS.items()}
     fig = plot_embedding_grid(embeddings, colourings, dpi=dpi, point_size=point_size)
     caption = (
         f"UMAPs of {len(umap):,} perturbed cells: top row on the log-normalised data (PCA), bottom row "
@@ -168,7 +168,9 @@ def evaluation_facts(evaluation: pd.DataFrame) -> dict[str, str]:
         facts["escape AUROC (true responders)"] = f"{auroc['value'].iloc[0]:.3f}"
     for key, rows in knn.groupby("key", sort=False):
         values = rows.set_index("space")["value"]
-        shown = ", ".join(f"{space} {values[space]:.2f}" for space in ("salient", "background", "pca") if space in values)
+        shown = ", ".join(
+            f"{space} {values[space]:.2f}" for space in ("salient", "background", "pca") if space in values
+        )
         chance = rows["chance_level"].dropna() if "chance_level" in rows else pd.Series(dtype=float)
         if len(chance):
             shown += f" (chance {chance.iloc[0]:.2f})"
@@ -177,7 +179,10 @@ def evaluation_facts(evaluation: pd.DataFrame) -> dict[str, str]:
 
 
 def report_contrastive_model(
-    umap: pd.DataFrame, history: pd.DataFrame, evaluation: pd.DataFrame, params: dict[str, Any],
+    umap: pd.DataFrame,
+    history: pd.DataFrame,
+    evaluation: pd.DataFrame,
+    params: dict[str, Any],
     escape: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The contrastive_model section: the story figure, training curves, evaluation and escape tables."""
@@ -197,7 +202,8 @@ def report_contrastive_model(
     }
     tables = [
         ReportTable(
-            "contrastive_evaluation", "Evaluation per space",
+            "contrastive_evaluation",
+            "Evaluation per space",
             evaluation_table(evaluation),
             "Program separation (ARI, NMI, silhouette, kNN accuracy over annotated perturbed cells) "
             "and confounder leakage (kNN accuracy of e.g. the phase; lower is better) in the salient "
@@ -209,14 +215,17 @@ def report_contrastive_model(
             f"{int(escape['n_called_perturbed'].sum())} of {int(escape['n_cells'].sum())}"
         )
         facts["perturbations calling no cell perturbed"] = int((escape["n_called_perturbed"] == 0).sum())
-        tables.append(ReportTable(
-            ESCAPE, "Escapers per perturbation",
-            escape.sort_values("fraction_called_perturbed", kind="stable").reset_index(drop=True),
-            "Per perturbation, the cells called perturbed (probability > 0.5) by the escape mixture on the "
-            "salient code; the others look like controls (escapers). estimated_perturbed_share: the "
-            "mixture's weight; separation: its two components' distance in null sds; "
-            "control_false_call_rate: held-out controls it would call perturbed. Lowest share first.",
-        ))
+        tables.append(
+            ReportTable(
+                ESCAPE,
+                "Escapers per perturbation",
+                escape.sort_values("fraction_called_perturbed", kind="stable").reset_index(drop=True),
+                "Per perturbation, the cells called perturbed (probability > 0.5) by the escape mixture on the "
+                "salient code; the others look like controls (escapers). estimated_perturbed_share: the "
+                "mixture's weight; separation: its two components' distance in null sds; "
+                "control_false_call_rate: held-out controls it would call perturbed. Lowest share first.",
+            )
+        )
     notes = []
     if "note" in evaluation:
         notes = [f"{row.metric} ({row.key}): {row.note}" for row in evaluation.dropna(subset=["note"]).itertuples()]
@@ -240,7 +249,13 @@ def create_pipeline() -> Pipeline:
         [
             Node(
                 story_umaps,
-                inputs=["processed_screen", EMBEDDING, "params:reporting.contrastive_model", "params:schema", "params:seed"],
+                inputs=[
+                    "processed_screen",
+                    EMBEDDING,
+                    "params:reporting.contrastive_model",
+                    "params:schema",
+                    "params:seed",
+                ],
                 outputs=UMAP_TABLE,
                 name="compute_contrastive_story_umaps",
             ),

@@ -42,7 +42,7 @@ def _kind(row: pd.Series) -> str:
 
 
 def _counts(adata: ad.AnnData) -> Any:
-    return adata.layers["counts"] if "counts" in adata.layers else adata.X
+    return adata.layers.get("counts", adata.X)
 
 
 def cells_per_perturbation_figure(summary: pd.DataFrame, max_shown: int, dpi: int) -> FigureSpec:
@@ -71,16 +71,19 @@ def cells_per_perturbation_figure(summary: pd.DataFrame, max_shown: int, dpi: in
     ax.set_xlabel("cells (log scale)" if log_scale else "cells")
     ax.set_ylim(-0.6, len(table) - 0.4)
     handles = [
-        Patch(color=KIND_COLOURS[k], label=k) for k in ("control", "single", "double")
-        if k in set(table["kind"])
+        Patch(color=KIND_COLOURS[k], label=k) for k in ("control", "single", "double") if k in set(table["kind"])
     ]
     ax.legend(
         handles=[*handles, Patch(color="#e3e6eb", label="before QC")],
-        fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
     )
     ax.grid(axis="x", alpha=0.25)
     return FigureSpec(
-        fig, "Cells per perturbation",
+        fig,
+        "Cells per perturbation",
         f"Cells kept after QC for {shown} (bars), and before QC (light grey).",
     )
 
@@ -95,14 +98,26 @@ def library_size_figure(adata: ad.AnnData, dpi: int) -> FigureSpec:
     axes = fig.subplots(1, 2)
     panels = (
         (axes[0], totals, "UMIs per cell (HVGs)", np.geomspace(max(totals.min(), 1), max(totals.max(), 2), 40)),
-        (axes[1], detected, "detected genes per cell", np.histogram_bin_edges(detected, bins=min(40, int(np.ptp(detected)) + 1))),
+        (
+            axes[1],
+            detected,
+            "detected genes per cell",
+            np.histogram_bin_edges(detected, bins=min(40, int(np.ptp(detected)) + 1)),
+        ),
     )
     for ax, values, label, bins in panels:
         for name, colour in (("target", "#2f6db5"), ("control", "#555555"), ("all", "#2f6db5")):
             mask = group == name
             if mask.any():
-                ax.hist(values[mask], bins=bins, color=colour, density=True, histtype="step", lw=1.6,
-                        label=f"{name} ({mask.sum():,} cells)")
+                ax.hist(
+                    values[mask],
+                    bins=bins,
+                    color=colour,
+                    density=True,
+                    histtype="step",
+                    lw=1.6,
+                    label=f"{name} ({mask.sum():,} cells)",
+                )
         ax.set_xlabel(label)
         ax.set_ylabel("density")
         ax.axvline(np.median(values), color="black", lw=1, ls=":")
@@ -110,7 +125,8 @@ def library_size_figure(adata: ad.AnnData, dpi: int) -> FigureSpec:
     axes[0].set_xscale("log")
     axes[0].xaxis.set_major_formatter(ScalarFormatter())
     return FigureSpec(
-        fig, "Library size and detected genes",
+        fig,
+        "Library size and detected genes",
         "Per-cell UMIs (log scale) and detected genes over the highly variable genes, controls "
         "vs targeted cells (dotted line: median of all cells).",
     )
@@ -174,7 +190,8 @@ def screen_facts(adata: ad.AnnData, summary: pd.DataFrame, screen: str, program_
         "control cells": int(obs[IS_CONTROL].sum()) if IS_CONTROL in obs else 0,
         "median UMIs per cell (HVGs)": float(np.median(totals)),
         "median cells per perturbation": float(summary.loc[~summary[IS_CONTROL], "cells_kept"].median())
-        if (~summary[IS_CONTROL]).any() else float("nan"),
+        if (~summary[IS_CONTROL]).any()
+        else float("nan"),
     }
     if "note" in summary:
         dropped = summary.loc[summary["note"].fillna("").astype(str).str.startswith("dropped"), PERTURBATION]
@@ -215,11 +232,16 @@ def report_data_processing(
         "phase_counts": phase_counts_figure(processed, max_shown, dpi),
     }
     tables = [
-        ReportTable("qc_steps", "Quality control", qc_summary,
-                    "Cells and genes removed by each QC step and what was left."),
+        ReportTable(
+            "qc_steps", "Quality control", qc_summary, "Cells and genes removed by each QC step and what was left."
+        ),
         ReportTable("phase_table", "Cells per cell-cycle phase", phase_table(processed)),
-        ReportTable("cells_per_perturbation", "Cells per perturbation", screen_summary,
-                    "Before QC (cells_raw), after QC (cells_kept) and per split."),
+        ReportTable(
+            "cells_per_perturbation",
+            "Cells per perturbation",
+            screen_summary,
+            "Before QC (cells_raw), after QC (cells_kept) and per split.",
+        ),
     ]
     section = make_section(
         PIPELINE,
@@ -241,8 +263,12 @@ def create_pipeline() -> Pipeline:
             Node(
                 report_data_processing,
                 inputs=[
-                    "processed_screen", "screen_summary", "qc_summary",
-                    "params:reporting", "params:schema", "params:screen",
+                    "processed_screen",
+                    "screen_summary",
+                    "qc_summary",
+                    "params:reporting",
+                    "params:schema",
+                    "params:screen",
                 ],
                 outputs=SECTION.node_outputs(),
                 name="report_data_processing",

@@ -120,7 +120,8 @@ def report_linear_model(
         facts=facts,
         tables=[
             ReportTable(
-                "ldvae_strongest_effects", "Strongest factor shifts, in words",
+                "ldvae_strongest_effects",
+                "Strongest factor shifts, in words",
                 strongest_effects(effects, int(knobs["strongest_effects"])),
                 "Significant perturbation x factor effects, strongest first (standardised effect in "
                 "control SDs; q: BH-adjusted p-value).",

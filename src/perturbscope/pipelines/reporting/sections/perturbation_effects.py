@@ -39,7 +39,7 @@ def effect_facts(tests: pd.DataFrame) -> dict[str, Any]:
         "perturbations tested": len(tests),
         "perturbations that differ from the controls (q < alpha)": f"{int(significant.sum())} of {len(tests)}",
         "test": f"energy distance ({tests['distance'].iloc[0]}) in {int(tests['n_pcs'].iloc[0])} PCs, "
-                f"{int(tests['n_permutations'].iloc[0])} permutations, BH",
+        f"{int(tests['n_permutations'].iloc[0])} permutations, BH",
     }
 
 
@@ -48,11 +48,13 @@ def agreement_summary(agreement: pd.DataFrame) -> pd.DataFrame:
     if agreement.empty:
         return pd.DataFrame(columns=["method", "perturbations", "median_spearman", "median_fraction_confirmed"])
     grouped = agreement.groupby("method", sort=True)
-    return pd.DataFrame({
-        "perturbations": grouped[PERTURBATION].nunique(),
-        "median_spearman": grouped["spearman"].median().round(3),
-        "median_fraction_confirmed": grouped["fraction_significant_same_direction"].median().round(3),
-    }).reset_index()
+    return pd.DataFrame(
+        {
+            "perturbations": grouped[PERTURBATION].nunique(),
+            "median_spearman": grouped["spearman"].median().round(3),
+            "median_fraction_confirmed": grouped["fraction_significant_same_direction"].median().round(3),
+        }
+    ).reset_index()
 
 
 def report_perturbation_effects(
@@ -77,7 +79,8 @@ def report_perturbation_effects(
     if len(summary):
         for row in summary.itertuples(index=False):
             facts[f"salient genes vs {row.method}: median Spearman"] = (
-                f"{row.median_spearman:.2f}" if np.isfinite(row.median_spearman) else "n/a")
+                f"{row.median_spearman:.2f}" if np.isfinite(row.median_spearman) else "n/a"
+            )
     section = make_section(
         PIPELINE,
         "Perturbation effects",
@@ -88,12 +91,20 @@ def report_perturbation_effects(
         ),
         facts=facts,
         tables=[
-            ReportTable("perturbation_effect_tests", "Effect test per perturbation", shown,
-                        "q: Benjamini-Hochberg over the tested perturbations; significant: q < alpha."),
-            ReportTable("salient_de_agreement", "Salient genes vs differential expression", summary,
-                        "Over each perturbation's salient genes (contrastive model): Spearman correlation of "
-                        "its salient log2 fold change with the DE log2 fold change, and the share of those "
-                        "genes called DE (q < alpha) in the same direction; medians over perturbations."),
+            ReportTable(
+                "perturbation_effect_tests",
+                "Effect test per perturbation",
+                shown,
+                "q: Benjamini-Hochberg over the tested perturbations; significant: q < alpha.",
+            ),
+            ReportTable(
+                "salient_de_agreement",
+                "Salient genes vs differential expression",
+                summary,
+                "Over each perturbation's salient genes (contrastive model): Spearman correlation of "
+                "its salient log2 fold change with the DE log2 fold change, and the share of those "
+                "genes called DE (q < alpha) in the same direction; medians over perturbations.",
+            ),
         ],
         figures=figures,
     )

@@ -10,9 +10,9 @@ import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
 from perturbscope.pipelines.reporting.figures import plot_training_curves
-from perturbscope.schema import PERTURBATION, PREDICTION_SPLITS
 from perturbscope.pipelines.reporting.report import FigureSpec, ReportTable, make_section
 from perturbscope.pipelines.reporting.sections.base import Section, section_result
+from perturbscope.schema import PERTURBATION, PREDICTION_SPLITS
 
 PIPELINE = "perturbation_prediction"
 FIGURES = ("prediction_summary_panel", "prediction_training_curves")
@@ -74,7 +74,8 @@ def report_perturbation_prediction(
     skipped = not_applicable(summary)
     figures = {
         "prediction_summary_panel": FigureSpec(
-            panel, "Perturbation prediction: scores per method",
+            panel,
+            "Perturbation prediction: scores per method",
             "Every method on the test perturbations of each split (rows): dots are perturbations, "
             "the marker is mean ± sd. cVAE (prior / encoded controls) against the baselines.",
         ),
@@ -100,12 +101,15 @@ def report_perturbation_prediction(
         intro=(
             "A conditional VAE predicts the expression of perturbed cells, scored against baselines "
             "on held-out cells and held-out (unseen) perturbations."
-            + "".join(f" The {e.replace('_', ' ')} split is not applicable to this screen: {r}." for e, r in skipped.items())
+            + "".join(
+                f" The {e.replace('_', ' ')} split is not applicable to this screen: {r}." for e, r in skipped.items()
+            )
         ),
         facts=facts,
         tables=[
             ReportTable(
-                "prediction_summary", "Summary across methods (mean ± sd over test perturbations)",
+                "prediction_summary",
+                "Summary across methods (mean ± sd over test perturbations)",
                 summary_table(summary, scores),
             ),
         ],
@@ -120,8 +124,11 @@ def create_pipeline() -> Pipeline:
             Node(
                 report_perturbation_prediction,
                 inputs=[
-                    "prediction_summary", "prediction_metrics", "prediction_summary_figure",
-                    "params:perturbation_prediction.figures", "params:reporting",
+                    "prediction_summary",
+                    "prediction_metrics",
+                    "prediction_summary_figure",
+                    "params:perturbation_prediction.figures",
+                    "params:reporting",
                     *(f"{split}.cvae_training_history" for split in PREDICTION_SPLITS),
                 ],
                 outputs=SECTION.node_outputs(),
