@@ -10,7 +10,7 @@ Every task shells out to the project's own virtual environment in the project fo
 (Airflow's and the project's pinned dependencies stay apart):
 
 1. ``plan`` reads the screens registry and checks the files
-   (``python -m perturbscope.retrain --plan``): the screens whose file is new or changed,
+   (``python -m perturbscope.ops.retrain --plan``): the screens whose file is new or changed,
    and the invalid ones. A newly registered screen needs no new DAG.
 2. ``retrain`` is mapped over them (dynamic task mapping): one task per screen, so screens
    train in parallel on as many workers as the deployment has (``pool`` and
@@ -38,7 +38,7 @@ from airflow.sdk import dag, get_current_context, task
 PROJECT_PATH = os.environ.get("PERTURBSCOPE_PROJECT_PATH", "/opt/perturbscope")
 PYTHON = ".venv/bin/python"
 KEDRO_ENV = "airflow"
-RETRAIN = f"{PYTHON} -m perturbscope.retrain --env {KEDRO_ENV}"
+RETRAIN = f"{PYTHON} -m perturbscope.ops.retrain --env {KEDRO_ENV}"
 ENV = {"KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 FAILED = ("invalid", "failed")
 

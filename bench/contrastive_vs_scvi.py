@@ -294,7 +294,7 @@ def run_ours(screen, args: argparse.Namespace, scorer: Scorer, target_ari: float
     cpu0 = time.process_time()
     start = time.perf_counter()
     model, history = nodes.train_contrastive_model(
-        screen, model_params, training, SCHEMA, args.train_seed, callback=callback
+        screen, model_params, training, {}, SCHEMA, args.train_seed, callback=callback
     )
     total = time.perf_counter() - start
     cpu = np.diff(np.asarray([cpu0] + cpu_marks))

@@ -38,22 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         args.penetrance, seed=args.screen_seed, n_cells=12000, library_size=8000.0, high_expression_share=0.4
     )
     params = bench._yaml("parameters_contrastive_model.yml")["contrastive_model"]
-    training = {
-        **bench._yaml("parameters.yml")["training"],
-        **params["training"],
-        "progress": False,
-        "num_threads": args.threads,
-    }
+    training = {**params["training"], "progress": False, "num_threads": args.threads}
     model_params = {**params["model"], "salient_loadings": args.loadings}
     start = time.perf_counter()
     model, history = nodes.train_contrastive_model(
-        screen, model_params, training, bench.SCHEMA, args.train_seed, escape_params=params["escape"]
+        screen, model_params, training, bench._yaml("parameters.yml")["training"], bench.SCHEMA, args.train_seed
     )
     seconds = time.perf_counter() - start
     embedded = ContrastiveVI(model).embed(screen)
+    mixture = nodes.fit_escape_mixture(embedded, params["escape"], args.train_seed)
+    calls = nodes.call_perturbed_cells(embedded, mixture, params["escape"])
     run = {
         "salient": embedded.obsm["X_salient"],
-        "probability": embedded.obs["perturbed_probability"].to_numpy(),
+        "probability": calls["perturbed_probability"].reindex(embedded.obs_names).to_numpy(),
         "epochs": len(history),
         "seconds": seconds,
     }

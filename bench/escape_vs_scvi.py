@@ -87,16 +87,18 @@ def make_screen(penetrance: float, seed: int, n_cells: int, library_size: float,
 
 def run_ours(screen, seed: int) -> dict:
     params = _yaml("parameters_contrastive_model.yml")["contrastive_model"]
-    training = {**_yaml("parameters.yml")["training"], **params["training"], "progress": False}
+    training = {**params["training"], "progress": False}
     start = time.perf_counter()
     model, history = nodes.train_contrastive_model(
-        screen, params["model"], training, SCHEMA, seed, escape_params=params["escape"]
+        screen, params["model"], training, _yaml("parameters.yml")["training"], SCHEMA, seed
     )
     seconds = time.perf_counter() - start
     embedded = ContrastiveVI(model).embed(screen)
+    mixture = nodes.fit_escape_mixture(embedded, params["escape"], seed)
+    calls = nodes.call_perturbed_cells(embedded, mixture, params["escape"])
     return {
         "salient": embedded.obsm["X_salient"],
-        "probability": embedded.obs["perturbed_probability"].to_numpy(),
+        "probability": calls["perturbed_probability"].reindex(embedded.obs_names).to_numpy(),
         "epochs": len(history),
         "seconds": seconds,
     }
@@ -108,7 +110,7 @@ def escape_probability(screen, salient: np.ndarray, seed: int) -> np.ndarray:
     is_control = screen.obs["is_control"].to_numpy().astype(bool)
     is_val = (screen.obs["split"] == "validation").to_numpy()
     labels = screen.obs["perturbation"].astype(str).to_numpy()
-    settings = {k: v for k, v in params.items() if k != "enabled"}
+    settings = params["mixture"]
     mixture, _ = fit_escape_mixture(
         salient[~is_control], labels[~is_control], salient[is_control & is_val], seed=seed, **settings
     )

@@ -39,10 +39,10 @@ import scanpy as sc
 import scipy.sparse as sp
 import torch
 
+from perturbscope.models import TrainConfig, fit, seeded
 from perturbscope.models.data import CellData, MinibatchSampler
 from perturbscope.models.likelihoods import nb_log_prob
 from perturbscope.models.linear import LinearVAE
-from perturbscope.models.training import TrainConfig, fit, seeded
 from perturbscope.simulation import simulate_screen
 
 ROOT = Path(__file__).resolve().parents[1]

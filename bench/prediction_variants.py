@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     screen = latest_processed(args.screen)
-    pca = nodes.fit_expression_pca(screen, PARAMS["evaluation"])
+    pca = nodes.fit_expression_pca(screen, PARAMS["expression_pca"]["n_pcs"])
     rows = []
     for name in args.variants:
         for seed in args.seeds:
@@ -99,11 +99,11 @@ def main() -> None:
                 # the one seed moves the split (held-out cells, reference controls), the model and the draws
                 split = nodes.make_prediction_split(screen, split_params, {"double_separator": "+"}, seed)
                 model, history = nodes.train_cvae(
-                    screen, split, params["model"], training, {}, seed, shared_training=SHARED_TRAINING
+                    screen, split, params["model"], training, SHARED_TRAINING, {"double_separator": "+"}, seed
                 )
                 cvae = nodes.predict_cvae(model, screen, split, params["generation"], seed)
-                base = nodes.predict_baselines(screen, split, params["generation"], {})
-                table = nodes.evaluate_predictions(screen, split, cvae, base, pca, params["evaluation"])
+                base = nodes.predict_baselines(screen, split, params["generation"], {"double_separator": "+"})
+                table = nodes.evaluate_predictions(screen, split, cvae, base, pca, params["evaluation"], seed)
                 seconds = time.perf_counter() - start
                 means = table.groupby("method")[SCORES].mean()
                 for method, values in means.iterrows():

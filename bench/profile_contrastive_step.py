@@ -16,9 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from perturbscope.models import TrainConfig, fit, seeded
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler
-from perturbscope.models.training import TrainConfig, fit, seeded
 
 
 def make_counts(n_cells: int, n_genes: int, seed: int = 0) -> sp.csr_matrix:

@@ -54,16 +54,16 @@ def train_one_epoch(path: str) -> dict:
     import torch
     import yaml
 
+    from perturbscope.blocks import BlockScreen
     from perturbscope.models.model import ContrastiveVI
-    from perturbscope.ondisk import OnDiskScreen
 
     conf = ROOT / "conf" / "base"
     params = yaml.safe_load((conf / "parameters_contrastive_model.yml").read_text())["contrastive_model"]
     shared = yaml.safe_load((conf / "parameters.yml").read_text())["training"]
     training = {**shared, **params["training"], "max_epochs": 1, "kl_warmup_epochs": 1, "progress": False}
-    screen = OnDiskScreen.open(path)
+    screen = BlockScreen.open(path)
     start = time.perf_counter()
-    api = ContrastiveVI.fit(screen, params["model"], training, seed=0, escape=params["escape"])
+    api = ContrastiveVI.fit(screen, params["model"], training, seed=0)
     total = time.perf_counter() - start
     n_target = int((~screen.obs["is_control"].to_numpy()).sum())
     return {

@@ -80,7 +80,7 @@ def test_dag_is_generated_and_shells_out(generated: Path) -> None:
     imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert ("airflow.sdk", "dag") in imports and ("airflow.sdk", "task") in imports
     assert "import kedro" not in source and "from kedro" not in source  # Airflow's env needs no Kedro
-    assert 'RETRAIN = f"{PYTHON} -m perturbscope.retrain --env {KEDRO_ENV}"' in source
+    assert 'RETRAIN = f"{PYTHON} -m perturbscope.ops.retrain --env {KEDRO_ENV}"' in source
     assert 'KEDRO_ENV = "airflow"' in source and '"/opt/perturbscope"' in source
     with pytest.raises(SystemExit) as exit_:  # the command the tasks run exists and takes --plan / --json
         main(["--help"])

@@ -74,7 +74,7 @@ def test_rerun_keeps_earlier_outputs_and_a_failed_run_leaves_none(run_kedro, tes
     """Every output is versioned; a run that fails removes what it wrote; the latest is the last complete run."""
     from kedro.framework.session import KedroSession
 
-    from perturbscope.pipelines.contrastive_model import ContrastiveModelError
+    from perturbscope.parameters import ConfigError
 
     data = test_root / "data"
     processed = data / "03_primary" / "norman2019_subset" / "processed_screen.h5ad"
@@ -84,7 +84,7 @@ def test_rerun_keeps_earlier_outputs_and_a_failed_run_leaves_none(run_kedro, tes
     assert len(first) == 1 and _versions(summary) == first  # one run, one version folder name
 
     # the second run writes a new processed screen, then fails in contrastive_model
-    with pytest.raises(ContrastiveModelError, match="lr"):
+    with pytest.raises(ConfigError, match=r"contrastive_model\.training\.lr"):
         run_kedro(["data_processing", "contrastive_model"], contrastive_model={"training": {"lr": -1.0}})
     assert _versions(processed) == first and _versions(summary) == first
     assert not (data / "06_models" / "norman2019_subset").exists()
@@ -98,29 +98,14 @@ def test_rerun_keeps_earlier_outputs_and_a_failed_run_leaves_none(run_kedro, tes
     assert len(_versions(processed)) == 2 and _versions(processed)[0] == first[0]
 
 
-def test_a_retired_per_step_seed_stops_the_run_with_its_name(test_root: Path) -> None:
-    """A conf/local or --params that still sets a per-step seed is refused, not silently ignored."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
+def test_a_parameter_the_project_does_not_read_stops_the_run_with_its_name(run_kedro) -> None:
+    """A conf/local or --params key no function takes (e.g. a retired per-step seed) is refused, naming it."""
+    from perturbscope.parameters import ConfigError
 
-    from perturbscope.hooks import retired_parameters
-
-    assert retired_parameters(
-        {"seed": 1, "perturbation_prediction": {"splits": {"held_out_cells": {"seed": 2}}, "training": {"seed": 3}}}
-    ) == [
-        "perturbation_prediction.splits.held_out_cells.seed: the one `seed` (conf/base/parameters.yml) seeds every "
-        "random draw; remove this key, or set `seed`"
-    ]  # the top-level seed and a model's own training.seed are read
-    bootstrap_project(PROJECT)
-    with (
-        KedroSession.create(
-            project_path=PROJECT, env="test", runtime_params={"data_processing": {"split": {"seed": 3}}}
-        ) as session,
-        pytest.raises(ValueError, match=r"no longer read.*data_processing\.split\.seed: the one `seed`"),
+    with pytest.raises(
+        ConfigError, match=r"Unknown parameter\(s\) data_processing\.split\.seed: data_processing\.split takes"
     ):
-        session.load_context()
-    with KedroSession.create(project_path=PROJECT, env="test") as session:
-        assert session.load_context().params["seed"] == 0  # the project's own conf passes
+        run_kedro(["data_processing"], data_processing={"split": {"seed": 3}})
 
 
 def test_a_run_on_a_screen_read_from_disk_stops_before_nodes_that_need_memory(tmp_path) -> None:
@@ -152,4 +137,4 @@ def test_a_run_on_a_screen_read_from_disk_stops_before_nodes_that_need_memory(tm
     hook.before_pipeline_run({}, needs_memory, small)  # fits: nothing to stop
     assert isinstance(small["raw_screen"].load(), ad.AnnData)
     loaded = catalog["raw_screen"].load()
-    assert type(loaded).__name__ == "OnDiskScreen" and loaded.shape == (200, 300)
+    assert type(loaded).__name__ == "BlockScreen" and loaded.shape == (200, 300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,77 @@ def test_pipelines_are_thin_and_independent(pipeline: str) -> None:
     for path in _files(folder):
         others = {m.split(".")[2] for m in _imports(path) if m.startswith("perturbscope.pipelines.")}
         assert others <= {pipeline}, f"{path.relative_to(SRC)} reaches into {sorted(others - {pipeline})}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles() -> None:
+    """The package's modules import each other one way (function-level imports count too)."""
+    modules = {_module_name(p): p for p in _files(SRC)}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            # `from a.b import c` names a.b and a.b.c: the longest that is a module of the package
+            candidates = [m for m in (imported, imported.rsplit(".", 1)[0]) if m in modules and m != name]
+            targets |= set(candidates[:1])
+        graph[name] = targets
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt.startswith(f"{node}.") or node.startswith(f"{nxt}."):
+                continue  # a package and its own submodules (its __init__ re-exports them)
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_the_model_core_imports_with_torch_numpy_and_scipy_alone() -> None:
+    """models/ (the AnnData API in models/model/ aside) imports without anndata, scanpy, pandas, Kedro or MLflow,
+    so the GPU machine runs it from the working tree (bench/gpu.sh)."""
+    import subprocess
+    import sys
+
+    blocked = ["anndata", "scanpy", "pandas", "kedro", "mlflow", "sklearn"]
+    code = (
+        "import importlib, pkgutil, sys\n"
+        f"blocked = {blocked!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in blocked:\n"
+        "            raise ImportError(f'{name} must not be imported by perturbscope.models')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import perturbscope.models as m\n"
+        "for info in pkgutil.iter_modules(m.__path__):\n"
+        "    if info.name != 'model':\n"
+        "        importlib.import_module(f'perturbscope.models.{info.name}')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_no_alias_modules_and_no_parameter_fallbacks_in_nodes() -> None:
+    for path in _files(SRC):
+        text = path.read_text()
+        assert "sys.modules[__name__]" not in text, f"{path.relative_to(SRC)} is an alias module"
+    for path in sorted((SRC / "pipelines").glob("*/nodes.py")):
+        text = path.read_text()
+        assert not re.search(r"params\w*\.get\(|\(params or \{\}\)", text), (
+            f"{path.relative_to(SRC)} reads a parameter with a fallback: the function it goes to owns the default"
+        )

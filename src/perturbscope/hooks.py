@@ -1,7 +1,5 @@
 """Every Kedro hook of the project (registered in ``settings.HOOKS``).
 
-* :class:`ParametersHook` -- a run that sets parameters the project no longer reads (e.g. a
-  per-step ``seed``) stops with an error naming them;
 * :class:`ProjectStoreHook` -- one MLflow store per project (``sqlite:///mlflow.db`` and
   ``./mlruns`` resolved against the project root, whatever the working directory);
 * :class:`RunOutputsHook` -- a failed run removes the versioned outputs it wrote;
@@ -15,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -113,48 +110,8 @@ class ProjectStoreHook:
         loader["mlflow"] = resolve_mlflow_config(conf, context.project_path)
 
 
-RETIRED_PARAMETERS: dict[str, str] = dict.fromkeys(
-    (
-        "data_processing.cell_cycle.seed",
-        "data_processing.split.seed",
-        "perturbation_prediction.splits.*.seed",
-        "perturbation_prediction.generation.seed",
-        "perturbation_prediction.evaluation.seed",
-        "perturbation_prediction.figures.seed",
-        "reporting.contrastive_model.seed",
-    ),
-    "the one `seed` (conf/base/parameters.yml) seeds every random draw; remove this key, or set `seed`",
-)
-"""Parameters the project no longer reads (fnmatch patterns over dotted keys), with what to do instead."""
-
-
-def retired_parameters(params: dict[str, Any], prefix: str = "") -> list[str]:
-    """``"<key>: <what to do>"`` for every key of ``params`` (nested) that is no longer read."""
-    found = []
-    for key, value in (params or {}).items():
-        dotted = f"{prefix}{key}"
-        found += [f"{dotted}: {why}" for pattern, why in RETIRED_PARAMETERS.items() if fnmatch(dotted, pattern)]
-        if isinstance(value, dict):
-            found += retired_parameters(value, f"{dotted}.")
-    return found
-
-
-class ParametersHook:
-    """Refuse a run whose parameters set keys the project no longer reads (they would be silently ignored)."""
-
-    @hook_impl
-    def after_context_created(self, context: Any) -> None:
-        retired = retired_parameters(context.params)
-        if retired:
-            raise ValueError(
-                "These parameters are no longer read (conf/<env>/parameters*.yml or --params): "
-                + "; ".join(retired)
-                + "."
-            )
-
-
 STREAMS_TAG = "streams"
-"""Tag of the nodes that take a screen read from disk (:class:`perturbscope.ondisk.OnDiskScreen`)."""
+"""Tag of the nodes that take a screen read from disk (:class:`perturbscope.blocks.BlockScreen`)."""
 
 
 class OnDiskScreenHook:

@@ -5,7 +5,6 @@ from omegaconf.resolvers import oc
 
 from perturbscope.hooks import (
     OnDiskScreenHook,
-    ParametersHook,
     ProjectStoreHook,
     RunInfoHook,
     RunOutputsHook,
@@ -13,7 +12,6 @@ from perturbscope.hooks import (
 )
 
 HOOKS = (
-    ParametersHook(),
     ProjectStoreHook(),
     OnDiskScreenHook(),
     RunOutputsHook(),

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from perturbscope.ondisk import OnDiskScreen, is_on_disk
+from perturbscope.blocks import BlockScreen
 from perturbscope.schema import CONTROL, PERTURBATION, UNPERTURBED, ScreenSchema, ScreenValidationError
 
 logger = logging.getLogger(__name__)
@@ -106,43 +106,43 @@ def _perturbation_labels(adata: ad.AnnData, schema: ScreenSchema) -> tuple[pd.Se
     return labels, is_control
 
 
-def check_counts_on_disk(screen: OnDiskScreen, where: str) -> None:
-    """The raw-count checks of :func:`validate_screen`, block by block (the error names the cells)."""
+def check_counts_in_blocks(screen: BlockScreen, where: str) -> None:
+    """The raw-count checks of :func:`validate_screen`, block by block (an error names the cells)."""
+    if not np.issubdtype(screen.counts_dtype, np.number):
+        raise ScreenValidationError(f"{where} holds {screen.counts_dtype} values, not numbers.")
     for chunk in screen.chunks():
         try:
             _check_counts(chunk.counts, where)
         except ScreenValidationError as err:
+            if chunk.start == 0 and chunk.stop == screen.n_obs:
+                raise
             raise ScreenValidationError(f"Cells {chunk.start:,}-{chunk.stop - 1:,}: {err}") from None
 
 
-def _validated_on_disk(
-    adata: OnDiskScreen, schema: ScreenSchema, schema_params: dict[str, Any], screen: str, labels: np.ndarray
-) -> OnDiskScreen:
-    """:func:`validate_screen` of a screen read from disk: the counts are checked block by block."""
+def _raw_counts(adata: ad.AnnData | BlockScreen, counts_layer: str | None, screen: str) -> BlockScreen:
+    """The screen's raw counts (``layers[counts_layer]``, None: ``X``) as a :class:`BlockScreen`."""
     try:
-        out = adata.with_counts_layer(schema.counts_layer)
-    except ValueError as err:
+        if isinstance(adata, ad.AnnData):
+            return BlockScreen.from_anndata(adata, counts_layer, processed=False)
+        if adata.on_disk:
+            return adata.raw_counts(counts_layer)
+    except (ValueError, KeyError) as err:
         raise ScreenValidationError(f"schema.counts_layer: {err}") from None
-    where = "X" if schema.counts_layer is None else f"layers['{schema.counts_layer}']"
-    check_counts_on_disk(out, where)
-    obs = adata.obs.copy()
-    obs[PERTURBATION] = pd.Categorical(labels)
-    out = OnDiskScreen(out._source, obs, adata.var.copy(), chunk_size=adata.chunk_size)
-    out.uns["perturbscope"] = {
-        "screen": screen,
-        "schema": {k: v for k, v in schema_params.items() if v is not None},
-    }
-    return out
+    if counts_layer is not None:
+        raise ScreenValidationError(
+            f"schema.counts_layer is '{counts_layer}' but screen '{screen}' was wrapped in memory with its counts "
+            "already chosen: wrap the AnnData itself (BlockScreen.from_anndata(adata, counts_layer))."
+        )
+    return adata
 
 
-def validate_screen(
-    adata: ad.AnnData | OnDiskScreen, schema_params: dict[str, Any], screen: str
-) -> ad.AnnData | OnDiskScreen:
-    """Check a screen against its schema and return a standardised copy.
+def validate_screen(adata: ad.AnnData | BlockScreen, schema_params: dict[str, Any], screen: str) -> BlockScreen:
+    """Check a screen against its schema and return a standardised copy, read in blocks.
 
-    The copy has raw counts (float32 CSR) in ``X``, the perturbation label in
-    ``obs["perturbation"]`` with every control label rewritten as ``control``, and
-    the schema in ``uns["perturbscope"]``.
+    The copy reads the raw counts (``schema.counts_layer``, else ``X``; float32 CSR blocks) as its
+    ``X``, has the perturbation label in ``obs["perturbation"]`` with every control label rewritten as
+    ``control``, and the schema in ``uns["perturbscope"]``. The counts are checked block by block (an
+    error names the cells).
 
     Raises
     ------
@@ -178,27 +178,12 @@ def validate_screen(
     _check_unique(adata.obs_names, "cell", "Make them unique with adata.obs_names_make_unique().")
     _check_unique(adata.var_names, "gene", "Make them unique with adata.var_names_make_unique().")
 
-    if is_on_disk(adata):
-        return _validated_on_disk(adata, schema, schema_params, screen, np.where(is_control, CONTROL, labels))
-    if schema.counts_layer is None:
-        counts, where = adata.X, "X"
-    elif schema.counts_layer in adata.layers:
-        counts, where = adata.layers[schema.counts_layer], f"layers['{schema.counts_layer}']"
-    else:
-        raise ScreenValidationError(
-            f"schema.counts_layer is '{schema.counts_layer}' but the screen's layers are "
-            f"{list(adata.layers.keys())}. Set it to the layer with raw counts, or null for X."
-        )
-    if counts is None:
-        raise ScreenValidationError(f"Screen '{screen}' has no matrix in {where}.")
-    _check_counts(counts, where)
-
-    out = ad.AnnData(
-        X=sp.csr_matrix(counts, dtype=np.float32),
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-    )
-    out.obs[PERTURBATION] = pd.Categorical(np.where(is_control, CONTROL, labels))
+    where = "X" if schema.counts_layer is None else f"layers['{schema.counts_layer}']"
+    raw = _raw_counts(adata, schema.counts_layer, screen)
+    check_counts_in_blocks(raw, where)
+    obs = adata.obs.copy()
+    obs[PERTURBATION] = pd.Categorical(np.where(is_control, CONTROL, labels))
+    out = BlockScreen(raw._source, obs, adata.var.copy(), chunk_size=raw.chunk_size)
     out.uns["perturbscope"] = {
         "screen": screen,
         "schema": {k: v for k, v in schema_params.items() if v is not None},

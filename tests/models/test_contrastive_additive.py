@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from perturbscope.models import ParameterError, TrainConfig, fit, seeded
 from perturbscope.models.contrastive import AdditiveSalientDecoder, ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler
 from perturbscope.models.io import from_checkpoint, to_checkpoint
-from perturbscope.models.training import TrainConfig, fit, seeded
 
 from .synthetic import random_counts
 
@@ -20,11 +20,8 @@ def test_additive_decoder_contract() -> None:
     assert model.hparams["decoder"] == "additive"
     clone = from_checkpoint(to_checkpoint(model))
     assert isinstance(clone.decoder, AdditiveSalientDecoder)
-    # checkpoints written before the option existed rebuild the joint decoder
-    ckpt = to_checkpoint(ContrastiveVAE(30))
-    del ckpt["hparams"]["decoder"]
-    assert from_checkpoint(ckpt).hparams["decoder"] == "joint"
-    with pytest.raises(ValueError, match="decoder='linear' is not supported"):
+    assert ContrastiveVAE(30).hparams["decoder"] == "additive"  # the default
+    with pytest.raises(ParameterError, match=r"decoder must be one of \['joint', 'additive'\], got 'linear'"):
         ContrastiveVAE(30, decoder="linear")
 
 
@@ -67,7 +64,7 @@ def test_unit_salient_loadings_make_a_code_as_long_as_its_log_fold_change() -> N
             25, n_background=3, n_salient=2, decoder="additive", likelihood="nb", salient_loadings="unit"
         )
     assert model.hparams["salient_loadings"] == "unit" and model.decoder.unit_loadings
-    assert ContrastiveVAE(25, decoder="additive").hparams["salient_loadings"] == "free"  # the default
+    assert ContrastiveVAE(25, decoder="additive").hparams["salient_loadings"] == "shared"  # the default
     with torch.no_grad():
         model.decoder.salient.weight.mul_(7.0)  # the raw weights' scale does not matter
     z = torch.randn(4, 3)
@@ -85,19 +82,8 @@ def test_unit_salient_loadings_make_a_code_as_long_as_its_log_fold_change() -> N
     _, raw = free.decoder._hidden_logits(torch.cat([z, codes], 1), None)
     _, raw0 = free.decoder._hidden_logits(torch.cat([z, torch.zeros_like(codes)], 1), None)
     assert torch.linalg.vector_norm(raw - raw0, dim=1)[0] > 2.0
-    with pytest.raises(ValueError, match="salient_loadings='scaled' is not supported"):
+    with pytest.raises(ParameterError, match="salient_loadings must be one of .*, got 'scaled'"):
         ContrastiveVAE(25, decoder="additive", salient_loadings="scaled")
-
-
-def test_checkpoints_from_before_unit_loadings_load_with_free_loadings() -> None:
-    with seeded(0):
-        old = ContrastiveVAE(25, n_salient=2, decoder="additive", salient_loadings="free")
-    ckpt = to_checkpoint(old)
-    del ckpt["hparams"]["salient_loadings"]
-    loaded = from_checkpoint(ckpt)
-    assert loaded.hparams["salient_loadings"] == "free" and not loaded.decoder.unit_loadings
-    x = torch.randn(3, 10 + 2)
-    torch.testing.assert_close(loaded.decoder.log_proportions(x), old.decoder.log_proportions(x))
 
 
 def test_shared_salient_loadings_have_one_learned_length() -> None:

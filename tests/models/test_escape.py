@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from perturbscope.models import ContrastiveVAE
 from perturbscope.models.escape import EscapeMixture, fit_escape_mixture
-from perturbscope.models.io import from_checkpoint, to_checkpoint
 
 
 def _screen(seed: int = 0):
@@ -77,15 +75,3 @@ def test_bad_inputs_name_the_problem() -> None:
         fit_escape_mixture(codes, labels, controls[:1])
     with pytest.raises(ValueError, match="6 columns"):
         fit_escape_mixture(codes, labels, controls[:, :3])
-
-
-def test_checkpoints_with_the_retired_escape_gate_still_load() -> None:
-    model = ContrastiveVAE(30, n_salient=3)
-    ckpt = to_checkpoint(model)
-    ckpt["hparams"].update(escape_gate=True, gate_hidden=16)
-    ckpt["state_dict"]["gate.0.weight"] = np.zeros(1)
-    ckpt["state_dict"]["escaper_odds"] = np.ones(())
-    loaded = from_checkpoint(ckpt)
-    assert "escape_gate" not in loaded.hparams
-    for name, value in model.state_dict().items():
-        np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), value.numpy())

@@ -9,11 +9,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from perturbscope.models import ParameterError, TrainConfig, fit, seeded
 from perturbscope.models.data import CellData, MinibatchSampler
 from perturbscope.models.io import load_model, save_model
 from perturbscope.models.likelihoods import dense_log_likelihood
 from perturbscope.models.linear import LinearVAE, varimax
-from perturbscope.models.training import TrainConfig, fit, seeded
 
 from .synthetic import random_counts
 
@@ -41,9 +41,9 @@ def _quick_fit(model: LinearVAE, data: CellData, epochs: int = 3, batch_size: in
         ({"n_latent": 2.5}, "n_latent"),
         ({"n_layers": 0}, "n_layers"),
         ({"dropout": 1.0}, "dropout"),
-        ({"likelihood": "poisson"}, "likelihood='poisson'"),
-        ({"gene_norm": "layer"}, "gene_norm='layer'"),
-        ({"library": "fixed"}, "library='fixed'"),
+        ({"likelihood": "poisson"}, r"likelihood must be one of \['nb', 'zinb'\].*got 'poisson'"),
+        ({"gene_norm": "layer"}, "gene_norm must be one of.*got 'layer'"),
+        ({"library": "fixed"}, "library must be 'observed'.*or 'learned', got 'fixed'"),
         ({"library": "learned"}, "library_log_mean"),
         ({"library": "learned", "library_log_mean": [1.0, 2.0], "library_log_var": [1.0, 1.0]}, "max\\(n_batch, 1\\)"),
         ({"loading_penalty": -1.0}, "loading_penalty"),
@@ -51,7 +51,7 @@ def _quick_fit(model: LinearVAE, data: CellData, epochs: int = 3, batch_size: in
     ],
 )
 def test_bad_hyperparameters_raise_clear_errors(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ParameterError, match=match):
         LinearVAE(**{"n_genes": N_GENES, **kwargs})
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from perturbscope.models import TrainConfig, fit, seeded
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler
-from perturbscope.models.training import TrainConfig, fit, seeded
 
 from .synthetic import random_counts
 

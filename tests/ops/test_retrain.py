@@ -19,9 +19,9 @@ import torch
 from mlflow import MlflowClient
 
 from perturbscope.models import ContrastiveVAE, load_model
+from perturbscope.models.model import ContrastiveVI
 from perturbscope.ops.registry import load_registered_model
 from perturbscope.ops.retrain import main, retrain
-from perturbscope.pipelines.contrastive_model.nodes import embed_screen
 from perturbscope.simulation import simulate_screen
 from tests.conftest import PROJECT
 
@@ -132,7 +132,7 @@ def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Pa
     assert isinstance(model, ContrastiveVAE)
     for key, tensor in load_model(saved["sim_a"]).state_dict().items():
         assert torch.equal(tensor, model.state_dict()[key])
-    embedded = embed_screen(model, processed_b, fill_missing=True)
+    embedded = ContrastiveVI(model).embed(processed_b, fill_missing=True)
     assert embedded.obsm["X_salient"].shape == (processed_b.n_obs, model.hparams["n_salient"])
     assert load_registered_model(NAME.format("sim_a"), 1, tracking_uri=client.tracking_uri).hparams == model.hparams
 
@@ -256,7 +256,7 @@ def test_command_line_params() -> None:
 def test_command_line_under_python_m_logs_its_summary(
     test_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """`python -m perturbscope.retrain`, started outside the project, prints what it would do."""
+    """`python -m perturbscope.ops.retrain`, started outside the project, prints what it would do."""
     import os
     import subprocess
     import sys
@@ -267,7 +267,7 @@ def test_command_line_under_python_m_logs_its_summary(
         [
             sys.executable,
             "-m",
-            "perturbscope.retrain",
+            "perturbscope.ops.retrain",
             "--env",
             "test",
             "--project-path",
@@ -286,17 +286,3 @@ def test_command_line_under_python_m_logs_its_summary(
     assert done.returncode == 0, output[-3000:]
     assert "would_retrain" in output and "sim_a" in output
     assert not list(elsewhere.iterdir())  # nothing written where it was started
-
-
-def test_old_module_paths_are_the_ops_modules() -> None:
-    """`perturbscope.retrain` / `.registry` / `.screens` (before ops/) are the ops modules themselves."""
-    import perturbscope.ops.registry
-    import perturbscope.ops.retrain
-    import perturbscope.ops.screens
-    import perturbscope.registry
-    import perturbscope.retrain
-    import perturbscope.screens
-
-    assert perturbscope.retrain is perturbscope.ops.retrain
-    assert perturbscope.registry.load_registered_model is perturbscope.ops.registry.load_registered_model
-    assert perturbscope.screens is perturbscope.ops.screens

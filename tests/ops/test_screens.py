@@ -164,7 +164,7 @@ def test_counts_in_a_layer_and_bad_counts_in_the_sample(tmp_path: Path) -> None:
     assert check_screen_file(str(path), {**SCHEMA, "counts_layer": "raw"}, "s", n_cells=20)["cells_checked"] == 20
     with pytest.raises(ScreenValidationError, match="non-integer"):
         check_screen_file(str(path), SCHEMA, "s", n_cells=20)
-    with pytest.raises(ScreenValidationError, match=r"layers are \['raw'\]"):
+    with pytest.raises(ScreenValidationError, match=r"no layer 'counts' \(layers: \['raw'\]\)"):
         check_screen_file(str(path), {**SCHEMA, "counts_layer": "counts"}, "s")
     # a NaN in the last cell is among the sampled cells (first and last halves)
     adata = simulate_screen(n_cells=400, n_genes=300, seed=1).copy()

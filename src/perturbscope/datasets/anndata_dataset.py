@@ -11,8 +11,8 @@ import pandas as pd
 from kedro.io.core import DatasetError, Version
 from kedro_datasets._typing import TablePreview
 
+from perturbscope.blocks import DEFAULT_CHUNK_SIZE, BlockScreen, stored_matrix_bytes
 from perturbscope.datasets._io import VersionedFileDataset, write_via_local_file
-from perturbscope.ondisk import DEFAULT_CHUNK_SIZE, OnDiskScreen, stored_matrix_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class AnnDataDataset(VersionedFileDataset):
     load_args
         Passed to :func:`anndata.read_h5ad` (for example ``backed: r``), except
         ``on_disk_above_gb``: a local file whose count matrix takes more memory than this
-        (as CSR) loads as an :class:`~perturbscope.ondisk.OnDiskScreen`, read in blocks of
+        (as CSR) loads as an :class:`~perturbscope.blocks.BlockScreen`, read in blocks of
         ``chunk_size`` cells (default 20,000) by the nodes that stream; null = never.
     save_args
         Passed to :meth:`anndata.AnnData.write_h5ad` (default ``compression: gzip``);
-        an :class:`~perturbscope.ondisk.OnDiskScreen` is written block by block with the same
+        an :class:`~perturbscope.blocks.BlockScreen` is written block by block with the same
         compression.
     version, credentials, fs_args, metadata
         As for every Kedro versioned dataset.
@@ -89,7 +89,7 @@ class AnnDataDataset(VersionedFileDataset):
         return size if size > float(self._on_disk_above_gb) * 1e9 else None
 
     def reads_on_disk(self) -> bool:
-        """Whether :meth:`load` returns an :class:`~perturbscope.ondisk.OnDiskScreen` (the file exists
+        """Whether :meth:`load` returns an :class:`~perturbscope.blocks.BlockScreen` (the file exists
         and its count matrix is above ``on_disk_above_gb``)."""
         try:
             load_path = self._load_path()
@@ -97,7 +97,7 @@ class AnnDataDataset(VersionedFileDataset):
         except (DatasetError, OSError):
             return False
 
-    def load(self) -> ad.AnnData | OnDiskScreen:
+    def load(self) -> ad.AnnData | BlockScreen:
         load_path = self._load_path()
         if not self._fs.exists(load_path):
             raise DatasetError(
@@ -107,7 +107,7 @@ class AnnDataDataset(VersionedFileDataset):
         try:
             size = self._on_disk_bytes(load_path)
             if size is not None:
-                screen = OnDiskScreen.open(load_path, chunk_size=self._chunk_size)
+                screen = BlockScreen.open(load_path, chunk_size=self._chunk_size)
                 logger.info(
                     "%s: %s cells; its count matrix (%.1f GB as CSR) is above on_disk_above_gb=%s, so it "
                     "is read from disk in blocks of %s cells.",
@@ -129,8 +129,8 @@ class AnnDataDataset(VersionedFileDataset):
                 "(`adata.write_h5ad(path)`)."
             ) from err
 
-    def save(self, data: ad.AnnData | OnDiskScreen) -> None:
-        if isinstance(data, OnDiskScreen):
+    def save(self, data: ad.AnnData | BlockScreen) -> None:
+        if isinstance(data, BlockScreen):
             write_via_local_file(
                 self._protocol,
                 self._fs,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import ParameterError
 from .data import CellData, as_index, batch_to
 from .modules import LibraryEncoder, kl_normal, one_hot, reparameterize
 
@@ -17,25 +18,25 @@ __all__ = ["BaseModel", "BatchLibraryModel"]
 
 
 class BaseModel(nn.Module):
-    """Base class implementing the contract shared by all perturbscope models.
+    """The contract every perturbscope model follows (scvi-tools' ``module`` split).
 
-    Subclasses must
+    * ``inference(batch, sample=True) -> dict``: the posterior of the latent variables of a batch
+      (their means and variances, and a reparameterised draw, or the mean with ``sample=False``);
+    * ``generative(...)``: the likelihood's parameters given the latent variables;
+    * ``loss(batch, kl_weight) -> dict[str, Tensor]``: ``"loss"`` (scalar, mean over cells, what
+      :func:`~perturbscope.models.training.fit` back-propagates) plus scalar component terms, built from
+      the two above. Embedding and decoding helpers reuse ``inference`` and ``generative``.
 
-    * call :meth:`_set_hparams` in ``__init__`` with their constructor
-      keyword arguments (JSON-serialisable), so that
-      ``type(model)(**model.hparams)`` rebuilds an identical architecture;
-    * implement ``loss(batch, kl_weight) -> dict[str, Tensor]`` returning at
-      least ``"loss"`` (scalar, mean over cells, to back-propagate) plus any
-      scalar component terms (used by :func:`~perturbscope.models.training.fit`
-      for logging and for the NaN diagnosis).
+    Subclasses call :meth:`_set_hparams` in ``__init__`` with their constructor keyword arguments
+    (JSON-serialisable), so that ``type(model)(**model.hparams)`` rebuilds the architecture, and raise
+    :class:`~perturbscope.models.ParameterError` naming a bad argument.
 
     Attributes
     ----------
     hparams : dict
         Constructor kwargs (JSON-serialisable).
     metadata : dict
-        Free JSON-serialisable dict (gene names, category labels, ...);
-        saved in checkpoints, default ``{}``.
+        Free JSON-serialisable dict (gene names, category labels, ...); saved in checkpoints.
     """
 
     hparams: dict[str, Any]
@@ -159,23 +160,24 @@ def check_library_prior(
     (``max(n_batch, 1)`` entries each, variances > 0).
     """
     if library not in ("observed", "learned"):
-        raise ValueError(f"library={library!r} is not supported; use 'observed' (log total counts) or 'learned'")
+        raise ParameterError("library", f"must be 'observed' (log total counts) or 'learned', got {library!r}")
     if library != "learned":
         return library_log_mean, library_log_var
     n_lib = max(n_batch, 1)
     if library_log_mean is None or library_log_var is None:
-        raise ValueError(
-            "library='learned' needs library_log_mean and library_log_var (prior of the log library "
+        raise ParameterError(
+            "library",
+            "'learned' needs library_log_mean and library_log_var (prior of the log library "
             "per batch), e.g. `mean, var = data.library_prior(train_idx, batch_key, n_batch)`; "
-            "or use library='observed'"
+            "or use library='observed'",
         )
     means = [float(v) for v in library_log_mean]
     variances = [float(v) for v in library_log_var]
     if len(means) != n_lib or len(variances) != n_lib:
-        raise ValueError(
-            f"library_log_mean/library_log_var need max(n_batch, 1) = {n_lib} entries, "
-            f"got {len(means)} and {len(variances)}"
+        raise ParameterError(
+            "library_log_mean",
+            f"and library_log_var need max(n_batch, 1) = {n_lib} entries, got {len(means)} and {len(variances)}",
         )
     if min(variances) <= 0:
-        raise ValueError("library_log_var entries must be > 0")
+        raise ParameterError("library_log_var", "entries must be > 0")
     return means, variances

@@ -63,6 +63,7 @@ Example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -73,13 +74,13 @@ from torch import Tensor, nn
 
 from perturbscope.schema import CONTROL, parse_perturbation
 
-from ._checks import check_int
+from ._checks import ParameterError, check_choice, check_float, check_int
 from .base import BaseModel
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, gaussian_log_likelihood
-from .modules import MLP, CountDecoder, CountParams, GaussianEncoder, kl_standard_normal
+from .modules import MLP, CountDecoder, CountParams, GaussianEncoder, kl_standard_normal, reparameterize
 
-__all__ = ["ConditionalVAE", "UnknownPerturbationError", "CVAE_LIKELIHOODS", "Generated"]
+__all__ = ["CVAE_LIKELIHOODS", "ConditionalVAE", "GaussianParams", "Generated", "UnknownPerturbationError"]
 
 CVAE_LIKELIHOODS: tuple[str, ...] = ("gaussian", "nb")
 
@@ -99,6 +100,15 @@ class Generated(NamedTuple):
     """The perturbation of each cell."""
     source: np.ndarray | None
     """Mode B: position in the data of the control cell each cell comes from; None for Mode A."""
+
+
+class GaussianParams(NamedTuple):
+    """The Gaussian likelihood's parameters (log-normalised data)."""
+
+    mean: Tensor
+    """``(B, G)`` means."""
+    log_var: Tensor
+    """``(G,)`` per-gene log variances."""
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -133,7 +143,8 @@ class ConditionalVAE(BaseModel):
     dropout
         Dropout rate of the encoder.
     likelihood
-        ``"gaussian"`` (log-normalised data) or ``"nb"`` (raw counts).
+        ``"nb"`` (default: raw counts, the library size of each cell) or ``"gaussian"`` (log-normalised
+        data).
     n_condition_embedding
         Dimension of the per-gene embedding summed over the perturbed genes
         and fed to the decoder MLP; 0 = the decoder MLP sees only ``z``.
@@ -166,7 +177,7 @@ class ConditionalVAE(BaseModel):
         n_hidden: int = 128,
         n_layers: int = 2,
         dropout: float = 0.1,
-        likelihood: str = "gaussian",
+        likelihood: str = "nb",
         n_condition_embedding: int = 16,
         condition_shift: bool = True,
         condition_key: str = "condition",
@@ -182,24 +193,23 @@ class ConditionalVAE(BaseModel):
         n_condition_embedding = check_int(
             "n_condition_embedding", n_condition_embedding, 0, "use 0 to feed no embedding to the decoder MLP"
         )
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if likelihood not in CVAE_LIKELIHOODS:
-            raise ValueError(
-                f"likelihood={likelihood!r} is not supported by ConditionalVAE; use 'gaussian' "
-                "(log-normalised expression) or 'nb' (raw counts with library size)"
-            )
+        dropout = check_float("dropout", dropout, 0.0, 1.0, "use e.g. 0.1")
+        check_choice(
+            "likelihood",
+            likelihood,
+            CVAE_LIKELIHOODS,
+            "'nb': raw counts with library size, 'gaussian': log-normalised X",
+        )
         if not isinstance(condition_shift, bool):
-            raise ValueError(f"condition_shift must be true or false, got {condition_shift!r}")
+            raise ParameterError("condition_shift", f"must be true or false, got {condition_shift!r}")
         if not condition_shift and n_condition_embedding == 0:
-            raise ValueError(
-                "condition_shift=False with n_condition_embedding=0 leaves the decoder blind to the "
-                "perturbation; enable the shift or give the embedding a dimension"
+            raise ParameterError(
+                "condition_shift",
+                "False with n_condition_embedding=0 leaves the decoder blind to the perturbation; enable the "
+                "shift or give the embedding a dimension",
             )
-        if not (isinstance(var_eps, (int, float)) and var_eps > 0):
-            raise ValueError(f"var_eps must be a positive number, got {var_eps!r}")
-        if not (isinstance(adversary_weight, (int, float)) and adversary_weight >= 0):
-            raise ValueError(f"adversary_weight must be a number >= 0 (0 disables it), got {adversary_weight!r}")
+        var_eps = check_float("var_eps", var_eps, 1e-300, math.inf, "use e.g. 1e-3")
+        adversary_weight = check_float("adversary_weight", adversary_weight, 0.0, math.inf, "0 disables it")
         self._set_hparams(
             n_genes=n_genes,
             n_conditions=n_conditions,
@@ -247,7 +257,6 @@ class ConditionalVAE(BaseModel):
             if adversary_weight > 0
             else None
         )
-        self._register_load_state_dict_pre_hook(_rename_old_decoder_keys)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -364,6 +373,23 @@ class ConditionalVAE(BaseModel):
         log_rho = F.log_softmax(self.decode_logits(z, c), dim=-1)
         return CountParams(log_rho, log_rho + log_library.unsqueeze(-1), self.log_scale, None)
 
+    def inference(self, batch: dict[str, Tensor], sample: bool = True) -> dict[str, Tensor]:
+        """The posterior ``q(z | x, c)`` of a batch under each cell's own condition: ``mean``, ``var``,
+        ``z`` (a draw, or the mean with ``sample=False``) and the condition multi-hot ``c``."""
+        c = self._condition(batch)
+        mean, var = self.encoder(self._encoder_input(batch["x"]), c)
+        z = reparameterize(mean, var) if sample else mean
+        return {"mean": mean, "var": var, "z": z, "c": c}
+
+    def generative(self, z: Tensor, c: Tensor, log_library: Tensor | None = None) -> CountParams | GaussianParams:
+        """The likelihood's parameters of latent ``z`` under condition ``c``: :class:`CountParams` (NB,
+        needs the log library ``(B,)``) or :class:`GaussianParams` (log-normalised data)."""
+        if self.likelihood == "gaussian":
+            return GaussianParams(self.decode_logits(z, c), self.gaussian_log_var())
+        if log_library is None:
+            raise ValueError("the NB likelihood needs each cell's log library")
+        return self.count_params(z, c, log_library)
+
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO of a minibatch.
 
@@ -377,15 +403,14 @@ class ConditionalVAE(BaseModel):
             adversary, ``adversary`` (mean binary cross-entropy of the
             condition read from ``z``, summed over the conditions).
         """
-        x = batch["x"]
-        c = self._condition(batch)
-        mean, var, z = self.encoder.sample(self._encoder_input(x), c)
-        if self.likelihood == "gaussian":
-            recon = -gaussian_log_likelihood(x, self.decode_logits(z, c), self.gaussian_log_var())
+        q = self.inference(batch)
+        z, c = q["z"], q["c"]
+        p = self.generative(z, c, batch["log_library"])
+        if isinstance(p, GaussianParams):
+            recon = -gaussian_log_likelihood(batch["x"], p.mean, p.log_var)
         else:
-            p = self.count_params(z, c, batch["log_library"])
             recon = -batch_log_likelihood("nb", batch, p.log_mu, p.log_theta)
-        kl = kl_standard_normal(mean, var)
+        kl = kl_standard_normal(q["mean"], q["var"])
         out = {"loss": (recon + kl_weight * kl).mean(), "reconstruction": recon.mean(), "kl": kl.mean()}
         if self.adversary is not None:
             logits = self.adversary(_GradientReversal.apply(z))
@@ -401,10 +426,7 @@ class ConditionalVAE(BaseModel):
         """Posterior means ``E[z | x, c]`` under each cell's own condition, ``(n, n_latent)``."""
         was_training = self.training
         self.eval()
-        chunks = []
-        for b in self.iter_batches(data, idx, batch_size):
-            mean, _ = self.encoder(self._encoder_input(b["x"]), self._condition(b))
-            chunks.append(mean)
+        chunks = [self.inference(b, sample=False)["z"] for b in self.iter_batches(data, idx, batch_size)]
         self.train(was_training)
         return self._to_numpy(chunks, self.n_latent)
 
@@ -619,10 +641,3 @@ class ConditionalVAE(BaseModel):
             sources.append(ctrl[order])
         self.train(was_training)
         return Generated(np.concatenate(xs), np.concatenate(exps), cell_labels, np.concatenate(sources))
-
-
-def _rename_old_decoder_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Checkpoints written before the decoder became a :class:`CountDecoder` load unchanged."""
-    for old, new in (("decoder_net.", "decoder.net."), ("decoder_out.", "decoder.expression.")):
-        for key in [k for k in state_dict if k.startswith(prefix + old)]:
-            state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)

@@ -29,16 +29,16 @@ import os
 import socket
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .training import TrainConfig
+from ._checks import ParameterError
+from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,13 @@ def world_size_for(distributed: Any) -> int:
     if distributed is True or distributed == "auto":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return count if count >= 2 else 1
-    if isinstance(distributed, (int,)) and not isinstance(distributed, bool) and distributed >= 0:
+    if isinstance(distributed, int) and not isinstance(distributed, bool) and distributed >= 0:
         return max(1, int(distributed))
-    raise ValueError(
-        f"distributed={distributed!r} not understood; use false, 'auto' (every GPU of this machine) or a "
-        "number of processes (>= 2)"
+    raise ParameterError(
+        "distributed",
+        f"{distributed!r} is not understood; use false, 'auto' (every GPU of this machine) or a number of "
+        "processes (>= 2)",
+        "training",
     )
 
 
@@ -155,11 +157,9 @@ def process_group(rank: int, world: int, backend: str, init_method: str) -> Iter
 
 def _worker(rank: int, world: int, backend: str, init_method: str, out: str) -> None:
     """One rank of :func:`spawn_fit`: train, then rank 0 saves weights and history for the parent."""
-    from .training import _fit_one, resolve_device
-
     try:
         job = torch.load(Path(out) / "job.pt", weights_only=False)
-        model, train, val, config, settings = (job[k] for k in ("model", "train", "val", "config", "settings"))
+        run, model, train, val, config = (job[k] for k in ("run", "model", "train", "val", "config"))
         device = resolve_device(config.device)
         if device.type == "cuda":
             device = torch.device("cuda", rank)
@@ -167,7 +167,7 @@ def _worker(rank: int, world: int, backend: str, init_method: str, out: str) -> 
         elif config.num_threads is None:
             torch.set_num_threads(_cpu_threads(world))
         with process_group(rank, world, backend, init_method):
-            history = _fit_one(model, train, val, config, device, None, settings)
+            history = run(model, train, val, config, device)
             if rank == 0:
                 state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                 torch.save({"state": state, "history": history}, Path(out) / "result.pt")
@@ -176,17 +176,22 @@ def _worker(rank: int, world: int, backend: str, init_method: str, out: str) -> 
         raise
 
 
-def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world: int, settings: str | None) -> Any:
-    """Train ``model`` on ``world`` processes of this machine; returns rank 0's history, the weights loaded."""
-    import torch.multiprocessing as mp
+def spawn_fit(run: Callable[..., Any], model: nn.Module, train: Any, val: Any, config: Any, world: int) -> Any:
+    """Train ``model`` on ``world`` processes of this machine; returns rank 0's history, the weights loaded.
 
-    from .training import resolve_device
+    ``config`` is the :class:`~perturbscope.models.TrainConfig`. Every rank calls
+    ``run(model, train, val, config, device)`` (a module-level function: it travels to
+    the ranks by name) inside the process group.
+    """
+    import torch.multiprocessing as mp
 
     device = resolve_device(config.device)
     if device.type == "cuda" and torch.cuda.device_count() < world:
-        raise ValueError(
-            f"training.distributed asks for {world} processes but only {torch.cuda.device_count()} GPU(s) are "
-            "visible: one process per GPU. Lower training.distributed or use device: cpu."
+        raise ParameterError(
+            "distributed",
+            f"asks for {world} processes but only {torch.cuda.device_count()} GPU(s) are visible: one process "
+            "per GPU. Ask for fewer processes, or train on the CPU (device='cpu').",
+            "training",
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
     logger.info(
@@ -201,9 +206,7 @@ def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world
     with tempfile.TemporaryDirectory(prefix="perturbscope-ddp-") as out:
         # the job goes to the ranks as a file: tensors passed as spawn arguments travel as shared-memory
         # file descriptors, which subprocess start-up rejects
-        torch.save(
-            {"model": model, "train": train, "val": val, "config": config, "settings": settings}, Path(out) / "job.pt"
-        )
+        torch.save({"run": run, "model": model, "train": train, "val": val, "config": config}, Path(out) / "job.pt")
         try:
             mp.start_processes(
                 _worker, args=(world, backend, init_method, out), nprocs=world, join=True, start_method="spawn"
@@ -217,7 +220,8 @@ def spawn_fit(model: nn.Module, train: Any, val: Any, config: TrainConfig, world
         except mp.ProcessExitedException as err:
             raise RuntimeError(
                 f"A training process died ({err}); on the CPU each of the {world} processes holds a copy of the "
-                "model and its batches: lower training.distributed or the batch size if memory ran out."
+                "model and its batches: ask for fewer processes (distributed) or a smaller batch_size if memory "
+                "ran out."
             ) from None
         result = torch.load(Path(out) / "result.pt", weights_only=False)
     model.load_state_dict(result["state"])

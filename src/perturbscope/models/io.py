@@ -101,14 +101,8 @@ def from_checkpoint(ckpt: dict[str, Any], map_location: str | torch.device = "cp
     cls = _import_class(ckpt["class"])
     if not issubclass(cls, nn.Module):
         raise ValueError(f"checkpoint class {ckpt['class']!r} is not a torch.nn.Module")
-    # arguments and weights an earlier version had (e.g. contrastiveVI's escape gate) are dropped
-    # and arguments added since take the value the checkpoint was trained with (``legacy_hparams``)
-    retired = tuple(getattr(cls, "retired_hparams", ()))
-    hparams = {**dict(getattr(cls, "legacy_hparams", {})), **ckpt["hparams"]}
-    model = cls(**{k: v for k, v in hparams.items() if k not in retired})
-    prefixes = tuple(getattr(cls, "retired_state", ()))
-    state = {k: v for k, v in ckpt["state_dict"].items() if not (prefixes and k.startswith(prefixes))}
-    model.load_state_dict(state)
+    model = cls(**ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
     model.metadata = dict(ckpt.get("metadata") or {})
     model.to(map_location)
     model.eval()

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import ParameterError
+
 __all__ = [
     "CountLikelihood",
     "COUNT_LIKELIHOODS",
@@ -76,14 +78,14 @@ def check_likelihood(kind: str, name: str = "likelihood") -> str:
 
     Raises
     ------
-    ValueError
+    ParameterError
         If ``kind`` is not one of ``"nb"``, ``"zinb"``.
     """
     if kind not in COUNT_LIKELIHOODS:
-        raise ValueError(
-            f"{name}={kind!r} is not a supported count likelihood; "
-            f"use one of {list(COUNT_LIKELIHOODS)} ('zinb' = zero-inflated "
-            "negative binomial, 'nb' = negative binomial)."
+        raise ParameterError(
+            name,
+            f"must be one of {list(COUNT_LIKELIHOODS)} ('zinb' = zero-inflated negative binomial, "
+            f"'nb' = negative binomial), got {kind!r}",
         )
     return kind
 

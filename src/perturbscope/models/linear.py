@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_float, check_int
+from ._checks import check_choice, check_float, check_int
 from .base import BatchLibraryModel, check_library_prior
 from .data import CellData, as_index
 from .likelihoods import batch_log_likelihood, check_likelihood
@@ -66,13 +66,13 @@ from .modules import (
 __all__ = ["LinearVAE", "LinearDecoder", "GENE_NORMS", "ROTATIONS", "varimax", "promax_target"]
 
 GENE_NORMS: tuple[str, ...] = ("batch", "none")
+"""Per-gene normalisation of the linear decoder: ``"batch"`` (BatchNorm, as LDVAE) or ``"none"``."""
 INIT_SCALE = 0.3
 """Initial per-gene BatchNorm scale: the decoder starts close to the average profile (the
 intercepts) and factors grow from there; 1.0 (torch's default) needed ~1.6x more epochs
 to converge, to the same likelihood and program recovery, on simulated screens."""
 ROTATIONS: tuple[str, ...] = ("promax", "varimax", "none")
 """Factor orientations of :meth:`LinearVAE.orient`."""
-"""Per-gene normalisation of the linear decoder: ``"batch"`` (BatchNorm, as LDVAE) or ``"none"``."""
 
 
 class LinearDecoder(nn.Module):
@@ -113,8 +113,7 @@ class LinearDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.likelihood = check_likelihood(likelihood)
-        if gene_norm not in GENE_NORMS:
-            raise ValueError(f"gene_norm={gene_norm!r} is not supported; use one of {list(GENE_NORMS)}")
+        check_choice("gene_norm", gene_norm, GENE_NORMS)
         self.gene_norm = gene_norm
         self.n_batch = int(n_batch)
         self.momentum = float(momentum)
@@ -286,11 +285,7 @@ class LinearVAE(BatchLibraryModel):
             "loading_penalty", loading_penalty, 0.0, math.inf, "use e.g. 0.03, or 0 to disable it"
         )
         check_likelihood(likelihood)
-        if gene_norm not in GENE_NORMS:
-            raise ValueError(
-                f"gene_norm={gene_norm!r} is not supported; use 'batch' (BatchNorm after the linear decoder, "
-                "as LDVAE) or 'none' (plain linear decoder)"
-            )
+        check_choice("gene_norm", gene_norm, GENE_NORMS, "'batch': BatchNorm after the linear decoder, as LDVAE")
         library_log_mean, library_log_var = check_library_prior(library, library_log_mean, library_log_var, n_batch)
         self._set_hparams(
             n_genes=n_genes,
@@ -329,7 +324,24 @@ class LinearVAE(BatchLibraryModel):
         # reported factors = latent @ factor_transform (see orient); identity = raw latent
         self.register_buffer("factor_transform", torch.eye(n_latent))
 
-    # ------------------------------------------------------------------
+    # ------------------------------------------------------------------ inference / generative / loss
+    def inference(self, batch: dict[str, Tensor], sample: bool = True, library: bool = True) -> dict[str, Any]:
+        """The posterior ``q(z | x)`` of a batch: ``z_mean``, ``z_var``, ``z`` (a draw, or the mean with
+        ``sample=False``), ``cov`` and, with ``library``, ``log_library`` and ``kl_library`` (None for an
+        observed library)."""
+        h = torch.log1p(batch["x"])
+        cov = self._cov(batch)
+        z_mean, z_var = self.encoder(h, cov)
+        out: dict[str, Any] = {"z_mean": z_mean, "z_var": z_var, "cov": cov}
+        out["z"] = reparameterize(z_mean, z_var) if sample else z_mean
+        if library:
+            out["log_library"], out["kl_library"] = self._library(batch, h, cov, sample=sample)
+        return out
+
+    def generative(self, z: Tensor, log_library: Tensor, cov: Tensor | None = None) -> CountParams:
+        """The count likelihood's parameters of factors ``z`` (raw latent) with log library ``(B,)``."""
+        return self.decoder(z, log_library, cov)
+
     def loss(self, batch: dict[str, Any], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO of a minibatch, plus the loading penalty.
 
@@ -341,14 +353,11 @@ class LinearVAE(BatchLibraryModel):
             negative log-likelihood), ``kl_latent``, ``kl_library`` (learned
             library only) and ``loading_penalty`` (when > 0).
         """
-        h = torch.log1p(batch["x"])
-        cov = self._cov(batch)
-        z_mean, z_var = self.encoder(h, cov)
-        z = reparameterize(z_mean, z_var)
-        log_library, kl_lib = self._library(batch, h, cov, sample=True)
-        p = self.decoder(z, log_library, cov)
+        q = self.inference(batch)
+        p = self.generative(q["z"], q["log_library"], q["cov"])
         recon = -batch_log_likelihood(self.likelihood, batch, p.log_mu, p.log_theta, p.zi_logits)
-        kl_z = kl_standard_normal(z_mean, z_var)
+        kl_z = kl_standard_normal(q["z_mean"], q["z_var"])
+        kl_lib = q["kl_library"]
         kl = kl_z if kl_lib is None else kl_z + kl_lib
         loss = (recon + kl_weight * kl).mean()
         out = {"loss": loss, "reconstruction": recon.mean(), "kl_latent": kl_z.mean()}
@@ -388,7 +397,7 @@ class LinearVAE(BatchLibraryModel):
     def _raw_embed(self, data: CellData, idx: Any = None, batch_size: int = 1024) -> Tensor:
         was_training = self.training
         self.eval()
-        out = [self.encoder(torch.log1p(b["x"]), self._cov(b))[0] for b in self.iter_batches(data, idx, batch_size)]
+        out = [self.inference(b, sample=False, library=False)["z"] for b in self.iter_batches(data, idx, batch_size)]
         self.train(was_training)
         if not out:
             return torch.zeros(0, self.n_latent, device=self.device)
@@ -417,11 +426,8 @@ class LinearVAE(BatchLibraryModel):
         self.eval()
         out = []
         for b in self.iter_batches(data, idx, batch_size):
-            h = torch.log1p(b["x"])
-            cov = self._cov(b)
-            z = self.encoder(h, cov)[0]
-            log_library, _ = self._library(b, h, cov, sample=False)
-            p = self.decoder(z, log_library, cov)
+            q = self.inference(b, sample=False)
+            p = self.generative(q["z"], q["log_library"], q["cov"])
             out.append(batch_log_likelihood(self.likelihood, b, p.log_mu, p.log_theta, p.zi_logits).double())
         self.train(was_training)
         return torch.cat(out).cpu().numpy() if out else np.zeros(0)
@@ -457,8 +463,7 @@ class LinearVAE(BatchLibraryModel):
         ordered by decreasing sum of squared loadings. Calling it again
         recomputes from the raw latent.
         """
-        if rotation not in ROTATIONS:
-            raise ValueError(f"rotation={rotation!r} is not supported; use one of {list(ROTATIONS)}")
+        check_choice("rotation", rotation, ROTATIONS)
         z = self._raw_embed(data, idx, batch_size).double().cpu()
         if z.shape[0] < 2:
             raise ValueError("orient needs the posterior means of at least 2 cells")

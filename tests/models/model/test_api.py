@@ -1,37 +1,61 @@
-"""The AnnData-facing model classes: one parameter path, save / load, wrapping stored modules."""
+"""The AnnData-facing model classes: their own defaults, their own argument names, save / load, wrapping."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from perturbscope.models import ConditionalVAE, ContrastiveVAE, LinearVAE, seeded
-from perturbscope.models.model import CVAE, LDVAE, ContrastiveModelError, ContrastiveVI, LinearModelError
-from perturbscope.models.model.inputs import train_config
+from perturbscope.models import ContrastiveVAE, LinearVAE, ParameterError, TrainConfig, seeded
+from perturbscope.models.model import CVAE, LDVAE, ContrastiveVI
 from perturbscope.simulation import simulate_screen
 
 
-def test_shared_training_block_is_overridden_key_by_key() -> None:
-    shared = {"lr": 3e-3, "patience": 20, "batch_size": 128, "device": "cpu"}
-    config, batch_size, val_batch_size = train_config(
-        {"lr": 1e-3, "max_epochs": 7}, 5, "x.training", ValueError, shared
+def test_each_class_owns_its_training_defaults_over_train_config() -> None:
+    base = TrainConfig()
+    contrastive = ContrastiveVI.train_config()
+    assert (contrastive.max_epochs, contrastive.kl_warmup_epochs, contrastive.lr_patience) == (300, 40, 5)
+    assert (contrastive.lr, contrastive.patience, contrastive.batch_size) == (base.lr, base.patience, base.batch_size)
+    linear = LDVAE.train_config()
+    assert (linear.max_epochs, linear.kl_warmup_epochs, linear.num_threads, linear.precision) == (
+        400,
+        100,
+        1,
+        "float32",
     )
-    assert (config.lr, config.patience, config.max_epochs, config.device) == (1e-3, 20, 7, "cpu")
-    assert (batch_size, val_batch_size, config.seed) == (128, 1024, 5)  # the one seed unless the block names one
-    with pytest.raises(ValueError, match=r"Unknown x\.training parameter\(s\) \['epochs'\]"):
-        train_config({"epochs": 3}, 0, "x.training", ValueError, shared)
+    cvae = CVAE.train_config()
+    assert (cvae.lr, cvae.patience, cvae.grad_clip, cvae.validation_batch_size) == (1e-3, 30, 10.0, 512)
+    # the caller's settings go over the class's, key by key; the seed unless the settings name their own
+    config = ContrastiveVI.train_config({"max_epochs": 7, "lr": 1e-2}, seed=5)
+    assert (config.max_epochs, config.lr, config.kl_warmup_epochs, config.seed) == (7, 1e-2, 40, 5)
+    assert ContrastiveVI.train_config({"seed": 2}, seed=5).seed == 2
+    assert ContrastiveVI.train_config(TrainConfig(max_epochs=3)).max_epochs == 3  # a config is used as it is
 
 
-def test_bad_hyperparameters_name_the_kedro_parameter() -> None:
+def test_bad_arguments_name_the_argument_and_its_group() -> None:
     screen = simulate_screen(n_cells=300, n_genes=200, seed=0)
     screen.obs["is_control"] = screen.obs["perturbation"].astype(str) == "control"
-    with pytest.raises(ContrastiveModelError, match=r"contrastive_model\.model\.n_salient must be a positive integer"):
+    with pytest.raises(ParameterError, match=r"^n_salient must be a positive integer") as caught:
         ContrastiveVI.fit(screen, {"n_salient": 0}, {"max_epochs": 1, "progress": False})
-    with pytest.raises(LinearModelError, match=r"Unknown linear_model\.model parameter\(s\) \['n_factors'\]"):
+    assert (caught.value.name, caught.value.group) == ("n_salient", "model")
+    with pytest.raises(ParameterError, match=r"^n_factors is not a LinearVAE argument") as caught:
         LDVAE.fit(screen, {"n_factors": 3}, {"max_epochs": 1, "progress": False})
+    assert caught.value.group == "model"
+    with pytest.raises(ParameterError, match=r"^epochs is not a training setting") as caught:
+        ContrastiveVI.fit(screen, {}, {"epochs": 3})
+    assert caught.value.group == "training"
+    with pytest.raises(ParameterError, match=r"^lr must be a positive finite number") as caught:
+        LDVAE.fit(screen, {}, {"lr": -1})
+    assert (caught.value.name, caught.value.group) == ("lr", "training")
+    with pytest.raises(ParameterError, match=r"^rotation must be one of"):
+        LDVAE.fit(screen, {}, {"max_epochs": 1}, rotation="oblique")
+
+
+def test_modules_default_to_the_benchmarked_settings() -> None:
+    module = ContrastiveVAE(n_genes=20)
+    assert (module.hparams["decoder"], module.hparams["salient_loadings"]) == ("additive", "shared")
+    assert CVAE.from_vocabulary(["A"], [f"g{i}" for i in range(5)]).module.likelihood == "nb"
 
 
 def test_wrap_save_and_load(tmp_path: Path) -> None:
@@ -47,21 +71,3 @@ def test_wrap_save_and_load(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="LDVAE wraps a LinearVAE, got ContrastiveVAE"):
         LDVAE(module)
     assert isinstance(LDVAE(LinearVAE(n_genes=12, n_latent=2)).module, LinearVAE)
-
-
-def test_cvae_checkpoints_from_before_the_shared_decoder_load() -> None:
-    """A cVAE saved with the old decoder_net / decoder_out names loads into the CountDecoder."""
-    with seeded(0):
-        model = CVAE.from_vocabulary(["A", "B"], [f"g{i}" for i in range(10)], likelihood="nb").module
-    old = {
-        k.replace("decoder.net.", "decoder_net.").replace("decoder.expression.", "decoder_out."): v
-        for k, v in model.state_dict().items()
-    }
-    assert any(k.startswith("decoder_out.") for k in old)
-    with seeded(1):
-        fresh = ConditionalVAE(n_genes=10, n_conditions=2, likelihood="nb")
-    fresh.load_state_dict(old)
-    z, c = torch.zeros(3, model.n_latent), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    np.testing.assert_array_equal(
-        fresh.decode_logits(z, c).detach().numpy(), model.decode_logits(z, c).detach().numpy()
-    )

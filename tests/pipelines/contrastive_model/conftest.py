@@ -16,11 +16,12 @@ from perturbscope.pipelines.data_processing import nodes as dp
 from perturbscope.simulation import simulate_screen
 
 SCHEMA = {"perturbation_key": "perturbation", "control_labels": ["control"], "program_key": "program"}
-MODEL = {"n_background": 10, "n_salient": 10, "decoder": "additive"}  # the pipeline defaults
-# The pipeline's defaults except a smaller epoch budget (tests run on a shared 2-core CPU).
+MODEL: dict[str, Any] = {}  # the defaults (ContrastiveVAE's signature, what `kedro run` trains)
+# ContrastiveVI's training defaults except a smaller epoch budget (tests run on a shared 2-core CPU).
 # One torch thread: on a shared 2-core machine oversubscribed threads make training ~10x slower.
-TRAINING = {"max_epochs": 80, "kl_warmup_epochs": 30, "lr": 3e-3, "progress": False, "device": "cpu", "num_threads": 1}
+TRAINING = {"max_epochs": 80, "kl_warmup_epochs": 30, "progress": False, "device": "cpu", "num_threads": 1}
 EVALUATION = {"annotation_key": "program_responded", "confounders": ["phase_original"]}
+ESCAPE = {"enabled": True, "mixture": {}, "call_threshold": 0.5}
 
 
 def process(raw: ad.AnnData) -> ad.AnnData:
@@ -31,8 +32,8 @@ def process(raw: ad.AnnData) -> ad.AnnData:
     )
     screen = dp.normalise(screen, {"target_sum": 10000})
     screen = dp.score_cell_cycle(screen, {"min_genes_per_phase": 5, "n_bins": 25}, seed=0)
-    screen = dp.select_highly_variable_genes(screen, {"flavor": "seurat_v3", "n_top_genes": 2000, "span": 0.3})
-    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
+    screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000, "span": 0.3})
+    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0).to_memory()
     # ground truth for the evaluation: the program of cells that responded to their perturbation
     responded = screen.obs["responded"].to_numpy().astype(bool)
     screen.obs["program_responded"] = pd.Categorical(np.where(responded, screen.obs["program"].astype(str), "none"))
@@ -62,14 +63,18 @@ class Trained:
     model: ContrastiveVAE
     history: pd.DataFrame
     embedded: ad.AnnData
+    mixture: dict[str, Any]
+    calls: pd.DataFrame
     evaluation: pd.DataFrame
 
 
 def train_and_evaluate(screen: ad.AnnData, training: dict[str, Any] | None = None) -> Trained:
-    model, history = nodes.train_contrastive_model(screen, MODEL, {**TRAINING, **(training or {})}, SCHEMA, 0)
+    model, history = nodes.train_contrastive_model(screen, MODEL, {**TRAINING, **(training or {})}, {}, SCHEMA, 0)
     embedded = nodes.embed_cells(screen, model, {"umap": False}, 0)
-    evaluation = nodes.evaluate_embeddings(embedded, EVALUATION, SCHEMA, 0)
-    return Trained(screen, model, history, embedded, evaluation)
+    mixture = nodes.fit_escape_mixture(embedded, ESCAPE, 0)
+    calls = nodes.call_perturbed_cells(embedded, mixture, ESCAPE)
+    evaluation = nodes.evaluate_embeddings(embedded, calls, EVALUATION, SCHEMA, 0)
+    return Trained(screen, model, history, embedded, mixture, calls, evaluation)
 
 
 @pytest.fixture(scope="session")

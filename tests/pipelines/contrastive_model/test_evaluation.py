@@ -85,7 +85,7 @@ def test_table_skips_unknown_or_absent_confounders_with_a_note(caplog: pytest.Lo
             {"good": "X_good", "noise": "X_noise"},
             ~adata.obs["is_control"].to_numpy(),
             "program",
-            confounder_keys=["phase", "replicate", "lane"],
+            confounders=["phase", "replicate", "lane"],
             ignore_labels=["unassigned", "ctrl"],
         )
     ari = table[(table["metric"] == "ari")].set_index("space")["value"]
@@ -107,7 +107,9 @@ def test_table_skips_unknown_or_absent_confounders_with_a_note(caplog: pytest.Lo
 
 def test_missing_annotation_is_a_note_not_an_error() -> None:
     adata = _screen()
-    table = evaluate_spaces(adata, {"good": "X_good"}, ~adata.obs["is_control"].to_numpy(), None, confounder_keys=[])
+    table = evaluate_spaces(adata, {"good": "X_good"}, ~adata.obs["is_control"].to_numpy(), None, confounders=[])
     assert len(table) == 1 and "no annotation" in table["note"].iloc[0]
-    table = evaluate_spaces(adata, {"good": "X_good"}, ~adata.obs["is_control"].to_numpy(), "gene_program", [])
+    table = evaluate_spaces(
+        adata, {"good": "X_good"}, ~adata.obs["is_control"].to_numpy(), "gene_program", confounders=[]
+    )
     assert "no column 'gene_program'" in table["note"].iloc[0]

@@ -9,59 +9,72 @@ import scipy.sparse as sp
 from kedro.io.core import Version
 
 from perturbscope.datasets import TorchModelDataset
-from perturbscope.models.model import ContrastiveVI
-from perturbscope.pipelines.contrastive_model import ContrastiveModelError, embed_screen, nodes
+from perturbscope.models import EscapeMixture
+from perturbscope.models.model import ContrastiveVI, ModelInputError
+from perturbscope.parameters import ConfigError
+from perturbscope.pipelines.contrastive_model import nodes
 
-from .conftest import MODEL, SCHEMA, TRAINING, Trained
+from .conftest import ESCAPE, MODEL, SCHEMA, TRAINING, Trained
 
 FAST = {**TRAINING, "max_epochs": 1, "kl_warmup_epochs": 0}
+
+
+def embed_screen(model, adata, **kwargs):
+    return ContrastiveVI(model).embed(adata, **kwargs)
 
 
 # ------------------------------------------------------------------ bad parameters
 @pytest.mark.parametrize(
     ("model", "training", "match"),
     [
-        ({"n_salient": 0}, {}, r"contrastive_model\.model\.n_salient must be a positive integer"),
-        ({"n_background": 0}, {}, r"contrastive_model\.model\.n_background must be a positive integer"),
-        ({"n_salient": 2.5}, {}, r"n_salient"),
-        ({"n_latent": 10}, {}, r"Unknown contrastive_model\.model parameter\(s\) \['n_latent'\]"),
-        ({"likelihood": "poisson"}, {}, r"contrastive_model\.model: likelihood='poisson'"),
-        ({}, {"lr": -1.0}, r"contrastive_model\.training: lr must be a positive"),
-        ({}, {"batch_size": 0}, r"batch_size must be a positive integer"),
-        ({}, {"epochs": 3}, r"Unknown contrastive_model\.training parameter\(s\) \['epochs'\]"),
+        ({"n_salient": 0}, {}, r"^contrastive_model\.model\.n_salient must be a positive integer"),
+        ({"n_background": 0}, {}, r"^contrastive_model\.model\.n_background must be a positive integer"),
+        ({"n_salient": 2.5}, {}, r"^contrastive_model\.model\.n_salient"),
+        ({"n_latent": 10}, {}, r"^contrastive_model\.model\.n_latent is not a ContrastiveVAE argument"),
+        ({"likelihood": "poisson"}, {}, r"^contrastive_model\.model\.likelihood must be one of .*got 'poisson'"),
+        ({}, {"lr": -1.0}, r"^contrastive_model\.training\.lr must be a positive"),
+        ({}, {"batch_size": 0}, r"^contrastive_model\.training\.batch_size must be an integer >= 1"),
+        ({}, {"epochs": 3}, r"^contrastive_model\.training\.epochs is not a training setting"),
     ],
 )
-def test_bad_parameters_fail_with_clear_messages(
+def test_bad_parameters_fail_naming_the_conf_key(
     sim_screen: ad.AnnData, model: dict, training: dict, match: str
 ) -> None:
-    with pytest.raises(ContrastiveModelError, match=match):
-        nodes.train_contrastive_model(sim_screen, {**MODEL, **model}, {**FAST, **training}, SCHEMA, 0)
+    with pytest.raises(ConfigError, match=match):
+        nodes.train_contrastive_model(sim_screen, {**MODEL, **model}, {**FAST, **training}, {}, SCHEMA, 0)
+
+
+def test_a_shared_training_key_is_named_where_it_was_set(sim_screen: ad.AnnData) -> None:
+    with pytest.raises(ConfigError, match=r"^training\.batch_size must be"):
+        nodes.train_contrastive_model(sim_screen, MODEL, FAST, {"batch_size": 0}, SCHEMA, 0)
+    with pytest.raises(ConfigError, match=r"^contrastive_model\.training\.batch_size must be"):
+        nodes.train_contrastive_model(sim_screen, MODEL, {**FAST, "batch_size": 0}, {"batch_size": 5}, SCHEMA, 0)
 
 
 def test_no_target_cells(sim_screen: ad.AnnData) -> None:
     controls = sim_screen[sim_screen.obs["is_control"].to_numpy()].copy()
-    with pytest.raises(ContrastiveModelError, match="no target \\(perturbed\\) cells"):
-        nodes.train_contrastive_model(controls, MODEL, FAST, SCHEMA, 0)
+    with pytest.raises(ModelInputError, match="no target \\(perturbed\\) cells"):
+        nodes.train_contrastive_model(controls, MODEL, FAST, {}, SCHEMA, 0)
 
 
 def test_no_control_cells(sim_screen: ad.AnnData) -> None:
     targets = sim_screen[~sim_screen.obs["is_control"].to_numpy()].copy()
-    with pytest.raises(ContrastiveModelError, match="no control cells.*schema.control_labels"):
-        nodes.train_contrastive_model(targets, MODEL, FAST, SCHEMA, 0)
+    with pytest.raises(ModelInputError, match="no control cells.*Labels present"):
+        nodes.train_contrastive_model(targets, MODEL, FAST, {}, SCHEMA, 0)
 
 
 def test_no_training_targets(sim_screen: ad.AnnData) -> None:
     screen = sim_screen.copy()
     screen.obs["split"] = np.where(screen.obs["is_control"], "train", "validation")
-    with pytest.raises(ContrastiveModelError, match="No target cells in the training split"):
-        nodes.train_contrastive_model(screen, MODEL, FAST, SCHEMA, 0)
+    with pytest.raises(ModelInputError, match="No target cells outside the validation split"):
+        nodes.train_contrastive_model(screen, MODEL, FAST, {}, SCHEMA, 0)
 
 
 # ------------------------------------------------------------ embedding new screens
 def test_same_seed_same_model(sim_screen: ad.AnnData) -> None:
     small = sim_screen[:400].copy()
-    first, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, SCHEMA, 3)
-    second, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, SCHEMA, 3)
+    first, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, {}, SCHEMA, 3)
+    second, _ = nodes.train_contrastive_model(small, MODEL, {**FAST, "max_epochs": 2}, {}, SCHEMA, 3)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch_equal(a, b), name
 
@@ -113,7 +126,7 @@ def test_missing_genes_are_named(trained: Trained) -> None:
     screen = trained.screen[:50].copy()
     dropped = list(screen.var_names[[3, 10, 42]])
     keep = ~screen.var_names.isin(dropped)
-    with pytest.raises(ContrastiveModelError, match="3 of the model's 300 genes are missing") as err:
+    with pytest.raises(ModelInputError, match="3 of the model's 300 genes are missing") as err:
         embed_screen(trained.model, screen[:, keep].copy())
     for gene in dropped:
         assert gene in str(err.value)
@@ -124,7 +137,7 @@ def test_missing_genes_are_named(trained: Trained) -> None:
 def test_normalised_matrix_without_counts_is_rejected(trained: Trained) -> None:
     screen = trained.screen[:50].copy()
     del screen.layers["counts"]  # X is log-normalised
-    with pytest.raises(ContrastiveModelError, match="does not hold raw UMI counts"):
+    with pytest.raises(ModelInputError, match="does not hold raw UMI counts"):
         embed_screen(trained.model, screen)
 
 
@@ -133,8 +146,9 @@ def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
     before_obs, before_obsm = screen.obs.copy(), set(screen.obsm)
     embedded = nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
     before_embedded = embedded.obs.copy()
-    nodes.rank_salient_genes(embedded, trained.model, {"top_genes": 5})
-    nodes.escape_table(embedded, trained.model)
+    calls = nodes.call_perturbed_cells(embedded, trained.mixture, ESCAPE)
+    nodes.rank_salient_genes(embedded, calls, trained.model, {"top_genes": 5})
+    nodes.escape_table(embedded, calls, trained.mixture)
     assert embedded.obs.equals(before_embedded)
     assert set(screen.obsm) == before_obsm
     assert screen.obs.equals(before_obs)
@@ -143,36 +157,44 @@ def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
 def test_umap_switched_off_gives_an_explaining_figure(trained: Trained) -> None:
     embedded = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": False}, 0)
     assert "X_umap_salient" not in embedded.obsm
-    fig = nodes.plot_embeddings(embedded, {}, SCHEMA)
+    fig = nodes.plot_embeddings(embedded, {"annotation_key": None}, SCHEMA)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("contrastive_model.embedding.umap is false" in t for t in texts)
     with_umap = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": True, "n_neighbors": 10}, 0)
-    assert len(nodes.plot_embeddings(with_umap, {}, SCHEMA).axes) >= 2
+    assert len(nodes.plot_embeddings(with_umap, {"annotation_key": None}, SCHEMA).axes) >= 2
 
 
 def test_diverging_training_names_the_kedro_parameter(sim_screen: ad.AnnData) -> None:
-    """A NaN loss tells the user which `kedro run` parameter to change, not the Python field."""
+    """A NaN loss tells the user which `kedro run` parameter to change: the key they set."""
     from perturbscope.models import TrainingError
 
     with pytest.raises(TrainingError) as err:
-        nodes.train_contrastive_model(sim_screen, MODEL, {**TRAINING, "max_epochs": 2, "lr": 1e6}, SCHEMA, 0)
+        nodes.train_contrastive_model(sim_screen, MODEL, {**TRAINING, "max_epochs": 2, "lr": 1e6}, {}, SCHEMA, 0)
     message = str(err.value)
-    assert "contrastive_model.training.lr" in message
-    assert "contrastive_model.training.grad_clip" in message
-    assert "contrastive_model.model.likelihood" in message
-    assert "TrainConfig" not in message
+    assert "(contrastive_model.training.lr)" in message
+    assert "(contrastive_model.training.grad_clip)" in message
+    assert "(contrastive_model.model.likelihood)" in message
+    # set in the shared block only: the shared key is named
+    with pytest.raises(TrainingError) as err:
+        nodes.train_contrastive_model(sim_screen, MODEL, {**TRAINING, "max_epochs": 2}, {"lr": 1e6}, SCHEMA, 0)
+    assert "(training.lr)" in str(err.value)
 
 
 def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
-    """The escape mixture (on by default) writes the probability, the escape table and the called-perturbed scores."""
-    from .conftest import EVALUATION, MODEL, SCHEMA, TRAINING
+    """The escape mixture (on by default): its own artifact, the per-cell calls, the escape table and the
+    called-perturbed scores; refitted with other settings without retraining."""
+    from .conftest import EVALUATION
 
     model, _ = nodes.train_contrastive_model(
-        sim_screen, MODEL, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, SCHEMA, 0, None, {"min_cells": 10}
+        sim_screen, MODEL, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, {}, SCHEMA, 0
     )
-    fitted = model.metadata["escape_mixture"]
-    embedded = nodes.embed_cells(sim_screen, model, {"umap": False, "call_threshold": 0.5}, 0)
-    probability = embedded.obs["perturbed_probability"].to_numpy()
+    embedded = nodes.embed_cells(sim_screen, model, {"umap": False}, 0)
+    escape_params = {**ESCAPE, "mixture": {"min_cells": 10}}
+    fitted = nodes.fit_escape_mixture(embedded, escape_params, 0)
+    assert EscapeMixture.from_dict(fitted).perturbations == fitted["perturbations"]
+    calls = nodes.call_perturbed_cells(embedded, fitted, escape_params)
+    assert list(calls.index) == list(embedded.obs_names)
+    probability = calls["perturbed_probability"].to_numpy()
     is_control = embedded.obs["is_control"].to_numpy().astype(bool)
     assert (probability[is_control] == 0).all()
     labels = embedded.obs["perturbation"].astype(str).to_numpy()
@@ -180,21 +202,19 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
     assert np.isnan(probability[~is_control & ~has_mixture]).all()
     scored = probability[~is_control & has_mixture]
     assert ((scored >= 0) & (scored <= 1)).all()
-    assert not embedded.obs["called_perturbed"].to_numpy()[is_control].any()
+    assert not calls["called_perturbed"].to_numpy()[is_control].any()
     with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(
-            embedded.obs["called_perturbed"].to_numpy()[~is_control], probability[~is_control] > 0.5
-        )
+        np.testing.assert_array_equal(calls["called_perturbed"].to_numpy()[~is_control], probability[~is_control] > 0.5)
 
-    escape = nodes.escape_table(embedded, model)
+    escape = nodes.escape_table(embedded, calls, fitted)
     assert "control" not in set(escape["perturbation"])
     assert escape["n_cells"].sum() == (~is_control).sum()
-    assert escape["n_called_perturbed"].sum() == embedded.obs["called_perturbed"].sum()
+    assert escape["n_called_perturbed"].sum() == calls["called_perturbed"].sum()
     shares = escape.set_index("perturbation")["estimated_perturbed_share"].dropna()
     assert set(shares.index) == set(fitted["perturbations"])
     assert ((shares >= 0) & (shares <= 1)).all()
 
-    table = nodes.evaluate_embeddings(embedded, {**EVALUATION, "responder_key": "responded"}, SCHEMA, 0)
+    table = nodes.evaluate_embeddings(embedded, calls, {**EVALUATION, "responder_key": "responded"}, SCHEMA, 0)
     assert set(table["cells"]) == {"perturbed", "called_perturbed", "targets"}
     auroc = table[table["metric"] == "perturbed_probability_auroc"]
     responded = embedded.obs["responded"].to_numpy().astype(bool)
@@ -208,17 +228,19 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
     # scored over the called cells, or one row saying why not (8 epochs call few cells)
     assert called_rows["value"].notna().all() or called_rows["note"].str.contains("called_perturbed").all()
 
-    # the escape mixture off: no probability, an empty table, every cell weighs the same
-    plain, _ = nodes.train_contrastive_model(
-        sim_screen, MODEL, {**TRAINING, "max_epochs": 1, "kl_warmup_epochs": 0}, SCHEMA, 0, None, {"enabled": False}
-    )
-    plain_embedded = nodes.embed_cells(sim_screen, plain, {"umap": False}, 0)
-    assert "perturbed_probability" not in plain_embedded.obs
-    assert nodes.escape_table(plain_embedded, plain).empty
-    with pytest.raises(ContrastiveModelError, match="Unknown contrastive_model.escape settings"):
-        nodes.train_contrastive_model(sim_screen, MODEL, FAST, SCHEMA, 0, None, {"min_cell": 5})
+    # refitted with other settings on the same embedding: no retraining, other calls
+    strict = nodes.fit_escape_mixture(embedded, {**ESCAPE, "mixture": {"min_cells": 10, "min_separation": 50.0}}, 0)
+    assert sum(strict["weight"]) < sum(fitted["weight"]) or sum(fitted["weight"]) == 0
+    assert set(strict["perturbations"]) == set(fitted["perturbations"])
 
-    genes = nodes.rank_salient_genes(embedded, model, {"top_genes": 5})
+    # the escape mixture off: no calls, an empty table, every cell weighs the same
+    off = nodes.fit_escape_mixture(embedded, {**ESCAPE, "enabled": False}, 0)
+    assert off == {} and nodes.call_perturbed_cells(embedded, off, ESCAPE).empty
+    assert nodes.escape_table(embedded, nodes.call_perturbed_cells(embedded, off, ESCAPE), off).empty
+    with pytest.raises(ConfigError, match=r"contrastive_model\.escape\.mixture\.min_cell\b"):
+        nodes.fit_escape_mixture(embedded, {**ESCAPE, "mixture": {"min_cell": 5}}, 0)
+
+    genes = nodes.rank_salient_genes(embedded, calls, model, {"top_genes": 5})
     called = escape.set_index("perturbation")["n_called_perturbed"]
     assert (
         genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(genes["perturbation"].unique())

@@ -11,7 +11,7 @@ import pandas as pd
 from kedro.framework.session import KedroSession
 from mlflow.tracking import MlflowClient
 
-from perturbscope.pipelines.contrastive_model import embed_screen
+from perturbscope.models.model import ContrastiveVI
 from tests.conftest import PROJECT, latest_version
 
 
@@ -67,6 +67,7 @@ def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
         "contrastive_model/contrastive_salient_genes.csv",
         "contrastive_model/contrastive_training_history.csv",
         "contrastive_model/contrastive_umaps.png",
+        "contrastive_model/contrastive_escape_mixture.json",
     } <= artifacts
 
     # a user loads the model from the catalog and embeds a screen with it
@@ -74,6 +75,6 @@ def test_pipeline_outputs_and_mlflow_run(run_kedro, test_root: Path) -> None:
         catalog = session.load_context().catalog
         model = catalog.load("contrastive_model")
         processed = catalog.load("processed_screen")
-    again = embed_screen(model, processed)
+    again = ContrastiveVI(model).embed(processed)
     np.testing.assert_array_equal(again.obsm["X_salient"], embedded.obsm["X_salient"])
     np.testing.assert_array_equal(again.obsm["X_background"], embedded.obsm["X_background"])

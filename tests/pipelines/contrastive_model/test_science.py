@@ -58,7 +58,7 @@ def test_escape_probability_ranks_responders_and_spares_null_perturbations(train
     from sklearn.metrics import roc_auc_score
 
     obs = trained.embedded.obs
-    probability = obs["perturbed_probability"].to_numpy()
+    probability = trained.calls["perturbed_probability"].reindex(obs.index).to_numpy()
     target = ~obs["is_control"].to_numpy().astype(bool)
     effect = target & (obs["program"].astype(str) != "none").to_numpy()
     responded = obs["responded"].to_numpy().astype(bool)
@@ -79,7 +79,7 @@ def test_science_holds_on_another_screen() -> None:
 def test_salient_genes_recover_each_programs_genes(trained: Trained, sim_pair) -> None:
     raw, screen = sim_pair
     truth = raw.varm["true_log2fc"]
-    table = nodes.rank_salient_genes(screen, trained.model, {"top_genes": 20})
+    table = nodes.rank_salient_genes(screen, trained.calls, trained.model, {"top_genes": 20})
     assert set(table["perturbation"]) == set(screen.obs.loc[~screen.obs["is_control"], "perturbation"].astype(str))
     assert (table.groupby("perturbation")["rank"].max() == 20).all()
     program = raw.uns["perturbation_truth"]["program"]

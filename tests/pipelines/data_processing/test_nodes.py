@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from perturbscope.blocks import BlockScreen
 from perturbscope.pipelines.data_processing import nodes
 from perturbscope.schema import ScreenSchema, ScreenValidationError, parse_perturbation
 from tests.conftest import PROJECT
@@ -25,7 +26,8 @@ def _screen(n_obs: int = 60, n_vars: int = 30, seed: int = 0) -> ad.AnnData:
     )
 
 
-def _assert_same(a: ad.AnnData, b: ad.AnnData) -> None:
+def _assert_same(a: ad.AnnData | BlockScreen, b: ad.AnnData | BlockScreen) -> None:
+    a, b = (x.to_memory() if isinstance(x, BlockScreen) else x for x in (a, b))
     assert a.shape == b.shape
     assert (sp.csr_matrix(a.X) != sp.csr_matrix(b.X)).nnz == 0
     pd.testing.assert_frame_equal(a.obs, b.obs)
@@ -65,7 +67,7 @@ def test_bad_counts_in_dense_layer() -> None:
 
 
 def test_missing_counts_layer_lists_layers() -> None:
-    with pytest.raises(ScreenValidationError, match=r"counts_layer is 'raw'.*\[\]"):
+    with pytest.raises(ScreenValidationError, match=r"schema\.counts_layer: .*no layer 'raw' \(layers: \[\]\)"):
         nodes.validate_screen(_screen(), {**SCHEMA, "counts_layer": "raw"}, "s")
 
 
@@ -103,7 +105,9 @@ def test_validate_standardises_labels_and_counts() -> None:
     screen = _screen()
     screen.X = screen.X.toarray()  # dense input becomes CSR
     out = nodes.validate_screen(screen, SCHEMA, "s")
-    assert sp.isspmatrix_csr(out.X) and out.X.dtype == np.float32
+    assert isinstance(out, BlockScreen) and not out.on_disk
+    counts = out.to_memory().X
+    assert sp.isspmatrix_csr(counts) and counts.dtype == np.float32
     assert set(out.obs["perturbation"]) == {"control", "KLF1", "KLF1+CEBPA", "CEBPA+ctrl"}
     assert out.uns["perturbscope"]["screen"] == "s"
 
@@ -124,9 +128,10 @@ def test_qc_removes_mito_heavy_cells_and_records_steps() -> None:
 
 def test_normalise_keeps_counts_layer() -> None:
     validated = nodes.validate_screen(_screen(), SCHEMA, "s")
-    out = nodes.normalise(validated, {"target_sum": 1e4})
-    assert (out.layers["counts"] != validated.X).nnz == 0
-    expected = np.log1p(validated.X.toarray() / validated.X.toarray().sum(1, keepdims=True) * 1e4)
+    out = nodes.normalise(validated, {"target_sum": 1e4}).to_memory()
+    raw = validated.to_memory().X
+    assert (out.layers["counts"] != raw).nnz == 0
+    expected = np.log1p(raw.toarray() / raw.toarray().sum(1, keepdims=True) * 1e4)
     np.testing.assert_allclose(out.X.toarray(), expected, rtol=1e-5)
 
 

@@ -11,10 +11,11 @@ from scipy import stats
 
 from perturbscope import tracking
 from perturbscope.models.linear import LinearVAE
+from perturbscope.models.model import LDVAE, ModelInputError
+from perturbscope.parameters import ConfigError
 from perturbscope.pipelines.linear_model import nodes
 from perturbscope.pipelines.linear_model.nodes import (
     EFFECT_COLUMNS,
-    LinearModelError,
     factor_perturbation_effects,
     top_genes_per_factor,
 )
@@ -33,13 +34,13 @@ def _loadings() -> pd.DataFrame:
 
 
 def test_top_genes_per_factor_lists_both_tails() -> None:
-    top = top_genes_per_factor(_loadings(), {"n_top_genes": 2})
+    top = top_genes_per_factor(_loadings(), 2)
     f1 = top[top["factor"] == "factor_1"]
     assert f1[f1["direction"] == "positive"]["gene"].tolist() == ["G1", "G3"]
     assert f1[f1["direction"] == "negative"]["gene"].tolist() == ["G4", "G2"]
     assert f1["rank"].tolist() == [1, 2, 1, 2]
-    with pytest.raises(LinearModelError, match="n_top_genes"):
-        top_genes_per_factor(_loadings(), {"n_top_genes": 0})
+    with pytest.raises(ConfigError, match=r"^linear_model\.factors\.n_top_genes must be a positive integer"):
+        top_genes_per_factor(_loadings(), 0)
 
 
 def _embedded(seed: int = 0) -> ad.AnnData:
@@ -62,7 +63,7 @@ def _embedded(seed: int = 0) -> ad.AnnData:
 
 def test_effects_welch_intervals_and_reading() -> None:
     adata = _embedded()
-    top = top_genes_per_factor(_loadings(), {"n_top_genes": 5})
+    top = top_genes_per_factor(_loadings(), 5)
     table = factor_perturbation_effects(adata, top, EFFECTS, {"program_key": "gene_program"})
     assert list(table.columns) == EFFECT_COLUMNS
     assert set(table["perturbation"]) == {"A", "B"}  # C has one cell < min_cells
@@ -90,7 +91,7 @@ def test_effects_welch_intervals_and_reading() -> None:
 def test_effects_on_a_lowered_factor_swap_the_gene_lists() -> None:
     adata = _embedded()
     adata.obsm["X_ldvae"][150:210, 1] -= 2.0  # A now lowers factor_2
-    table = factor_perturbation_effects(adata, top_genes_per_factor(_loadings(), {"n_top_genes": 5}), EFFECTS, {})
+    table = factor_perturbation_effects(adata, top_genes_per_factor(_loadings(), 5), EFFECTS, {})
     a2 = table[(table["perturbation"] == "A") & (table["factor"] == "factor_2")].iloc[0]
     assert a2["direction"] == "lowers" and a2["ci_high"] < 0
     assert a2["genes_up"] == "G5, G3" and a2["genes_down"] == "G2, G4, G1"
@@ -100,17 +101,17 @@ def test_effects_on_a_lowered_factor_swap_the_gene_lists() -> None:
 def test_effects_table_is_empty_without_perturbations() -> None:
     adata = _embedded()
     adata.obs["perturbation"] = "unperturbed"
-    table = factor_perturbation_effects(adata, top_genes_per_factor(_loadings(), {}), EFFECTS, {})
+    table = factor_perturbation_effects(adata, top_genes_per_factor(_loadings()), EFFECTS, {})
     assert list(table.columns) == EFFECT_COLUMNS and len(table) == 0
-    fig = nodes.plot_factor_effects(table, {})
+    fig = nodes.plot_factor_effects(table)
     assert fig is not None
 
 
 def test_effects_need_the_embedding() -> None:
     adata = _embedded()
     del adata.obsm["X_ldvae"]
-    with pytest.raises(LinearModelError, match="X_ldvae"):
-        factor_perturbation_effects(adata, top_genes_per_factor(_loadings(), {}), EFFECTS, {})
+    with pytest.raises(ModelInputError, match="X_ldvae"):
+        factor_perturbation_effects(adata, top_genes_per_factor(_loadings()), EFFECTS, {})
 
 
 def _processed(n_cells: int = 40, n_genes: int = 12, seed: int = 0) -> ad.AnnData:
@@ -136,9 +137,7 @@ TRAINING = {"max_epochs": 2, "kl_warmup_epochs": 1, "progress": False, "batch_si
 
 def test_train_embed_and_tables_on_a_tiny_screen() -> None:
     screen = _processed()
-    model, history = nodes.train_linear_model(
-        screen, {"n_latent": 3}, TRAINING, {"rotation": "promax"}, {"batch_key": None}, 0
-    )
+    model, history = nodes.train_linear_model(screen, {"n_latent": 3}, TRAINING, {}, "promax", {"batch_key": None}, 0)
     assert isinstance(model, LinearVAE) and len(history) == 2 and history["best"].sum() == 1
     assert model.metadata["genes"] == list(screen.var_names)
     assert np.isfinite(model.metadata["validation_reconstruction_log_likelihood"])
@@ -149,52 +148,52 @@ def test_train_embed_and_tables_on_a_tiny_screen() -> None:
     assert loadings["gene"].tolist() == list(screen.var_names)
     metrics = tracking.training_history_metrics(history)
     assert len(metrics["train_loss"]) == 2 and metrics["epochs"]["value"] == 2.0
-    table = factor_perturbation_effects(embedded, top_genes_per_factor(loadings, {}), EFFECTS, {})
+    table = factor_perturbation_effects(embedded, top_genes_per_factor(loadings), EFFECTS, {})
     assert len(table) == 3 and set(table["perturbation"]) == {"A"}
     assert nodes.linear_model_metrics(model, table)["n_factors"]["value"] == 3.0
     # a reordered screen is aligned by gene name
     shuffled = screen[:, screen.var_names[::-1]].copy()
-    np.testing.assert_allclose(nodes.embed_screen(model, shuffled).obsm["X_ldvae"], embedded.obsm["X_ldvae"], atol=1e-5)
+    np.testing.assert_allclose(LDVAE(model).embed(shuffled).obsm["X_ldvae"], embedded.obsm["X_ldvae"], atol=1e-5)
 
 
 def test_batch_covariate_from_the_schema() -> None:
     screen = _processed()
     screen.obs["lane"] = ["L1", "L2"] * 20
-    model, _ = nodes.train_linear_model(screen, {"n_latent": 2}, TRAINING, {}, {"batch_key": "lane"}, 0)
+    model, _ = nodes.train_linear_model(screen, {"n_latent": 2}, TRAINING, {}, "promax", {"batch_key": "lane"}, 0)
     assert model.n_batch == 2 and model.metadata["batch_categories"] == ["L1", "L2"]
     screen.obs["lane"] = "L3"
-    with pytest.raises(LinearModelError, match="not seen in training"):
-        nodes.embed_screen(model, screen)
+    with pytest.raises(ModelInputError, match="not seen in training"):
+        LDVAE(model).embed(screen)
 
 
 @pytest.mark.parametrize(
-    ("model_params", "training", "factors", "match"),
+    ("model_params", "training", "rotation", "match"),
     [
-        ({"n_latnet": 3}, TRAINING, {}, "Unknown linear_model.model parameter"),
-        ({"n_latent": 0}, TRAINING, {}, "n_latent"),
-        ({}, {**TRAINING, "epochs": 3}, {}, "Unknown linear_model.training parameter"),
-        ({}, {**TRAINING, "batch_size": 0}, {}, "batch_size"),
-        ({}, {**TRAINING, "lr": -1.0}, {}, "lr"),
-        ({}, TRAINING, {"rotation": "oblimin"}, "rotation"),
+        ({"n_latnet": 3}, TRAINING, "promax", r"^linear_model\.model\.n_latnet is not a LinearVAE argument"),
+        ({"n_latent": 0}, TRAINING, "promax", r"^linear_model\.model\.n_latent must be"),
+        ({}, {**TRAINING, "epochs": 3}, "promax", r"^linear_model\.training\.epochs is not a training setting"),
+        ({}, {**TRAINING, "batch_size": 0}, "promax", r"^linear_model\.training\.batch_size must be"),
+        ({}, {**TRAINING, "lr": -1.0}, "promax", r"^linear_model\.training\.lr must be"),
+        ({}, TRAINING, "oblimin", r"^linear_model\.factors\.rotation must be one of"),
     ],
 )
-def test_bad_parameters_raise_clear_errors(model_params: dict, training: dict, factors: dict, match: str) -> None:
-    with pytest.raises(LinearModelError, match=match):
-        nodes.train_linear_model(_processed(), model_params, training, factors, {}, 0)
+def test_bad_parameters_name_the_conf_key(model_params: dict, training: dict, rotation: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        nodes.train_linear_model(_processed(), model_params, training, {}, rotation, {}, 0)
 
 
 def test_log_normalised_input_is_rejected() -> None:
     screen = _processed()
     screen.layers["counts"] = sp.csr_matrix(np.log1p(screen.layers["counts"].toarray()) + 0.1)
-    with pytest.raises(LinearModelError, match="raw UMI counts"):
-        nodes.train_linear_model(screen, {}, TRAINING, {}, {}, 0)
+    with pytest.raises(ModelInputError, match="raw UMI counts"):
+        nodes.train_linear_model(screen, {}, TRAINING, {}, "promax", {}, 0)
 
 
 def test_same_seed_same_loadings() -> None:
     screen = _processed()
 
     def loadings(seed: int) -> np.ndarray:
-        model, _ = nodes.train_linear_model(screen, {"n_latent": 3}, TRAINING, {}, {}, seed)
+        model, _ = nodes.train_linear_model(screen, {"n_latent": 3}, TRAINING, {}, "promax", {}, seed)
         return nodes.factor_loadings(model).iloc[:, 1:].to_numpy()
 
     first = loadings(0)
@@ -207,7 +206,5 @@ def test_diverging_training_names_the_kedro_parameter() -> None:
     from perturbscope.models import TrainingError
 
     with pytest.raises(TrainingError) as err:
-        nodes.train_linear_model(
-            _processed(), {"n_latent": 3}, {**TRAINING, "lr": 1e8}, {"rotation": "promax"}, {"batch_key": None}, 0
-        )
-    assert "linear_model.training.lr" in str(err.value) and "TrainConfig" not in str(err.value)
+        nodes.train_linear_model(_processed(), {"n_latent": 3}, {**TRAINING, "lr": 1e8}, {}, "promax", {}, 0)
+    assert "(linear_model.training.lr)" in str(err.value)

@@ -34,7 +34,7 @@ SCHEMA = {
 PARAMS = yaml.safe_load((PROJECT / "conf" / "base" / "parameters_linear_model.yml").read_text())["linear_model"]
 SHARED_TRAINING = yaml.safe_load((PROJECT / "conf" / "base" / "parameters.yml").read_text())["training"]
 MODEL = PARAMS["model"]
-TRAINING = {**SHARED_TRAINING, **PARAMS["training"], "progress": False, "device": "cpu"}
+TRAINING = {**PARAMS["training"], "progress": False, "device": "cpu"}
 FACTORS, EFFECTS = PARAMS["factors"], PARAMS["effects"]
 
 
@@ -53,17 +53,17 @@ def _processed_simulation(seed: int) -> tuple[pd.DataFrame, object]:
     screen, _ = dp.quality_control(screen, {"min_genes_per_cell": 5, "min_cells_per_gene": 3, "max_mito_fraction": 0.2})
     screen = dp.normalise(screen, {"target_sum": 10000})
     screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000}, None)
-    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
+    screen = dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0).to_memory()
     return truth.reindex(screen.var_names), screen
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_factors_recover_programs_and_their_perturbations_move_them(seed: int) -> None:
     truth, screen = _processed_simulation(seed)
-    model, _ = nodes.train_linear_model(screen, MODEL, TRAINING, FACTORS, SCHEMA, 0)
+    model, _ = nodes.train_linear_model(screen, MODEL, TRAINING, SHARED_TRAINING, FACTORS["rotation"], SCHEMA, 0)
     embedded = nodes.embed_cells(screen, model, {})
     loadings = nodes.factor_loadings(model).set_index("gene")
-    top = nodes.top_genes_per_factor(loadings.reset_index(), FACTORS)
+    top = nodes.top_genes_per_factor(loadings.reset_index(), FACTORS["n_top_genes"])
     effects = nodes.factor_perturbation_effects(embedded, top, EFFECTS, SCHEMA)
 
     report, recovered = [], []

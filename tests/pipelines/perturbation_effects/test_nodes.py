@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from perturbscope.parameters import ConfigError
 from perturbscope.pipelines.perturbation_effects import de, nodes
+from perturbscope.schema import ScreenValidationError
 from perturbscope.simulation import simulate_screen
 from tests.pipelines.contrastive_model.conftest import SCHEMA, process
 
@@ -25,7 +27,6 @@ DE = {
     "n_pseudo_replicates": 3,
     "wilcoxon_max_cells": 2000,
     "n_cpus": 1,
-    "alpha": 0.05,
 }
 
 
@@ -117,7 +118,7 @@ def test_agreement_with_the_salient_genes() -> None:
     salient = pd.DataFrame(
         {"perturbation": "A", "gene": ["g1", "g2", "g3", "g4"], "mean_log2fc": [1.5, 0.7, -0.2, -2.0]}
     )
-    table = nodes.compare_with_salient_genes(de_table, salient, {"alpha": 0.05})
+    table = nodes.compare_with_salient_genes(de_table, salient, 0.05)
     row = table.iloc[0]
     assert row["spearman"] == pytest.approx(1.0)
     assert row["fraction_significant_same_direction"] == pytest.approx(0.75)
@@ -126,10 +127,14 @@ def test_agreement_with_the_salient_genes() -> None:
 
 def test_bad_parameters_name_the_fix(screen) -> None:
     _, processed = screen
-    with pytest.raises(nodes.PerturbationEffectsError, match="methods has unknown \\['edger'\\]"):
+    with pytest.raises(
+        ConfigError, match=r"^perturbation_effects\.differential_expression\.methods must be one of .*got 'edger'"
+    ):
         nodes.differential_expression(processed, {**DE, "methods": ["edger"]}, SCHEMA, 0)
-    with pytest.raises(nodes.PerturbationEffectsError, match="effect_test.n_permutations must be an integer"):
+    with pytest.raises(ConfigError, match=r"^perturbation_effects\.effect_test\.n_permutations must be a positive"):
         nodes.run_effect_tests(processed, {**EFFECT_TEST, "n_permutations": 0}, 0)
+    with pytest.raises(ConfigError, match=r"^Unknown parameter\(s\) perturbation_effects\.effect_test\.n_perms"):
+        nodes.run_effect_tests(processed, {**EFFECT_TEST, "n_perms": 0}, 0)
     no_controls = processed[~processed.obs["is_control"].to_numpy()].copy()
-    with pytest.raises(nodes.PerturbationEffectsError, match="no control cells"):
+    with pytest.raises(ScreenValidationError, match="no control cells"):
         nodes.run_effect_tests(no_controls, EFFECT_TEST, 0)

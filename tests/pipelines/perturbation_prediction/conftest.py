@@ -18,8 +18,8 @@ def process(raw: ad.AnnData) -> ad.AnnData:
     screen, _ = dp.quality_control(screen, QC)
     screen = dp.normalise(screen, {"target_sum": 10000})
     screen = dp.score_cell_cycle(screen, {"min_genes_per_phase": 5, "n_bins": 25}, seed=0)
-    screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000, "flavor": "seurat_v3"})
-    return dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0)
+    screen = dp.select_highly_variable_genes(screen, {"n_top_genes": 2000})
+    return dp.label_cells(screen, SCHEMA, {"validation_fraction": 0.1}, seed=0).to_memory()
 
 
 @pytest.fixture(scope="session")

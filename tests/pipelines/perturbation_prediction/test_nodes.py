@@ -32,28 +32,29 @@ TRAINING = {
     "device": "cpu",
     "progress": False,
 }
-GENERATION = {"n_cells": 150, "seed": 0}
-EVALUATION = {"n_top_de": 20, "top_k": [25, 50, 100], "n_pcs": 10, "max_cells_energy": 150, "seed": 0}
+GENERATION = {"n_cells": 150}
+EVALUATION = {"n_top_de": 20, "top_k": [25, 50, 100], "max_cells_energy": 150}
+N_PCS = 10
 
 
 def _run(screen: ad.AnnData, split_params: dict, likelihood: str) -> tuple[pd.DataFrame, pd.DataFrame, object]:
     split = nodes.make_prediction_split(screen, split_params, SCHEMA)
-    model, history = nodes.train_cvae(screen, split, {**MODEL, "likelihood": likelihood}, TRAINING, SCHEMA)
+    model, history = nodes.train_cvae(screen, split, {**MODEL, "likelihood": likelihood}, TRAINING, {}, SCHEMA)
     cvae = nodes.predict_cvae(model, screen, split, GENERATION)
     base = nodes.predict_baselines(screen, split, GENERATION, SCHEMA)
-    pca = nodes.fit_expression_pca(screen, EVALUATION)
+    pca = nodes.fit_expression_pca(screen, N_PCS)
     table = nodes.evaluate_predictions(screen, split, cvae, base, pca, EVALUATION)
     return split, table, model
 
 
 @pytest.fixture(scope="module", params=["gaussian", "nb"])
 def held_out_cells(simulated_screen, request):
-    return _run(simulated_screen, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0}, request.param)
+    return _run(simulated_screen, {"kind": "held_out_cells", "test_fraction": 0.2}, request.param)
 
 
 @pytest.fixture(scope="module", params=["gaussian", "nb"])
 def held_out_doubles(simulated_screen, request):
-    return _run(simulated_screen, {"kind": "held_out_perturbations", "perturbations": "auto", "seed": 0}, request.param)
+    return _run(simulated_screen, {"kind": "held_out_perturbations", "perturbations": "auto"}, request.param)
 
 
 def _mean_by_method(table: pd.DataFrame, score: str) -> pd.Series:
@@ -113,7 +114,7 @@ def test_no_test_cell_reaches_training(simulated_screen, monkeypatch) -> None:
     ):
         split = nodes.as_split(nodes.make_prediction_split(simulated_screen, params, SCHEMA, seed), simulated_screen)
         seen.clear()
-        model, _ = nodes.train_cvae(simulated_screen, split, MODEL, TRAINING, SCHEMA)
+        model, _ = nodes.train_cvae(simulated_screen, split, MODEL, TRAINING, {}, SCHEMA)
         rows = np.concatenate(seen)
         roles = split["role"].to_numpy()
         assert rows.size == int(np.isin(roles, ["train", "validation"]).sum())  # each training cell once
@@ -131,11 +132,11 @@ def test_tampered_split_is_refused(simulated_screen) -> None:
     held = split.index[split["evaluation"] == "held_out_perturbations"]
     split.loc[held[:5], ["role", "evaluation"]] = ["train", ""]  # five cells of a held-out double "leak"
     with pytest.raises(ValueError, match="held-out perturbations are not test cells"):
-        nodes.train_cvae(simulated_screen, split.reset_index(), MODEL, TRAINING, SCHEMA)
+        nodes.train_cvae(simulated_screen, split.reset_index(), MODEL, TRAINING, {}, SCHEMA)
 
 
 def test_baselines_are_the_documented_means(simulated_screen) -> None:
-    split = nodes.make_prediction_split(simulated_screen, {"kind": "held_out_cells", "seed": 0}, SCHEMA)
+    split = nodes.make_prediction_split(simulated_screen, {"kind": "held_out_cells"}, SCHEMA)
     base = nodes.predict_baselines(simulated_screen, split, {"n_cells": 50}, SCHEMA)
     s = nodes.as_split(split, simulated_screen)
     x = simulated_screen.X
@@ -168,20 +169,20 @@ def test_screen_without_controls_is_refused(simulated_screen) -> None:
 def test_singles_only_screen_marks_held_out_perturbations_not_applicable(simulated_screen) -> None:
     """Without doubles the held-out-perturbation split trains nothing and says why; the other split scores."""
     singles = simulated_screen[simulated_screen.obs["n_perturbed_genes"] <= 1].copy()
-    params = {"kind": "held_out_perturbations", "perturbations": "auto", "seed": 0}
+    params = {"kind": "held_out_perturbations", "perturbations": "auto"}
     split = nodes.make_prediction_split(singles, params, SCHEMA)
-    model, history = nodes.train_cvae(singles, split, MODEL, {**TRAINING, "max_epochs": 2}, SCHEMA)
+    model, history = nodes.train_cvae(singles, split, MODEL, {**TRAINING, "max_epochs": 2}, {}, SCHEMA)
     assert history.empty and "singles-only" in model.metadata["not_applicable"]
     cvae = nodes.predict_cvae(model, singles, split, GENERATION)
     base = nodes.predict_baselines(singles, split, GENERATION, SCHEMA)
     assert cvae.n_obs == 0 and base.n_obs == 0 and cvae.n_vars == singles.n_vars
-    pca = nodes.fit_expression_pca(singles, EVALUATION)
+    pca = nodes.fit_expression_pca(singles, N_PCS)
     empty = nodes.evaluate_predictions(singles, split, cvae, base, pca, EVALUATION)
     assert empty.empty
     assert list(nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})) == [
         "not_applicable.png"
     ]
-    _, scored, _ = _run(singles, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0}, "gaussian")
+    _, scored, _ = _run(singles, {"kind": "held_out_cells", "test_fraction": 0.2}, "gaussian")
     metrics, summary, mlflow_metrics = nodes.summarise_metrics(held_out_cells=scored, held_out_perturbations=empty)
     skipped = summary[summary["evaluation"] == "held_out_perturbations"]
     assert len(skipped) == 1 and skipped["status"].iloc[0] == "not applicable"

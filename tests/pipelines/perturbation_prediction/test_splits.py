@@ -43,7 +43,7 @@ def test_auto_holds_out_the_doubles_whose_singles_are_all_in_the_screen() -> Non
 
 
 def test_held_out_perturbations_split() -> None:
-    split = make_split(OBS, {"kind": "held_out_perturbations", "perturbations": "auto"})
+    split = make_split(OBS, kind="held_out_perturbations", perturbations="auto")
     held = split["perturbation"].isin(["A+B", "B+A+C"])
     assert (split.loc[held, "role"] == "test").all()
     assert (split.loc[~held, "role"] != "test").all()
@@ -55,24 +55,24 @@ def test_held_out_perturbations_split() -> None:
     rest = ~held & ~reference
     assert (split.loc[rest, "role"].astype(str) == OBS.loc[rest, "split"]).all()
     # labels can be given in any gene order
-    explicit = make_split(OBS, {"kind": "held_out_perturbations", "perturbations": ["B+A"]})
+    explicit = make_split(OBS, kind="held_out_perturbations", perturbations=["B+A"])
     assert set(explicit.loc[explicit["role"] == "test", "perturbation"]) == {"A+B"}
 
 
 def test_held_out_perturbation_errors() -> None:
     with pytest.raises(SplitError, match="not in the screen"):
-        make_split(OBS, {"kind": "held_out_perturbations", "perturbations": ["A+Z"]})
+        make_split(OBS, kind="held_out_perturbations", perturbations=["A+Z"])
     # D is perturbed only by A+D: holding it out leaves no training cell perturbing D
     with pytest.raises(SplitError, match=r"perturbs \['D'\]"):
-        make_split(OBS, {"kind": "held_out_perturbations", "perturbations": ["A+D"]})
+        make_split(OBS, kind="held_out_perturbations", perturbations=["A+D"])
     with pytest.raises(SplitError, match="kind"):
-        make_split(OBS, {"kind": "random"})
+        make_split(OBS, kind="random")
     with pytest.raises(SplitError, match="data_processing"):
-        make_split(OBS.drop(columns="split"), {"kind": "held_out_cells"})
+        make_split(OBS.drop(columns="split"), kind="held_out_cells")
 
 
 def test_held_out_cells_are_a_stratified_share() -> None:
-    split = make_split(OBS, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0})
+    split = make_split(OBS, seed=0, kind="held_out_cells", test_fraction=0.2)
     test = split["role"] == "test"
     per = split.groupby("perturbation")["role"].agg(lambda r: int((r == "test").sum()))
     assert per.to_dict() == {"A": 8, "A+B": 6, "A+D": 4, "B": 8, "B+A+C": 4, "C": 6, "E": 0, "control": 0}
@@ -80,20 +80,20 @@ def test_held_out_cells_are_a_stratified_share() -> None:
     assert (OBS.loc[test, "split"] == "train").all()
     assert split[training_mask(split)].groupby("perturbation").size().min() >= 1
     # no reference controls: the deltas' reference is the training controls
-    plain = make_split(OBS, {"kind": "held_out_cells", "reference_control_fraction": 0.0})
+    plain = make_split(OBS, kind="held_out_cells", reference_control_fraction=0.0)
     assert "reference" not in set(plain["role"])
     np.testing.assert_array_equal(reference_mask(plain), plain["is_control"].to_numpy())
     # seeded
-    again = make_split(OBS, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 0})
+    again = make_split(OBS, seed=0, kind="held_out_cells", test_fraction=0.2)
     pd.testing.assert_frame_equal(split, again)
-    other = make_split(OBS, {"kind": "held_out_cells", "test_fraction": 0.2, "seed": 1})
+    other = make_split(OBS, seed=1, kind="held_out_cells", test_fraction=0.2)
     assert not split["role"].equals(other["role"])
     with pytest.raises(SplitError, match="test_fraction"):
-        make_split(OBS, {"kind": "held_out_cells", "test_fraction": 1.0})
+        make_split(OBS, kind="held_out_cells", test_fraction=1.0)
 
 
 def test_leakage_guard() -> None:
-    split = make_split(OBS, {"kind": "held_out_perturbations"})
+    split = make_split(OBS, kind="held_out_perturbations")
     train_names = split.index[training_mask(split)]
     assert_no_leakage(split, train_names)  # the split's own training cells are fine
     test_name = split.index[split["role"] == "test"][0]
@@ -114,8 +114,8 @@ def test_leakage_guard() -> None:
 
 def test_held_out_perturbations_on_a_singles_only_screen_is_not_applicable() -> None:
     """A knockout screen without doubles has nothing to hold out: no test cells, no error."""
-    split = make_split(_obs({"control": 5, "A": 5, "B": 5}), {"kind": "held_out_perturbations"})
+    split = make_split(_obs({"control": 5, "A": 5, "B": 5}), kind="held_out_perturbations")
     assert not is_applicable(split)
     assert set(split["role"].astype(str)) <= {"train", "validation", "reference"}
     assert "singles-only" in NOT_APPLICABLE["held_out_perturbations"]
-    assert is_applicable(make_split(OBS, {"kind": "held_out_perturbations"}))
+    assert is_applicable(make_split(OBS, kind="held_out_perturbations"))

@@ -96,7 +96,7 @@ def processed_sim() -> tuple[ad.AnnData, Any, Any]:
         dp.normalise(qc, {"target_sum": 1e4}), {"min_genes_per_phase": 5, "n_bins": 25}, seed=0
     )
     hvg = dp.select_highly_variable_genes(phased, {"n_top_genes": 2000})
-    processed = dp.label_cells(hvg, schema, {"validation_fraction": 0.1}, seed=0)
+    processed = dp.label_cells(hvg, schema, {"validation_fraction": 0.1}, seed=0).to_memory()
     summary, qc_summary = dp.summarise_screen(cells_raw, processed, qc_table)
     return processed, summary, qc_summary
 

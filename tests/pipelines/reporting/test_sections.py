@@ -221,12 +221,10 @@ def test_prediction_section_reads_the_pipelines_own_tables() -> None:
                 )
     metrics, summary, _ = summarise_metrics(held_out_cells=pd.DataFrame(rows))
     history = pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_loss": [3.2, 2.1, 1.9]})
-    figure_params = {"summary_scores": ["pearson_delta", "mse"]}
+    scores = ["pearson_delta", "mse"]
     panel = io.BytesIO()  # the pipeline's own summary panel, as the catalog hands it to the report (PNG)
-    plot_summary(summary, metrics, figure_params).savefig(panel, format="png")
-    result = pp.report_perturbation_prediction(
-        summary, metrics, panel.getvalue(), figure_params, PARAMS, history, history
-    )
+    plot_summary(summary, metrics, scores).savefig(panel, format="png")
+    result = pp.report_perturbation_prediction(summary, metrics, panel.getvalue(), scores, PARAMS, history, history)
     section = result["section"]
     assert section.figure_keys == list(pp.FIGURES)
     assert section.facts["test perturbations (held_out_cells)"] == "3"
@@ -297,7 +295,7 @@ def test_data_processing_section_of_a_plain_count_matrix() -> None:
         schema,
         {"validation_fraction": 0.1},
         seed=0,
-    )
+    ).to_memory()
     summary, qc_summary = dp.summarise_screen(dp.count_cells_per_perturbation(validated), processed, qc_table)
     section = dp_section.report_data_processing(processed, summary, qc_summary, PARAMS, schema, "plain")["section"]
     assert section.facts["perturbations"] == "0" and section.facts["control cells"] == "0"

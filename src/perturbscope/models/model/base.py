@@ -1,19 +1,27 @@
-"""The contract of the AnnData-facing model classes: wrap a torch module, fit it from a screen,
-read screens into it, save and load it.
+"""The contract of the AnnData-facing model classes: wrap a torch module, fit it from a screen, read
+screens into it, save and load it.
 
-A model class holds one trained module (``.module``, what the Kedro catalog and the MLflow
-registry store) and, after :meth:`fit`, its per-epoch history (``.history``)::
+A model class holds one trained module (``.module``, what the Kedro catalog and the MLflow registry
+store) and, after :meth:`ModelAPI.fit`, its per-epoch history (``.history``)::
 
-    api = ContrastiveVI.fit(screen, {"n_salient": 10}, {"max_epochs": 200}, seed=0)
-    api.history                    # pandas, one row per epoch (``best`` marks the kept one)
+    api = ContrastiveVI.fit(screen, seed=0)          # the class's defaults: what `kedro run` trains
+    api = ContrastiveVI.fit(screen, {"n_salient": 12}, {"max_epochs": 50}, seed=0)
+    api.history                                       # pandas, one row per epoch (``best`` marks the kept one)
     api.save("model.pt");  ContrastiveVI.load("model.pt").embed(other_screen)
-    ContrastiveVI(catalog.load("contrastive_model"))   # wrap a module from the catalog
+    ContrastiveVI(catalog.load("contrastive_model"))  # wrap a module from the catalog
+
+Every default has one owner: a module's hyperparameters are its constructor's defaults,
+:class:`~perturbscope.models.TrainConfig` holds the training defaults and each class's
+:attr:`ModelAPI.training_defaults` what differs for that model (``ContrastiveVI.train_config()`` shows
+the result). Bad arguments raise :class:`~perturbscope.models.ParameterError` naming the argument.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import anndata as ad
@@ -24,11 +32,15 @@ from perturbscope.models._checks import ParameterError
 from perturbscope.models.base import BaseModel
 from perturbscope.models.data import CellData
 from perturbscope.models.io import load_model, save_model
-from perturbscope.models.training import History, TrainConfig, fit, seeded
+from perturbscope.models.runtime import seeded
+from perturbscope.models.training import History, TrainConfig, fit
 
-from .inputs import model_cell_data, model_kwargs, train_config
+from .inputs import model_cell_data
 
-__all__ = ["ModelAPI", "training_summary"]
+__all__ = ["DERIVED_MODEL_ARGS", "ModelAPI", "training_summary"]
+
+DERIVED_MODEL_ARGS = frozenset({"n_genes", "n_batch", "batch_key", "library_log_mean", "library_log_var"})
+"""Module arguments a model class sets from the screen (never from the caller's ``model`` settings)."""
 
 
 def training_summary(history: History, config: TrainConfig) -> dict[str, Any]:
@@ -45,14 +57,13 @@ def training_summary(history: History, config: TrainConfig) -> dict[str, Any]:
 class ModelAPI:
     """AnnData-facing wrapper of one torch module of :mod:`perturbscope.models`.
 
-    Subclasses set ``module_class`` (the torch module), ``error`` (raised for bad input,
-    with a message naming the fix), ``section`` (the Kedro parameter section named in
-    messages) and ``counts_hint`` (what to do when raw counts are missing).
+    Subclasses set ``module_class`` (the torch module), ``training_defaults`` (this model's training
+    settings that differ from :class:`~perturbscope.models.TrainConfig`'s) and ``counts_hint`` (what to
+    do when raw counts are missing).
     """
 
     module_class: ClassVar[type[BaseModel]] = BaseModel
-    error: ClassVar[type[ValueError]] = ValueError
-    section: ClassVar[str] = "model"
+    training_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     counts_hint: ClassVar[str] = ""
 
     def __init__(self, module: BaseModel) -> None:
@@ -84,38 +95,45 @@ class ModelAPI:
         self, adata: ad.AnnData, counts_layer: str | None = None, fill_missing: bool | None = False
     ) -> CellData:
         """A screen's raw counts as :class:`CellData` for this module: its genes (by name) and batches."""
-        return model_cell_data(self.module, adata, self.error, self.counts_hint, counts_layer, fill_missing)
+        return model_cell_data(self.module, adata, self.counts_hint, counts_layer, fill_missing)
 
-    # ------------------------------------------------------------------- training
+    # ------------------------------------------------------------------- settings
     @classmethod
-    def _settings(
-        cls,
-        model_params: Mapping[str, Any] | None,
-        training: Mapping[str, Any] | None,
-        shared_training: Mapping[str, Any] | None,
-        seed: int,
-    ) -> tuple[dict[str, Any], TrainConfig, int, int]:
-        """Hyperparameters and training settings, checked once (names here, values by the module)."""
-        kwargs = model_kwargs(cls.module_class, model_params, f"{cls.section}.model", cls.error)
-        config, batch_size, val_batch_size = train_config(
-            training, seed, f"{cls.section}.training", cls.error, shared=shared_training
-        )
-        return kwargs, config, batch_size, val_batch_size
+    def train_config(cls, training: Mapping[str, Any] | TrainConfig | None = None, seed: int = 0) -> TrainConfig:
+        """The training settings: :class:`~perturbscope.models.TrainConfig`'s defaults, then this class's
+        ``training_defaults``, then ``training`` (a mapping of fields; ``seed`` unless it names its own).
+        A :class:`TrainConfig` is used as it is."""
+        if isinstance(training, TrainConfig):
+            return training
+        return TrainConfig.from_mapping({"seed": seed, **dict(training or {})}, **cls.training_defaults)
+
+    @classmethod
+    def model_kwargs(cls, model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``model`` checked against the module's arguments (those set from the screen excluded)."""
+        allowed = set(inspect.signature(cls.module_class.__init__).parameters) - {"self"} - DERIVED_MODEL_ARGS
+        model = dict(model or {})
+        unknown = sorted(set(model) - allowed)
+        if unknown:
+            raise ParameterError(
+                ", ".join(unknown),
+                f"{'is' if len(unknown) == 1 else 'are'} not a {cls.module_class.__name__} argument; allowed: "
+                f"{sorted(allowed)} (the number of genes and batches come from the screen)",
+                "model",
+            )
+        return model
 
     @classmethod
     def _build(cls, seed: int, factory: Callable[..., BaseModel] | None = None, **kwargs: Any) -> BaseModel:
-        """The module (``factory(**kwargs)``, default the module class), initialised reproducibly;
-        a bad hyperparameter names its parameter."""
+        """The module (``factory(**kwargs)``, default the module class), initialised reproducibly; a bad
+        hyperparameter raises :class:`ParameterError` marked as the model's."""
         try:
             with seeded(seed):
                 return (factory or cls.module_class)(**kwargs)
-        except ParameterError as err:  # "<section>.model.n_salient must be ..."
-            raise cls.error(f"{cls.section}.model.{err}") from None
-        except (TypeError, ValueError) as err:
-            raise cls.error(f"{cls.section}.model: {err}") from None
+        except ParameterError as err:
+            raise err.within("model") from None
 
     def _fit(self, train: Any, val: Any, config: TrainConfig, callback: Any = None) -> History:
         """Train with the one loop; ``history`` holds the per-epoch table afterwards."""
-        history = fit(self.module, train, val, config, callback=callback, settings=self.section)
+        history = fit(self.module, train, val, config, callback=callback)
         self.history = history.to_frame()
         return history

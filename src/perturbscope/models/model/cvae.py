@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import anndata as ad
@@ -26,10 +27,10 @@ import torch
 
 from perturbscope.models.cvae import ConditionalVAE, Generated
 from perturbscope.models.data import CellData, MinibatchSampler
+from perturbscope.models.training import TrainConfig
 from perturbscope.schema import COUNTS_LAYER, PERTURBATION, PERTURBED_GENES
 
 from .base import ModelAPI
-from .inputs import model_kwargs, train_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,21 @@ class CVAE(ModelAPI):
     """Perturbation prediction on AnnData: train on cells with their perturbed genes, generate cells."""
 
     module_class = ConditionalVAE
-    section = "perturbation_prediction"
+    training_defaults = MappingProxyType(
+        {
+            "max_epochs": 400,
+            "validation_batch_size": 512,
+            "lr": 1e-3,
+            "kl_warmup_epochs": 50,
+            "patience": 30,
+            "grad_clip": 10.0,
+            "precision": "float32",
+            "progress": False,
+        }
+    )
+    """Over :class:`~perturbscope.models.TrainConfig`'s: the settings the prediction benchmark ran with
+    (bench/prediction.md): a lower learning rate, a 50-epoch KL (beta) warm-up, patience 30, gradient
+    clipping at 10, float32; no progress bar (the pipeline trains one model per split)."""
 
     @classmethod
     def from_vocabulary(
@@ -49,10 +64,10 @@ class CVAE(ModelAPI):
         var_names: Sequence[str],
         separator: str = "+",
         seed: int = 0,
-        **model_params: Any,
+        **model: Any,
     ) -> CVAE:
         """An untrained model over the perturbed genes ``vocabulary`` (initialised with ``seed``)."""
-        kwargs = model_kwargs(ConditionalVAE, model_params, f"{cls.section}.model", cls.error)
+        kwargs = cls.model_kwargs(model)
         factory = partial(ConditionalVAE.from_vocabulary, list(vocabulary), list(var_names), separator)
         return cls(cls._build(seed, factory, **kwargs))
 
@@ -62,29 +77,30 @@ class CVAE(ModelAPI):
         cells: ad.AnnData,
         validation: np.ndarray,
         vocabulary: Sequence[str],
-        model_params: Mapping[str, Any] | None = None,
-        training: Mapping[str, Any] | None = None,
+        model: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | TrainConfig | None = None,
         *,
-        shared_training: Mapping[str, Any] | None = None,
         separator: str = "+",
         seed: int = 0,
-        error: type[ValueError] | None = None,
         extra_obs: dict[str, Any] | None = None,
     ) -> CVAE:
         """Train on ``cells`` (``obs["perturbed_genes"]``: ``A+B``, ``""`` for controls).
 
-        ``validation`` (bool per cell) marks the cells that drive early stopping; every
-        other cell trains. ``error`` is raised for bad settings (default ``ValueError``).
+        ``validation`` (bool per cell) marks the cells that drive early stopping; every other cell trains.
+        ``model``: :class:`~perturbscope.models.ConditionalVAE` arguments; ``training``:
+        :class:`~perturbscope.models.TrainConfig` fields over :meth:`train_config`'s defaults.
         """
-        config, batch_size, val_batch_size = train_config(
-            training, seed, f"{cls.section}.training", error or cls.error, shared=shared_training
-        )
-        api = cls.from_vocabulary(vocabulary, cells.var_names, separator, seed=config.seed, **dict(model_params or {}))
+        config = cls.train_config(training, seed)
+        api = cls.from_vocabulary(vocabulary, cells.var_names, separator, seed=config.seed, **dict(model or {}))
         validation = np.asarray(validation, dtype=bool)
         data = api.cell_data(cells, extra_obs=extra_obs)
-        train_sampler = MinibatchSampler(data, ~validation, batch_size=batch_size, shuffle=True, seed=config.seed)
+        train_sampler = MinibatchSampler(
+            data, ~validation, batch_size=config.batch_size, shuffle=True, seed=config.seed
+        )
         val_sampler = (
-            MinibatchSampler(data, validation, batch_size=val_batch_size, shuffle=False) if validation.any() else None
+            MinibatchSampler(data, validation, batch_size=config.validation_batch_size, shuffle=False)
+            if validation.any()
+            else None
         )
         logger.info(
             "Training ConditionalVAE (%s likelihood) on %d cells (%d validation), %d perturbed genes.",

@@ -2,32 +2,35 @@
 
 ::
 
-    api = LDVAE.fit(processed_screen, {"n_latent": 10}, seed=0)   # every cell, oriented factors
-    api.loadings()                                                # gene column + factor_1 ... factor_K
-    embed_screen(catalog.load("linear_model"), adata).obsm["X_ldvae"]
+    api = LDVAE.fit(processed_screen, seed=0)             # every cell, oriented factors
+    api.loadings()                                        # gene column + factor_1 ... factor_K
+    LDVAE(catalog.load("linear_model")).embed(adata).obsm["X_ldvae"]
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from perturbscope.models._checks import check_choice
 from perturbscope.models.data import CellData, MinibatchSampler
 from perturbscope.models.linear import ROTATIONS, LinearVAE
-from perturbscope.models.training import torch_threads
+from perturbscope.models.runtime import torch_threads
+from perturbscope.models.training import TrainConfig
 from perturbscope.schema import SPLIT, VALIDATION
 
 from .base import ModelAPI, training_summary
-from .inputs import BATCH_OBS_KEY, raw_counts, screen_metadata, training_batches
+from .inputs import BATCH_OBS_KEY, ModelInputError, raw_counts, readable, screen_metadata, training_batches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LATENT_KEY", "LOADINGS_KEY", "LDVAE", "LinearModelError", "embed_screen", "loadings_matrix"]
+__all__ = ["LATENT_KEY", "LDVAE", "LOADINGS_KEY", "loadings_matrix"]
 
 LATENT_KEY = "X_ldvae"
 """``obsm`` key of the factor scores."""
@@ -35,10 +38,6 @@ LOADINGS_KEY = "ldvae_loadings"
 """``varm`` key of the loadings in an embedded screen."""
 
 _COUNTS_HINT = "The LDVAE models counts: run the data_processing pipeline (it keeps raw counts in layers['counts'])."
-
-
-class LinearModelError(ValueError):
-    """Bad parameters or input for the linear model; the message names the fix."""
 
 
 def _validation_mask(screen: ad.AnnData) -> np.ndarray:
@@ -55,7 +54,7 @@ def loadings_matrix(loadings: pd.DataFrame) -> pd.DataFrame:
     factors = [c for c in frame.columns if str(c).startswith("factor_")]
     matrix = frame[factors] if factors else frame.select_dtypes(include=[np.number])
     if not len(matrix.columns):
-        raise LinearModelError(f"The loadings table has no factor_* columns (columns: {list(loadings.columns)}).")
+        raise ModelInputError(f"The loadings table has no factor_* columns (columns: {list(loadings.columns)}).")
     return matrix.astype(float)
 
 
@@ -63,8 +62,12 @@ class LDVAE(ModelAPI):
     """The linearly decoded VAE on AnnData: factors whose loadings name the genes they move."""
 
     module_class = LinearVAE
-    error = LinearModelError
-    section = "linear_model"
+    training_defaults = MappingProxyType(
+        {"max_epochs": 400, "kl_warmup_epochs": 100, "num_threads": 1, "precision": "float32"}
+    )
+    """Over :class:`~perturbscope.models.TrainConfig`'s: an epoch is every training cell once; a long KL
+    warm-up (lower it for > 50,000 cells); one CPU thread, the fastest for this small model (2 threads were
+    5-10x slower on a busy 2-core machine); float32, in which its benchmark and tests ran."""
     counts_hint = _COUNTS_HINT
 
     def cell_data(
@@ -77,67 +80,72 @@ class LDVAE(ModelAPI):
     def fit(
         cls,
         screen: ad.AnnData,
-        model_params: Mapping[str, Any] | None = None,
-        training: Mapping[str, Any] | None = None,
+        model: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | TrainConfig | None = None,
         *,
-        shared_training: Mapping[str, Any] | None = None,
         rotation: str = "promax",
         batch_key: str | None = None,
         seed: int = 0,
     ) -> LDVAE:
         """Train the LDVAE on every cell of the screen (controls and perturbed alike).
 
-        ``obs["split"] == "validation"`` cells are held out for early stopping, the
-        restored weights and the held-out reconstruction log-likelihood; raw counts come
-        from ``layers["counts"]``; ``batch_key`` becomes the batch covariate. The decoder
-        intercepts start at the genes' average expression; after training the factors
-        are oriented for reading (:meth:`LinearVAE.orient` with ``rotation``: unit SD over
-        all cells, ordered by explained variance). The module ends in eval mode on the CPU.
+        ``model``: :class:`~perturbscope.models.LinearVAE` arguments; ``training``:
+        :class:`~perturbscope.models.TrainConfig` fields over :meth:`train_config`'s defaults.
+        ``obs["split"] == "validation"`` cells are held out for early stopping, the restored weights and
+        the held-out reconstruction log-likelihood; raw counts come from ``layers["counts"]``;
+        ``batch_key`` becomes the batch covariate. The decoder intercepts start at the genes' average
+        expression; after training the factors are oriented for reading (:meth:`LinearVAE.orient` with
+        ``rotation``: unit SD over all cells, ordered by explained variance). The module ends in eval mode
+        on the CPU.
         """
-        kwargs, config, batch_size, val_batch_size = cls._settings(model_params, training, shared_training, seed)
-        if rotation not in ROTATIONS:
-            raise LinearModelError(f"linear_model.factors.rotation must be one of {list(ROTATIONS)}, got {rotation!r}.")
+        kwargs, config = cls.model_kwargs(model), cls.train_config(training, seed)
+        check_choice("rotation", rotation, ROTATIONS)
+        screen = readable(screen)
         if screen.n_obs < 2:
-            raise LinearModelError(f"The screen has {screen.n_obs} cell(s); the LDVAE needs at least 2.")
-        categories, obs = training_batches(screen, batch_key, LinearModelError)
-        data = CellData(raw_counts(screen, None, LinearModelError, _COUNTS_HINT), obs=obs)
+            raise ModelInputError(f"The screen has {screen.n_obs} cell(s); the LDVAE needs at least 2.")
+        categories, obs = training_batches(screen, batch_key)
+        data = CellData(raw_counts(screen, None, _COUNTS_HINT), obs=obs)
         if np.any(data.library <= 0):
             logger.warning("%d cell(s) have no counts at all.", int(np.sum(data.library <= 0)))
 
         is_val = _validation_mask(screen)
         train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         if train_idx.size == 0:
-            raise LinearModelError(
-                "Every cell is in the validation split: lower data_processing.split.validation_fraction."
+            raise ModelInputError(
+                "Every cell is in the validation split (obs['split'] == 'validation'): hold fewer cells out."
             )
         n_batch = len(categories)
         if kwargs.get("library") == "learned":
             mean, var = data.library_prior(train_idx, BATCH_OBS_KEY if n_batch else None, n_batch)
             kwargs.update(library_log_mean=mean, library_log_var=var)
         api = cls(cls._build(seed, n_genes=data.n_genes, n_batch=n_batch, batch_key=BATCH_OBS_KEY, **kwargs))
-        model = api.module
-        model.init_intercepts(data, train_idx)
+        module = api.module
+        module.init_intercepts(data, train_idx)
 
-        train = MinibatchSampler(data, train_idx, batch_size=batch_size, seed=seed)
-        val = MinibatchSampler(data, val_idx, batch_size=val_batch_size, shuffle=False) if val_idx.size else None
+        train = MinibatchSampler(data, train_idx, batch_size=config.batch_size, seed=seed)
+        val = (
+            MinibatchSampler(data, val_idx, batch_size=config.validation_batch_size, shuffle=False)
+            if val_idx.size
+            else None
+        )
         if val is None:
             logger.warning("No validation cells: training %d epochs without early stopping.", config.max_epochs)
         logger.info(
             "Training the LDVAE (%d factors) on %d cells (%d for validation), %d genes.",
-            model.n_latent,
+            module.n_latent,
             train_idx.size,
             val_idx.size,
             data.n_genes,
         )
         with torch_threads(config.num_threads):  # also for orienting and scoring after training
             history = api._fit(train, val, config)
-            model.cpu().eval()
+            module.cpu().eval()
             data.to("cpu")
-            model.orient(data, rotation=rotation)
+            module.orient(data, rotation=rotation)
             held_out = float("nan")
             if val_idx.size:
-                held_out = float(np.mean(model.reconstruction_log_likelihood(data, val_idx)))
-        model.metadata = {
+                held_out = float(np.mean(module.reconstruction_log_likelihood(data, val_idx)))
+        module.metadata = {
             **screen_metadata(screen, batch_key, categories),
             "rotation": rotation,
             "n_train_cells": int(train_idx.size),
@@ -160,10 +168,11 @@ class LDVAE(ModelAPI):
         Genes are matched by name to the model's; raw counts come from
         ``layers["counts"]`` or ``X``. The loadings go to ``varm["ldvae_loadings"]`` (NaN
         for genes the model lacks) and the factor names to ``uns["ldvae"]["factors"]``.
-        Raises :class:`LinearModelError` for missing genes (named), unknown batches or no
+        Raises :class:`~perturbscope.models.model.ModelInputError` for missing genes (named), unknown batches or no
         raw counts.
         """
         model = self.module
+        adata = readable(adata)
         data = self.cell_data(adata)
         out = adata.copy()
         out.obsm[LATENT_KEY] = model.embed(data, batch_size=int(batch_size))
@@ -180,8 +189,3 @@ class LDVAE(ModelAPI):
         """Genes x factors: a ``gene`` column, then ``factor_1 ... factor_K`` (natural-log
         expression change per SD of the factor over the screen's cells)."""
         return self.module.loadings().reset_index()
-
-
-def embed_screen(model: LinearVAE, adata: ad.AnnData, batch_size: int = 1024) -> ad.AnnData:
-    """:meth:`LDVAE.embed` of a stored module (e.g. ``catalog.load("linear_model")``)."""
-    return LDVAE(model).embed(adata, batch_size=batch_size)

@@ -315,18 +315,18 @@ def evaluate_spaces(
     adata: ad.AnnData,
     spaces: Mapping[str, str],
     target_mask: np.ndarray,
-    annotation_key: str | None,
-    confounder_keys: Sequence[str] = (PHASE,),
-    ignore_labels: Iterable[str] = ("unassigned", "none", "unknown", "control"),
-    resolution: float | str | None = "auto",
+    annotation_key: str | None = None,
+    confounders: Sequence[str] = (PHASE,),
+    ignore_labels: Iterable[str] = ("unassigned", "none", "unknown", "control", "ctrl"),
+    leiden_resolution: float | str | None = "auto",
+    leiden_runs: int = 5,
     n_neighbors: int = 15,
-    folds: int = 5,
+    knn_folds: int = 5,
     max_cells: int | None = 20000,
+    responder_key: str | None = "responded",
     seed: int = 0,
-    leiden_runs: int = 1,
     called_mask: np.ndarray | None = None,
     probability: np.ndarray | None = None,
-    responder_key: str | None = None,
 ) -> pd.DataFrame:
     """The evaluation table of several embeddings of the same cells.
 
@@ -341,20 +341,22 @@ def evaluate_spaces(
     annotation_key
         ``obs`` column annotating perturbations (a gene program); None or a
         missing column skips the program scores with a note.
-    confounder_keys
+    confounders
         ``obs`` columns of shared confounders; one that is absent, has only
         missing / ``unknown`` values or a single category is skipped with a
         note.
     ignore_labels
         Annotation labels that do not count as an annotation.
-    resolution, n_neighbors, folds, max_cells, seed, leiden_runs
-        See :func:`program_scores`.
+    leiden_resolution, leiden_runs, n_neighbors, knn_folds, max_cells, seed
+        See :func:`program_scores` (``resolution``, ``folds``). ARI and NMI are
+        medians over ``leiden_runs`` Leiden seeds: one run is a noisy score.
     called_mask
         Cells called perturbed by the escape mixture: the program scores are repeated over
         the annotated ones (rows with ``cells == "called_perturbed"``).
     probability, responder_key
         The escape mixture's per-cell probability and an ``obs`` column of ground truth (True for
-        cells that truly responded): adds ``perturbed_probability_auroc`` over the targets.
+        cells that truly responded, e.g. a simulation's ``responded``): adds
+        ``perturbed_probability_auroc`` over the targets (skipped when the column is absent).
 
     Returns
     -------
@@ -378,7 +380,9 @@ def evaluate_spaces(
     else:
 
         def score(embedding: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-            return program_scores(embedding, labels, resolution, n_neighbors, folds, max_cells, seed, leiden_runs)
+            return program_scores(
+                embedding, labels, leiden_resolution, n_neighbors, knn_folds, max_cells, seed, leiden_runs
+            )
 
         rows += _program_rows(adata, spaces, target_mask, annotation_key, ignore_labels, ALL_CELLS, score)
         if called_mask is not None:
@@ -387,7 +391,7 @@ def evaluate_spaces(
     rows += _auroc_rows(adata, target_mask, probability, responder_key)
 
     # --- confounder leakage -------------------------------------------------------
-    for key in confounder_keys:
+    for key in confounders:
         if key is None:
             continue
         if key not in adata.obs.columns:
@@ -408,7 +412,7 @@ def evaluate_spaces(
         labels = values.astype(str).to_numpy()[keep]
         chance = chance_accuracy(labels)
         for space, obsm_key in spaces.items():
-            acc = knn_accuracy(adata.obsm[obsm_key][keep], labels, n_neighbors, folds, seed)
+            acc = knn_accuracy(adata.obsm[obsm_key][keep], labels, n_neighbors, knn_folds, seed)
             rows.append(_row("leakage_knn_accuracy", key, space, acc, chance, keep.size, len(np.unique(labels))))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 

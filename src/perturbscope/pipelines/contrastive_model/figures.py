@@ -14,18 +14,19 @@ import numpy as np
 import scanpy as sc
 from matplotlib.figure import Figure
 
+from perturbscope.blocks import BlockScreen
 from perturbscope.models.model.contrastive import UMAP_KEYS
-from perturbscope.ondisk import OnDiskScreen
+from perturbscope.parameters import required
 from perturbscope.schema import CELL_GROUP, PERTURBATION, PHASE, ScreenSchema
 
 __all__ = ["plot_embeddings"]
 
 
 def plot_embeddings(
-    embedded: ad.AnnData | OnDiskScreen, params: dict[str, Any], schema_params: dict[str, Any]
+    embedded: ad.AnnData | BlockScreen, params: dict[str, Any], schema_params: dict[str, Any]
 ) -> Figure:
-    """UMAPs of the salient and background spaces, coloured by program / perturbation and phase."""
-    params = dict(params or {})
+    """UMAPs of the salient and background spaces, coloured by program / perturbation and phase
+    (``params``: ``contrastive_model.evaluation``, whose ``annotation_key`` names the program column)."""
     missing = [key for key in UMAP_KEYS.values() if key not in embedded.obsm]
     if missing:  # contrastive_model.embedding.umap: false
         fig, ax = plt.subplots(figsize=(6, 2))
@@ -38,7 +39,8 @@ def plot_embeddings(
             va="center",
         )
         return fig
-    annotation = params.get("annotation_key") or ScreenSchema.from_params(schema_params or {}).program_key
+    annotation = required(params, "annotation_key", "contrastive_model.evaluation")
+    annotation = annotation or ScreenSchema.from_params(schema_params).program_key
     colours = []
     for key in (annotation, CELL_GROUP, PHASE):
         if key and key in embedded.obs and embedded.obs[key].astype(str).nunique() > 1 and key not in colours:

@@ -1,4 +1,4 @@
-"""The contrastive_model pipeline: processed screen → contrastiveVI model, embeddings, evaluation."""
+"""The contrastive_model pipeline: processed screen → contrastiveVI model, embeddings, escapers, evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from kedro.pipeline import Node, Pipeline
 from perturbscope import tracking
 from perturbscope.pipelines.contrastive_model import nodes
 
-# nodes that take a screen read from disk in blocks (perturbscope.ondisk.OnDiskScreen)
+# nodes that take a screen read from disk in blocks (perturbscope.blocks.BlockScreen)
 STREAMS = ["streams"]
 
 
@@ -20,10 +20,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "processed_screen",
                     "params:contrastive_model.model",
                     "params:contrastive_model.training",
+                    "params:training",
                     "params:schema",
                     "params:seed",
-                    "params:training",
-                    "params:contrastive_model.escape",
                 ],
                 outputs=["contrastive_model", "contrastive_training_history"],
                 name="train_contrastive_model",
@@ -48,10 +47,33 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="embed_cells",
                 tags=STREAMS,
             ),
+            # escapers: their own artifact, refitted without retraining (`--from-nodes fit_escape_mixture`)
+            Node(
+                nodes.fit_escape_mixture,
+                inputs=["contrastive_embedded_screen", "params:contrastive_model.escape", "params:seed"],
+                outputs="contrastive_escape_mixture",
+                name="fit_escape_mixture",
+                tags=STREAMS,
+            ),
+            Node(
+                nodes.call_perturbed_cells,
+                inputs=["contrastive_embedded_screen", "contrastive_escape_mixture", "params:contrastive_model.escape"],
+                outputs="contrastive_cell_calls",
+                name="call_perturbed_cells",
+                tags=STREAMS,
+            ),
+            Node(
+                nodes.escape_table,
+                inputs=["contrastive_embedded_screen", "contrastive_cell_calls", "contrastive_escape_mixture"],
+                outputs="contrastive_escape",
+                name="tabulate_escape",
+                tags=STREAMS,
+            ),
             Node(
                 nodes.evaluate_embeddings,
                 inputs=[
                     "contrastive_embedded_screen",
+                    "contrastive_cell_calls",
                     "params:contrastive_model.evaluation",
                     "params:schema",
                     "params:seed",
@@ -70,18 +92,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.rank_salient_genes,
                 inputs=[
                     "contrastive_embedded_screen",
+                    "contrastive_cell_calls",
                     "contrastive_model",
                     "params:contrastive_model.salient_expression",
                 ],
                 outputs="contrastive_salient_genes",
                 name="rank_salient_genes",
-                tags=STREAMS,
-            ),
-            Node(
-                nodes.escape_table,
-                inputs=["contrastive_embedded_screen", "contrastive_model"],
-                outputs="contrastive_escape",
-                name="tabulate_escape",
                 tags=STREAMS,
             ),
             Node(

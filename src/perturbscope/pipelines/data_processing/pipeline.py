@@ -6,7 +6,7 @@ from kedro.pipeline import Node, Pipeline
 
 from perturbscope.pipelines.data_processing import nodes
 
-# every node takes a screen read from disk in blocks (perturbscope.ondisk.OnDiskScreen) as well
+# every node takes a screen read from disk in blocks (perturbscope.blocks.BlockScreen) as well
 STREAMS = ["streams"]
 
 

@@ -1,7 +1,8 @@
 """Quality control of a validated screen: cell, gene and thin-perturbation filters with guards.
 
-Every threshold comes from ``data_processing.qc``; each step is recorded in the QC table,
-and a step that removes too much stops the run with an error naming the step.
+Every threshold is an argument of :func:`quality_control` (``data_processing.qc`` in the conf); each
+step is recorded in the QC table, and a step that removes too much stops the run with an error naming
+the step. One implementation, over the blocks of a :class:`~perturbscope.blocks.BlockScreen`.
 """
 
 from __future__ import annotations
@@ -12,37 +13,21 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 
-from perturbscope.ondisk import OnDiskScreen, is_on_disk
+from perturbscope.blocks import BlockScreen, as_block_screen
 from perturbscope.schema import CONTROL, PERTURBATION, UNPERTURBED, ScreenValidationError
-
-from . import out_of_core
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QC_GUARDS", "quality_control"]
-
-
-QC_GUARDS = {
-    "min_cells_after_qc": 50,
-    "min_genes_after_qc": 20,
-    "max_fraction_removed_per_step": 0.5,
-    "min_cells_per_perturbation": 10,
-}
-"""Defaults of the QC guards (``data_processing.qc``), for callers that do not set them."""
-
-
-def _guard(qc_params: dict[str, Any], key: str) -> Any:
-    return qc_params.get(key, QC_GUARDS[key])
+__all__ = ["library_sizes", "quality_control", "quality_masks"]
 
 
 class _Steps:
     """The QC table being built, and the guard on each step's share of removed cells."""
 
-    def __init__(self, qc_params: dict[str, Any]) -> None:
+    def __init__(self, max_removed: float | None) -> None:
         self.rows: list[dict[str, Any]] = [{"step": "input", "cells_removed": 0, "genes_removed": 0}]
-        self.max_removed = _guard(qc_params, "max_fraction_removed_per_step")
+        self.max_removed = max_removed
 
     def record(
         self, step: str, before: tuple[int, int], after: tuple[int, int], guarded: bool = True, **extra: Any
@@ -59,8 +44,9 @@ class _Steps:
                 "if that many low-quality cells are expected."
             )
 
-    def check_left(self, qc_params: dict[str, Any], before: tuple[int, int], left: tuple[int, int]) -> None:
-        min_cells, min_genes = _guard(qc_params, "min_cells_after_qc"), _guard(qc_params, "min_genes_after_qc")
+    def check_left(
+        self, min_cells: int | None, min_genes: int | None, before: tuple[int, int], left: tuple[int, int]
+    ) -> None:
         if left[0] < int(min_cells or 1) or left[1] < int(min_genes or 1):
             which = (
                 f"data_processing.qc.min_cells_after_qc={min_cells}"
@@ -85,8 +71,8 @@ class _Steps:
         return table
 
 
-def _mito_genes(var_names: pd.Index, qc_params: dict[str, Any]) -> np.ndarray:
-    prefix = qc_params.get("mito_prefix") or "MT-"
+def _mito_genes(var_names: pd.Index, prefix: str | None) -> np.ndarray:
+    prefix = prefix or "MT-"
     return np.asarray(var_names.str.upper().str.startswith(prefix.upper()))
 
 
@@ -106,91 +92,48 @@ def _check_perturbations_left(obs: pd.DataFrame, dropped: list[str], min_per_per
 
 
 def quality_control(
-    adata: ad.AnnData | OnDiskScreen, qc_params: dict[str, Any]
-) -> tuple[ad.AnnData | OnDiskScreen, pd.DataFrame]:
-    """Filter cells, genes and thin perturbations; return the filtered copy and what each step removed.
+    screen: ad.AnnData | BlockScreen,
+    min_genes_per_cell: int = 5,
+    min_cells_per_gene: int = 3,
+    max_mito_fraction: float | None = 0.2,
+    mito_prefix: str = "MT-",
+    min_cells_after_qc: int = 50,
+    min_genes_after_qc: int = 20,
+    max_fraction_removed_per_step: float | None = 0.5,
+    min_cells_per_perturbation: int | None = 10,
+) -> tuple[BlockScreen, pd.DataFrame]:
+    """Filter cells, genes and thin perturbations; return the filtered screen and what each step removed.
 
-    Steps, in order: cells with fewer than ``min_genes_per_cell`` detected genes,
-    cells with a mitochondrial fraction above ``max_mito_fraction`` (only when genes
-    with ``mito_prefix`` exist), genes detected in fewer than ``min_cells_per_gene``
-    cells, and perturbations left with fewer than ``min_cells_per_perturbation`` cells
-    (dropped with a warning; controls are never dropped). The raw counts stay in ``X``.
-    A screen read from disk (:class:`~perturbscope.ondisk.OnDiskScreen`) is filtered in one
-    pass over its blocks, with the same result.
+    Steps, in order: cells with fewer than ``min_genes_per_cell`` detected genes, cells with a
+    mitochondrial fraction above ``max_mito_fraction`` (only when genes starting with ``mito_prefix``
+    exist; None = no filter), genes detected in fewer than ``min_cells_per_gene`` of the cells left, and
+    perturbations left with fewer than ``min_cells_per_perturbation`` cells (dropped with a warning;
+    controls are never dropped). One pass over the blocks computes the per-cell and per-gene numbers,
+    as scanpy's ``filter_cells``, ``calculate_qc_metrics`` and ``filter_genes`` do. ``obs`` gains
+    ``n_genes``, ``total_counts`` (over the genes kept) and, with mitochondrial genes,
+    ``pct_counts_mt``; ``var`` gains ``mt`` and ``n_cells``.
 
     Raises
     ------
     ScreenValidationError
-        A step removed more than ``max_fraction_removed_per_step`` of the cells it was
-        given; fewer than ``min_cells_after_qc`` cells or ``min_genes_after_qc`` genes
-        are left; no control cells are left. The message names the step and threshold.
+        A step removed more than ``max_fraction_removed_per_step`` of the cells it was given; fewer than
+        ``min_cells_after_qc`` cells or ``min_genes_after_qc`` genes are left; no control cells are left.
+        The message names the step and its parameter.
     """
-    if is_on_disk(adata):
-        return _quality_control_on_disk(adata, qc_params)
-    out = adata.copy()
-    steps = _Steps(qc_params)
-
-    before = out.shape
-    sc.pp.filter_cells(out, min_genes=int(qc_params["min_genes_per_cell"]))
-    steps.record(f"min_genes_per_cell={qc_params['min_genes_per_cell']}", before, out.shape)
-
-    mito = _mito_genes(out.var_names, qc_params)
-    out.var["mt"] = mito
-    max_mito = qc_params.get("max_mito_fraction")
-    if mito.any() and max_mito is not None:
-        sc.pp.calculate_qc_metrics(out, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
-        before = out.shape
-        keep = out.obs["pct_counts_mt"].to_numpy() <= 100.0 * float(max_mito)
-        out._inplace_subset_obs(keep)
-        steps.record(f"max_mito_fraction={max_mito}", before, out.shape)
-    else:
-        steps.rows.append(
-            {"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0}
-        )
-
-    before = out.shape
-    sc.pp.filter_genes(out, min_cells=int(qc_params["min_cells_per_gene"]))
-    steps.record(f"min_cells_per_gene={qc_params['min_cells_per_gene']}", before, out.shape)
-    steps.check_left(qc_params, adata.shape, out.shape)
-
-    before = out.shape
-    min_per_perturbation = _guard(qc_params, "min_cells_per_perturbation")
-    dropped = _thin_perturbations(out, min_per_perturbation)
-    if dropped:
-        out._inplace_subset_obs(~out.obs[PERTURBATION].astype(str).isin(dropped).to_numpy())
-        out.obs[PERTURBATION] = out.obs[PERTURBATION].cat.remove_unused_categories()
-    # not guarded by max_fraction_removed_per_step: a screen of only thin perturbations gets its own error
-    steps.record(
-        f"min_cells_per_perturbation={min_per_perturbation}",
-        before,
-        out.shape,
-        guarded=False,
-        perturbations_dropped=", ".join(dropped),
-    )
-    _check_perturbations_left(out.obs, dropped, min_per_perturbation)
-    out.obs["total_counts"] = np.asarray(out.X.sum(axis=1)).ravel()
-    return out, steps.table(*adata.shape)
-
-
-def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) -> tuple[OnDiskScreen, pd.DataFrame]:
-    """:func:`quality_control` in one pass over the blocks of a screen read from disk.
-
-    ``obs`` gains ``n_genes`` and ``total_counts`` (over the genes kept; ``pct_counts_mt`` too
-    when mitochondrial genes exist), ``var`` gains ``mt`` and ``n_cells``."""
-    steps = _Steps(qc_params)
-    min_genes, min_cells = int(qc_params["min_genes_per_cell"]), int(qc_params["min_cells_per_gene"])
-    mito = _mito_genes(screen.var_names, qc_params)
-    max_mito = qc_params.get("max_mito_fraction")
-    use_mito = bool(mito.any()) and max_mito is not None
-    stats = out_of_core.quality_masks(
-        screen, min_genes, mito if mito.any() else None, max_mito if use_mito else None, min_cells
+    screen = as_block_screen(screen)
+    steps = _Steps(max_fraction_removed_per_step)
+    min_genes, min_cells = int(min_genes_per_cell), int(min_cells_per_gene)
+    mito = _mito_genes(screen.var_names, mito_prefix)
+    use_mito = bool(mito.any()) and max_mito_fraction is not None
+    stats = quality_masks(
+        screen, min_genes, mito if mito.any() else None, max_mito_fraction if use_mito else None, min_cells
     )
     enough_genes = stats["n_genes"] >= min_genes
     n0, g0 = screen.shape
     steps.record(f"min_genes_per_cell={min_genes}", (n0, g0), (int(enough_genes.sum()), g0))
     cells = stats["cells_kept"]
     if use_mito:
-        steps.record(f"max_mito_fraction={max_mito}", (int(enough_genes.sum()), g0), (int(cells.sum()), g0))
+        steps.record(f"max_mito_fraction={max_mito_fraction}", (int(enough_genes.sum()), g0), (int(cells.sum()), g0))
     else:
         steps.rows.append(
             {"step": "max_mito_fraction (no mitochondrial genes)", "cells_removed": 0, "genes_removed": 0}
@@ -198,7 +141,7 @@ def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) ->
     genes = stats["genes_kept"]
     left = (int(cells.sum()), int(genes.sum()))
     steps.record(f"min_cells_per_gene={min_cells}", (left[0], g0), left)
-    steps.check_left(qc_params, screen.shape, left)
+    steps.check_left(min_cells_after_qc, min_genes_after_qc, screen.shape, left)
 
     obs = screen.obs.copy()
     obs["n_genes"] = stats["n_genes"]
@@ -210,22 +153,65 @@ def _quality_control_on_disk(screen: OnDiskScreen, qc_params: dict[str, Any]) ->
     out = screen.with_obs(obs)
     out.var = var
     out = out.subset(cells=cells, genes=genes)
-    min_per_perturbation = _guard(qc_params, "min_cells_per_perturbation")
-    dropped = _thin_perturbations(out, min_per_perturbation)
+    dropped = _thin_perturbations(out, min_cells_per_perturbation)
     before = out.shape
     if dropped:
         out = out.subset(cells=~out.obs[PERTURBATION].astype(str).isin(dropped).to_numpy())
         out.obs[PERTURBATION] = out.obs[PERTURBATION].cat.remove_unused_categories()
+    # not guarded by max_fraction_removed_per_step: a screen of only thin perturbations gets its own error
     steps.record(
-        f"min_cells_per_perturbation={min_per_perturbation}",
+        f"min_cells_per_perturbation={min_cells_per_perturbation}",
         before,
         out.shape,
         guarded=False,
         perturbations_dropped=", ".join(dropped),
     )
-    _check_perturbations_left(out.obs, dropped, min_per_perturbation)
-    out.obs["total_counts"] = out_of_core.library_sizes(out).astype(np.float32)  # as X.sum(axis=1)
+    _check_perturbations_left(out.obs, dropped, min_cells_per_perturbation)
+    out.obs["total_counts"] = library_sizes(out).astype(np.float32)  # as X.sum(axis=1)
     return out, steps.table(*screen.shape)
+
+
+def quality_masks(
+    screen: BlockScreen, min_genes: int, mito: np.ndarray | None, max_mito: float | None, min_cells: int
+) -> dict[str, np.ndarray]:
+    """One pass: each cell's detected genes and mitochondrial share, and, over the cells that pass those two
+    filters, each gene's number of cells (as ``filter_cells``, ``calculate_qc_metrics`` and
+    ``filter_genes`` compute them)."""
+    n_genes = np.zeros(screen.n_obs, dtype=np.int64)
+    total = np.zeros(screen.n_obs, dtype=np.float64)
+    total_mt = np.zeros(screen.n_obs, dtype=np.float64)
+    gene_cells = np.zeros(screen.n_vars, dtype=np.int64)
+    pass_genes = np.zeros(screen.n_obs, dtype=bool)
+    for chunk in screen.chunks():
+        counts = chunk.counts
+        counts.eliminate_zeros()
+        rows = slice(chunk.start, chunk.stop)
+        n_genes[rows] = np.diff(counts.indptr)
+        total[rows] = np.asarray(counts.sum(axis=1)).ravel()
+        keep = n_genes[rows] >= min_genes
+        if mito is not None:
+            total_mt[rows] = np.asarray(counts[:, mito].sum(axis=1)).ravel()
+            if max_mito is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    keep &= 100.0 * total_mt[rows] / total[rows] <= 100.0 * float(max_mito)
+        pass_genes[rows] = keep
+        gene_cells += np.bincount(counts[keep].indices, minlength=screen.n_vars)
+    return {
+        "n_genes": n_genes,
+        "total_counts": total,
+        "total_counts_mt": total_mt,
+        "cells_kept": pass_genes,
+        "gene_cells": gene_cells,
+        "genes_kept": gene_cells >= min_cells,
+    }
+
+
+def library_sizes(screen: BlockScreen) -> np.ndarray:
+    """Each cell's total counts over the screen's genes (one pass)."""
+    out = np.zeros(screen.n_obs, dtype=np.float64)
+    for chunk in screen.chunks():
+        out[chunk.start : chunk.stop] = np.asarray(chunk.counts.sum(axis=1, dtype=np.float64)).ravel()
+    return out
 
 
 def _thin_perturbations(adata: ad.AnnData, min_cells: int | None) -> list[str]:

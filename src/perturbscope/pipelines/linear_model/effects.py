@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -13,7 +12,9 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from perturbscope.models.model.linear import LATENT_KEY, LinearModelError
+from perturbscope.models._checks import check_float
+from perturbscope.models.model import ModelInputError
+from perturbscope.models.model.linear import LATENT_KEY
 from perturbscope.schema import CONTROL, PERTURBATION, UNPERTURBED
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,13 @@ def _describe(table: pd.DataFrame, genes: dict[tuple[str, str], list[str]], conf
 def factor_effects(
     embedded: ad.AnnData,
     top_genes: pd.DataFrame,
-    params: dict[str, Any],
     program_key: str | None = None,
+    *,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+    min_standardised_effect: float = 0.2,
+    min_cells: int = 2,
+    n_genes_shown: int = 8,
 ) -> pd.DataFrame:
     """How far each perturbation moves each factor relative to the control cells.
 
@@ -172,17 +178,12 @@ def factor_effects(
     ``unperturbed``) or without controls gives an empty table with the same
     columns.
     """
-    params = dict(params or {})
-    confidence = float(params.get("confidence", 0.95))
-    if not 0.0 < confidence < 1.0:
-        raise LinearModelError(f"linear_model.effects.confidence must be in (0, 1), got {confidence}.")
-    alpha = float(params.get("alpha", 0.05))
-    min_std = float(params.get("min_standardised_effect", 0.0))
-    min_cells = int(params.get("min_cells", 2))
+    confidence = check_float("confidence", confidence, 1e-9, 1.0, "e.g. 0.95")
+    min_std = float(min_standardised_effect)
     if LATENT_KEY not in embedded.obsm:
-        raise LinearModelError(f"The screen has no obsm['{LATENT_KEY}']: run the embed_cells node first.")
+        raise ModelInputError(f"The screen has no obsm['{LATENT_KEY}']: embed it with LDVAE(model).embed first.")
     if PERTURBATION not in embedded.obs:
-        raise LinearModelError("The screen has no obs['perturbation']: run the data_processing pipeline first.")
+        raise ModelInputError("The screen has no obs['perturbation']: run the data_processing pipeline first.")
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in EFFECT_COLUMNS})
     labels = embedded.obs[PERTURBATION].astype(str).to_numpy()
     is_control = labels == CONTROL
@@ -217,7 +218,7 @@ def factor_effects(
     table["q_value"] = benjamini_hochberg(table["p_value"].to_numpy(dtype=float))
     table["significant"] = (table["q_value"] < alpha) & (table["standardised_effect"].abs() >= min_std)
     table["direction"] = np.where(table["effect"] >= 0, "raises", "lowers")
-    table = _describe(table, _gene_lists(top_genes, int(params.get("n_genes_shown", 8))), confidence)
+    table = _describe(table, _gene_lists(top_genes, int(n_genes_shown)), confidence)
     table["_abs"] = table["standardised_effect"].abs().fillna(-1.0)
     table = table.sort_values([PERTURBATION, "_abs"], ascending=[True, False], kind="stable")
     table["rank"] = table.groupby(PERTURBATION).cumcount() + 1

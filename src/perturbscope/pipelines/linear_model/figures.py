@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written by the catalog, never shown
@@ -18,9 +16,10 @@ from perturbscope.schema import PERTURBATION
 __all__ = ["plot_factor_effects"]
 
 
-def plot_factor_effects(effects: pd.DataFrame, params: dict[str, Any]) -> Figure:
-    """Heatmap of standardised effects (perturbations x factors); dots mark significant cells."""
-    max_rows = int((params or {}).get("max_perturbations_plotted", 60))
+def plot_factor_effects(effects: pd.DataFrame, max_perturbations_plotted: int = 60) -> Figure:
+    """Heatmap of standardised effects (perturbations x factors, the ``max_perturbations_plotted`` strongest);
+    dots mark significant cells."""
+    max_rows = int(max_perturbations_plotted)
     if effects is None or len(effects) == 0:
         fig, ax = plt.subplots(figsize=(5, 2))
         ax.axis("off")

@@ -29,8 +29,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from perturbscope.models._checks import check_int
 from perturbscope.models.linear import LinearVAE
-from perturbscope.models.model.linear import LATENT_KEY, LDVAE, LinearModelError, embed_screen, loadings_matrix
+from perturbscope.models.model.linear import LATENT_KEY, LDVAE, loadings_matrix
+from perturbscope.parameters import conf_errors, options, training_settings
 from perturbscope.schema import PERTURBATION, ScreenSchema
 
 from .effects import EFFECT_COLUMNS, factor_effects
@@ -39,10 +41,8 @@ from .figures import plot_factor_effects
 __all__ = [
     "EFFECT_COLUMNS",
     "LATENT_KEY",
-    "LinearModelError",
     "TOP_GENE_COLUMNS",
     "embed_cells",
-    "embed_screen",
     "factor_loadings",
     "factor_perturbation_effects",
     "linear_model_metrics",
@@ -51,6 +51,7 @@ __all__ = [
     "train_linear_model",
 ]
 
+SECTION = "linear_model"
 TOP_GENE_COLUMNS = ["factor", "direction", "rank", "gene", "loading"]
 
 
@@ -58,32 +59,37 @@ def train_linear_model(
     screen: ad.AnnData,
     model_params: dict[str, Any],
     training_params: dict[str, Any],
-    factor_params: dict[str, Any],
+    shared_training: dict[str, Any],
+    rotation: str,
     schema_params: dict[str, Any],
     seed: int,
-    shared_training: dict[str, Any] | None = None,
 ) -> tuple[LinearVAE, pd.DataFrame]:
     """Train the LDVAE on every cell of the screen (see :meth:`LDVAE.fit`).
 
-    Returns the trained module (eval mode, CPU; ``metadata`` holds the genes, batch
-    categories, training summary and held-out reconstruction log-likelihood) and the
-    per-epoch history (``best`` marks the restored epoch).
+    Returns the trained module (eval mode, CPU; ``metadata`` holds the genes, batch categories, training
+    summary and held-out reconstruction log-likelihood) and the per-epoch history (``best`` marks the
+    restored epoch).
     """
-    api = LDVAE.fit(
-        screen,
-        model_params,
-        training_params,
+    with conf_errors(
+        SECTION,
         shared_training=shared_training,
-        rotation=(factor_params or {}).get("rotation", "promax"),
-        batch_key=ScreenSchema.from_params(schema_params or {}).batch_key,
-        seed=seed,
-    )
+        own_training=training_params,
+        arguments={"rotation": f"{SECTION}.factors.rotation"},
+    ):
+        api = LDVAE.fit(
+            screen,
+            model_params,
+            training_settings(shared_training, training_params),
+            rotation=rotation,
+            batch_key=ScreenSchema.from_params(schema_params).batch_key,
+            seed=seed,
+        )
     return api.module, api.history
 
 
 def embed_cells(screen: ad.AnnData, model: LinearVAE, params: dict[str, Any]) -> ad.AnnData:
     """The processed screen with the factor scores in ``obsm["X_ldvae"]`` (see :meth:`LDVAE.embed`)."""
-    return embed_screen(model, screen, batch_size=int((params or {}).get("batch_size", 1024)))
+    return LDVAE(model).embed(screen, **options(LDVAE.embed, params, f"{SECTION}.embedding", exclude={"self", "adata"}))
 
 
 def factor_loadings(model: LinearVAE) -> pd.DataFrame:
@@ -91,14 +97,13 @@ def factor_loadings(model: LinearVAE) -> pd.DataFrame:
     return LDVAE(model).loadings()
 
 
-def top_genes_per_factor(loadings: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+def top_genes_per_factor(loadings: pd.DataFrame, n_top_genes: int = 20) -> pd.DataFrame:
     """The ``n_top_genes`` largest positive and negative loadings of every factor.
 
     Long table ``factor, direction (positive/negative), rank (1 = strongest), gene, loading``.
     """
-    n_top = int((params or {}).get("n_top_genes", 20))
-    if n_top < 1:
-        raise LinearModelError(f"linear_model.factors.n_top_genes must be >= 1, got {n_top}.")
+    with conf_errors(SECTION, arguments={"n_top_genes": f"{SECTION}.factors.n_top_genes"}):
+        n_top = check_int("n_top_genes", n_top_genes, 1, "genes per factor and sign")
     matrix = loadings_matrix(loadings)
     rows = []
     for factor in matrix.columns:
@@ -116,7 +121,9 @@ def factor_perturbation_effects(
     embedded: ad.AnnData, top_genes: pd.DataFrame, params: dict[str, Any], schema_params: dict[str, Any]
 ) -> pd.DataFrame:
     """How far each perturbation moves each factor relative to the control cells (:func:`.effects.factor_effects`)."""
-    return factor_effects(embedded, top_genes, params, ScreenSchema.from_params(schema_params or {}).program_key)
+    settings = options(factor_effects, params, f"{SECTION}.effects", exclude={"embedded", "top_genes", "program_key"})
+    with conf_errors(f"{SECTION}.effects"):
+        return factor_effects(embedded, top_genes, ScreenSchema.from_params(schema_params).program_key, **settings)
 
 
 def linear_model_metrics(model: LinearVAE, effects: pd.DataFrame) -> dict[str, Any]:

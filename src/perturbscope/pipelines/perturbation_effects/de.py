@@ -22,18 +22,31 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from scipy import stats
 
-from perturbscope.schema import CONTROL, COUNTS_LAYER, IS_CONTROL, PERTURBATION, UNPERTURBED
+from perturbscope.models._checks import check_choice, check_int
+from perturbscope.schema import CONTROL, COUNTS_LAYER, IS_CONTROL, PERTURBATION, UNPERTURBED, ScreenValidationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DE_COLUMNS", "DESEQ2", "WILCOXON", "pseudobulk", "pseudobulk_deseq2", "wilcoxon"]
+__all__ = [
+    "AGREEMENT_COLUMNS",
+    "DESEQ2",
+    "DE_COLUMNS",
+    "WILCOXON",
+    "differential_expression",
+    "pseudobulk",
+    "pseudobulk_deseq2",
+    "salient_agreement",
+    "wilcoxon",
+]
 
 DESEQ2, WILCOXON = "pseudobulk_deseq2", "wilcoxon"
 DE_COLUMNS = [
@@ -48,6 +61,21 @@ DE_COLUMNS = [
     "n_control",
     "n_replicates",
 ]
+
+
+def checked_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`screen_groups`, with a clear error for a screen without labels or without controls."""
+    if PERTURBATION not in screen.obs:
+        raise ScreenValidationError(
+            "The screen has no obs['perturbation']: run the data_processing pipeline first (it labels the cells)."
+        )
+    labels, is_control = screen_groups(screen)
+    if not is_control.any():
+        raise ScreenValidationError(
+            "The screen has no control cells: every test compares a perturbation with the controls "
+            "(schema.control_labels names them)."
+        )
+    return labels, is_control
 
 
 def screen_groups(screen: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
@@ -221,3 +249,89 @@ def wilcoxon(screen: ad.AnnData, perturbations: list[str], max_cells: int | None
             "n_replicates": np.nan,
         }
     )[DE_COLUMNS]
+
+
+def differential_expression(
+    screen: ad.AnnData,
+    batch_key: str | None = None,
+    seed: int = 0,
+    *,
+    methods: Sequence[str] = (DESEQ2, WILCOXON),
+    min_cells: int = 20,
+    n_pseudo_replicates: int = 3,
+    wilcoxon_max_cells: int | None = 2000,
+    n_cpus: int = 1,
+) -> pd.DataFrame:
+    """Per perturbation vs controls: pseudobulk PyDESeq2 and/or cell-level Wilcoxon (``methods``).
+
+    Perturbations with fewer than ``min_cells`` cells are left out. Pseudobulk replicates are the screen's
+    batches (``batch_key``) or ``n_pseudo_replicates`` random splits; Wilcoxon uses up to
+    ``wilcoxon_max_cells`` cells per group (None: all); ``n_cpus`` PyDESeq2 workers.
+    """
+    methods = list(methods)
+    for method in methods:
+        check_choice("methods", method, (DESEQ2, WILCOXON))
+    checked_groups(screen)
+    min_cells = check_int("min_cells", min_cells, 2, "perturbations with fewer cells are left out")
+    tested = tested_perturbations(screen, min_cells)
+    frames = []
+    if DESEQ2 in methods:
+        n_rep = check_int("n_pseudo_replicates", n_pseudo_replicates, 2, "pseudo-replicates per group")
+        frames.append(pseudobulk_deseq2(screen, tested, n_rep, batch_key, seed, n_cpus=int(n_cpus)))
+    if WILCOXON in methods:
+        frames.append(wilcoxon(screen, tested, wilcoxon_max_cells, seed))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=DE_COLUMNS)
+    logger.info(
+        "Differential expression: %d perturbations x %d genes, methods %s.", len(tested), screen.n_vars, methods
+    )
+    return pd.concat(frames, ignore_index=True)
+
+
+AGREEMENT_COLUMNS = [
+    PERTURBATION,
+    "method",
+    "n_genes",
+    "spearman",
+    "fraction_significant_same_direction",
+    "n_significant_de_genes",
+]
+
+
+def salient_agreement(de_table: pd.DataFrame, salient_genes: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """How the contrastive model's salient gene table agrees with differential expression.
+
+    Per perturbation and DE method, over the genes of the salient table: Spearman correlation of the
+    salient ``mean_log2fc`` with the DE log2 fold change, and the share of those genes that are DE at
+    ``q < alpha`` in the same direction.
+    """
+    if de_table.empty or salient_genes.empty:
+        return pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    rows = []
+    salient = salient_genes[[PERTURBATION, "gene", "mean_log2fc"]].astype({PERTURBATION: str, "gene": str})
+    for (label, method), group in de_table.astype({PERTURBATION: str, "gene": str}).groupby(
+        [PERTURBATION, "method"], sort=True
+    ):
+        merged = salient[salient[PERTURBATION] == label].merge(group, on="gene")
+        if merged.empty:
+            continue
+        ok = merged["log2_fold_change"].notna()
+        rho = (
+            stats.spearmanr(merged.loc[ok, "mean_log2fc"], merged.loc[ok, "log2_fold_change"]).statistic
+            if ok.sum() > 2
+            else np.nan
+        )
+        same = np.sign(merged["mean_log2fc"]) == np.sign(merged["log2_fold_change"])
+        hit = (merged["q_value"] < alpha) & same
+        rows.append(
+            {
+                PERTURBATION: label,
+                "method": method,
+                "n_genes": len(merged),
+                "spearman": rho,
+                "fraction_significant_same_direction": float(hit.mean()),
+                "n_significant_de_genes": int((group["q_value"] < alpha).sum()),
+            }
+        )
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)

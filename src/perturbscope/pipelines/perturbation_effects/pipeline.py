@@ -45,7 +45,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "differential_expression",
                     "contrastive_salient_genes",
-                    "params:perturbation_effects.differential_expression",
+                    "params:perturbation_effects.salient_agreement.alpha",
                 ],
                 outputs="salient_de_agreement",
                 name="compare_with_salient_genes",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
@@ -118,10 +119,21 @@ def score_split(
     cvae_predictions: ad.AnnData,
     baseline_predictions: ad.AnnData,
     pca: dict[str, np.ndarray],
-    params: dict[str, Any],
     seed: int = 0,
+    *,
+    n_top_de: int = 20,
+    de_method: str = "t-test",
+    top_k: Sequence[int] = (25, 50, 100),
+    max_cells_energy: int = 300,
+    n_top_expressed: int = 1000,
 ) -> pd.DataFrame:
     """Score every method on every test perturbation of the split.
+
+    ``n_top_de``: top DE genes of each perturbation (``de_method`` of ``rank_genes_groups`` vs control on
+    its true test cells); ``top_k``: the K of the top-K Jaccard (capped at the number of genes);
+    ``max_cells_energy``: cells per side in the energy distance; ``n_top_expressed``: the genes most
+    expressed in the controls over which ``l2_top_expressed`` is measured (Ahlmann-Eltze, Huber & Anders,
+    Nature Methods 2025).
 
     The truth of a test perturbation is its held-out test cells. The
     reference control mean ``c`` is the mean of the split's reference
@@ -151,10 +163,10 @@ def score_split(
     perturbed_train = training_mask(split) & ~is_control
     c = mean_of(adata.X[reference_mask(split)])
     m = mean_of(adata.X[perturbed_train])
-    top_k = [int(k) for k in params.get("top_k", [25, 50, 100])]
-    de = top_de_genes(adata, split, labels, int(params.get("n_top_de", 20)), str(params.get("de_method", "t-test")))
-    max_cells = int(params.get("max_cells_energy", 300))
-    expressed = top_expressed_genes(c, int(params.get("n_top_expressed", 1000)))
+    top_k = [int(k) for k in top_k]
+    de = top_de_genes(adata, split, labels, int(n_top_de), str(de_method))
+    max_cells = int(max_cells_energy)
+    expressed = top_expressed_genes(c, int(n_top_expressed))
     rng = np.random.default_rng(int(seed))
 
     def subsample(rows: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
@@ -51,6 +52,17 @@ SCORE_LABELS = {
     "energy_distance": "energy distance (PCA)",
     "l2_top_expressed": "L2, top-1000 expressed genes",
 }
+DEFAULT_SUMMARY_SCORES = (
+    "pearson_delta",
+    "pearson_delta_top_de",
+    "pearson_delta_vs_perturbed_mean",
+    "jaccard_top50",
+    "mse",
+    "l2_top_expressed",
+    "direction_accuracy_top_de",
+    "energy_distance",
+)
+"""The scores of the summary panel, in order."""
 
 
 def perturbation_figure(
@@ -168,10 +180,14 @@ def perturbation_figures(
     baseline_predictions: ad.AnnData,
     metrics: pd.DataFrame,
     pca: dict[str, np.ndarray],
-    params: dict[str, Any],
     seed: int = 0,
+    *,
+    method: str = "cvae_prior",
+    max_figures: int = 12,
+    top_k: Sequence[int] = (25, 50, 100),
 ) -> dict[str, Figure]:
-    """:func:`perturbation_figure` for up to ``max_figures`` test perturbations of a split.
+    """:func:`perturbation_figure` for up to ``max_figures`` test perturbations of a split, with ``method``'s
+    predicted cells in the scatter and PCA panels (``cvae_prior``, ``cvae_controls`` or a baseline).
 
     The perturbations with the largest true effect (norm of the mean delta)
     are drawn; files are named ``<perturbation>.png``.
@@ -183,8 +199,8 @@ def perturbation_figures(
     effect = {}
     for label in sorted(set(labels_arr[test])):
         effect[label] = float(np.linalg.norm(_mean(adata.X[test & (labels_arr == label)]) - c))
-    chosen = sorted(effect, key=lambda p: -effect[p])[: int(params.get("max_figures", 12))]
-    top_k = tuple(int(k) for k in params.get("top_k", (25, 50, 100)))
+    chosen = sorted(effect, key=lambda p: -effect[p])[: int(max_figures)]
+    top_k = tuple(int(k) for k in top_k)
     out: dict[str, Figure] = {}
     for label in sorted(chosen):
         predicted = {}
@@ -200,7 +216,7 @@ def perturbation_figures(
             predicted,
             metrics.loc[metrics[PERTURBATION] == label],
             pca,
-            primary=str(params.get("method", "cvae_controls")),
+            primary=str(method),
             top_k=top_k,
             seed=int(seed),
         )
@@ -219,12 +235,12 @@ def message_figure(title: str, text: str) -> Figure:
     return fig
 
 
-def summary_figure(metrics: pd.DataFrame, params: dict[str, Any]) -> Figure:
-    """Scores per method across test perturbations: one panel per (split, score).
+def summary_figure(metrics: pd.DataFrame, summary_scores: Sequence[str] = DEFAULT_SUMMARY_SCORES) -> Figure:
+    """Scores per method across test perturbations: one panel per (split, score of ``summary_scores``).
 
     Dots are perturbations; the bar is mean ± sd (NaN scores left out).
     """
-    scores = [s for s in params.get("summary_scores", list(SCORE_LABELS)) if s in metrics.columns]
+    scores = [s for s in summary_scores if s in metrics.columns]
     evaluations = list(dict.fromkeys(metrics["evaluation"]))
     if not evaluations or not scores:
         return message_figure("Perturbation prediction", "No split had test perturbations to score.")

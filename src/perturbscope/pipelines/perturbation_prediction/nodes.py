@@ -16,18 +16,17 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from perturbscope.models.cvae import ConditionalVAE
-from perturbscope.models.model.cvae import CVAE, scale_factors
-from perturbscope.models.model.inputs import raw_counts
+from perturbscope.models.model.cvae import CVAE
+from perturbscope.parameters import conf_errors, options, training_settings
 from perturbscope.schema import IS_CONTROL, PERTURBATION, PERTURBED_GENES, ScreenSchema
 
-from . import evaluation, figures
+from . import evaluation, figures, generation
 from .baselines import baseline_cells
-from .evaluation import CVAE_METHODS, ID_COLUMNS
+from .evaluation import ID_COLUMNS
+from .generation import generation_settings
 from .splits import (
-    SplitError,
     as_split,
     assert_no_leakage,
     is_applicable,
@@ -39,24 +38,12 @@ from .splits import (
 
 logger = logging.getLogger(__name__)
 
-_MODE_TO_METHOD = {"prior": "cvae_prior", "controls": "cvae_controls"}
+SECTION = "perturbation_prediction"
 
 
 # ----------------------------------------------------------------------------- helpers
-def _separator(schema: dict[str, Any] | None) -> str:
-    return ScreenSchema.from_params(schema or {}).double_separator or "+"
-
-
-def _no_predictions(adata: ad.AnnData) -> ad.AnnData:
-    """An empty prediction table (no cells, the screen's genes) for a split with nothing to predict."""
-    empty = sp.csr_matrix((0, adata.n_vars), dtype=np.float32)
-    obs = pd.DataFrame(
-        {"method": pd.Categorical([]), PERTURBATION: pd.Categorical([]), "source_cell": np.zeros(0, np.int64)},
-        index=pd.Index([], dtype=str),
-    )
-    out = ad.AnnData(X=empty, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
-    out.layers["expected"] = empty.copy()
-    return out
+def _separator(schema: dict[str, Any]) -> str:
+    return ScreenSchema.from_params(schema).double_separator
 
 
 # ------------------------------------------------------------------------------- nodes
@@ -67,27 +54,34 @@ def make_prediction_split(
 
     Returns the split table with a ``cell`` column (one row per cell).
     """
-    split = make_split(adata.obs, {**split_params, "seed": seed}, _separator(schema))
+    with conf_errors(f"{SECTION}.splits"):
+        split = make_split(
+            adata.obs,
+            _separator(schema),
+            seed,
+            **options(make_split, split_params, f"{SECTION}.splits.<split>", exclude={"obs", "separator", "seed"}),
+        )
+    kind = str(split["kind"].iloc[0]) if len(split) else ""
     reason = not_applicable_reason(split)
     if reason:
-        logger.warning("Split %s is not applicable and is skipped: %s.", split_params.get("kind"), reason)
+        logger.warning("Split %s is not applicable and is skipped: %s.", kind, reason)
     counts = split.groupby("role", observed=False).size().to_dict()
     logger.info(
         "Split %s: %s; %d test perturbation(s).",
-        split_params.get("kind"),
+        kind,
         counts,
         len(perturbations_with_test_cells(split)),
     )
     return split.reset_index()
 
 
-def fit_expression_pca(adata: ad.AnnData, params: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+def fit_expression_pca(adata: ad.AnnData, n_pcs: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The shared PCA space: scanpy PCA of the whole processed screen's log-normalised ``X``.
 
     Fitted on the true cells only (never on predictions), so every method's cells are
     projected into the same space. Returns ``mean`` ``(G,)`` and ``components`` ``(n_pcs, G)``.
     """
-    return evaluation.fit_expression_pca(adata, int(params.get("n_pcs", 20)), seed)
+    return evaluation.fit_expression_pca(adata, int(n_pcs), seed)
 
 
 def train_cvae(
@@ -95,9 +89,9 @@ def train_cvae(
     split: pd.DataFrame,
     model_params: dict[str, Any],
     training_params: dict[str, Any],
-    schema: dict[str, Any] | None = None,
+    shared_training: dict[str, Any],
+    schema: dict[str, Any],
     seed: int = 0,
-    shared_training: dict[str, Any] | None = None,
 ) -> tuple[ConditionalVAE, pd.DataFrame]:
     """Train the conditional VAE on the split's training cells only (see :meth:`CVAE.fit`).
 
@@ -117,23 +111,22 @@ def train_cvae(
     targets = train_cells.obs[PERTURBED_GENES].astype(str)[~split[IS_CONTROL].to_numpy()[mask]]
     vocab = sorted({g for genes in targets for g in genes.split(sep) if g})
     reason = not_applicable_reason(split)
-    if reason:  # nothing is held out, so nothing to predict: the (untrained) model only records why
-        logger.info("No test cells in this split: the cVAE is not trained.")
-        api = CVAE.from_vocabulary(vocab, adata.var_names, sep, seed=seed, **dict(model_params or {}))
-        api.history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "best"])
-    else:
-        api = CVAE.fit(
-            train_cells,
-            split["role"].to_numpy()[mask] == "validation",
-            vocab,
-            model_params,
-            training_params,
-            shared_training=shared_training,
-            separator=sep,
-            seed=seed,
-            error=SplitError,
-            extra_obs={"screen_row": np.flatnonzero(mask)},
-        )
+    with conf_errors(SECTION, shared_training=shared_training, own_training=training_params):
+        if reason:  # nothing is held out, so nothing to predict: the (untrained) model only records why
+            logger.info("No test cells in this split: the cVAE is not trained.")
+            api = CVAE.from_vocabulary(vocab, adata.var_names, sep, seed=seed, **dict(model_params or {}))
+            api.history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "best"])
+        else:
+            api = CVAE.fit(
+                train_cells,
+                split["role"].to_numpy()[mask] == "validation",
+                vocab,
+                model_params,
+                training_settings(shared_training, training_params),
+                separator=sep,
+                seed=seed,
+                extra_obs={"screen_row": np.flatnonzero(mask)},
+            )
     kinds = split.loc[split["role"] == "test", "evaluation"]
     api.metadata.update(
         split_kind=str(kinds.iloc[0]) if len(kinds) else "",
@@ -160,45 +153,8 @@ def predict_cvae(
     -1 for Mode A).
     """
     split = as_split(split, adata)
-    labels = perturbations_with_test_cells(split)
-    if not labels:
-        return _no_predictions(adata)
-    genes_of = split.groupby(PERTURBATION)[PERTURBED_GENES].first()
-    unknown = [p for p in labels if not model.can_predict(genes_of[p])]
-    if unknown:
-        raise SplitError(f"the model cannot predict {unknown}: they perturb genes no training cell perturbs")
-    api = CVAE(model)
-    n_cells = int(params.get("n_cells", 200))
-    draws = {"sample": bool(params.get("sample", True)), "n_mc": int(params.get("n_mc", 16))}
-    train = training_mask(split)
-    source = split[IS_CONTROL].to_numpy() & train
-    lib = scales = None
-    if model.likelihood == "nb":
-        counts = raw_counts(adata, error=SplitError, hint="The NB cVAE draws counts with real cells' library sizes.")
-        lib, scales = np.asarray(counts[train].sum(axis=1)).reshape(-1), scale_factors(adata)
-    genes = [genes_of[p] for p in labels]
-    prior = api.sample_prior(
-        genes, n_cells, library=lib, scale=None if scales is None else scales[train], seed=seed, **draws
-    )
-    prior.obs["source_cell"] = -1
-    transfer = api.transfer_controls(
-        api.cell_data(adata[source].copy()),
-        None,
-        genes,
-        n_cells,
-        scale=None if scales is None else scales[source],
-        seed=seed + 1,
-        **draws,
-    )
-    transfer.obs["source_cell"] = np.flatnonzero(source)[transfer.obs["source_cell"].to_numpy()]
-    out = ad.concat([prior, transfer], index_unique=None)
-    back = dict(zip(genes, labels))
-    out.obs[PERTURBATION] = pd.Categorical(out.obs[PERTURBATION].astype(str).map(back), categories=labels)
-    out.obs["method"] = pd.Categorical(out.obs["mode"].astype(str).map(_MODE_TO_METHOD), categories=list(CVAE_METHODS))
-    out.obs = out.obs[["method", PERTURBATION, "source_cell"]]
-    out.obs_names = [f"cvae_{i}" for i in range(out.n_obs)]
-    out.var_names = adata.var_names.copy()
-    return out
+    settings = generation_settings(**options(generation_settings, params, f"{SECTION}.generation"))
+    return generation.cvae_cells(model, adata, split, seed, **settings)
 
 
 def predict_baselines(
@@ -211,8 +167,8 @@ def predict_baselines(
     """The baselines' predicted cells for the split's test perturbations (see :mod:`.baselines`)."""
     split = as_split(split, adata)
     if not is_applicable(split):
-        return _no_predictions(adata)
-    n_cells = int(params.get("n_cells", 200))
+        return generation.no_predictions(adata)
+    n_cells = generation_settings(**options(generation_settings, params, f"{SECTION}.generation"))["n_cells"]
     return baseline_cells(adata, split, n_cells=n_cells, seed=seed, separator=_separator(schema))
 
 
@@ -232,7 +188,13 @@ def evaluate_predictions(
     score columns.
     """
     split = as_split(split, adata)
-    return evaluation.score_split(adata, split, cvae_predictions, baseline_predictions, pca, params, seed)
+    settings = options(
+        evaluation.score_split,
+        params,
+        f"{SECTION}.evaluation",
+        exclude={"adata", "split", "cvae_predictions", "baseline_predictions", "pca", "seed"},
+    )
+    return evaluation.score_split(adata, split, cvae_predictions, baseline_predictions, pca, seed, **settings)
 
 
 def summarise_metrics(**tables: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -266,14 +228,20 @@ def plot_perturbations(
     if reason:  # one figure saying why, so the run's figure folder is never empty
         kind = str(split["kind"].iloc[0]) if len(split) else "this split"
         return {"not_applicable.png": figures.message_figure(f"{kind}: not applicable", reason)}
+    settings = options(
+        figures.perturbation_figures,
+        params,
+        f"{SECTION}.figures",
+        exclude={"adata", "split", "cvae_predictions", "baseline_predictions", "metrics", "pca", "seed"},
+    )
     return figures.perturbation_figures(
-        adata, split, cvae_predictions, baseline_predictions, metrics, pca, params, seed=seed
+        adata, split, cvae_predictions, baseline_predictions, metrics, pca, seed, **settings
     )
 
 
-def plot_summary(summary: pd.DataFrame, metrics: pd.DataFrame, params: dict[str, Any]) -> Any:
+def plot_summary(summary: pd.DataFrame, metrics: pd.DataFrame, summary_scores: list[str]) -> Any:
     """The summary panel across methods (see :func:`.figures.summary_figure`)."""
-    return figures.summary_figure(metrics, params)
+    return figures.summary_figure(metrics, summary_scores)
 
 
 __all__ = [
@@ -288,4 +256,5 @@ __all__ = [
     "predict_cvae",
     "summarise_metrics",
     "train_cvae",
+    "generation_settings",
 ]

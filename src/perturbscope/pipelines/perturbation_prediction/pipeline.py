@@ -44,9 +44,9 @@ def _split_template() -> Pipeline:
                     "prediction_split",
                     f"{_P}.model",
                     f"{_P}.training",
+                    "params:training",
                     "params:schema",
                     "params:seed",
-                    "params:training",
                 ],
                 outputs=["cvae_model", "cvae_training_history"],
                 name="train_cvae",
@@ -107,7 +107,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 nodes.fit_expression_pca,
-                inputs=["processed_screen", f"{_P}.evaluation", "params:seed"],
+                inputs=["processed_screen", f"{_P}.expression_pca.n_pcs", "params:seed"],
                 outputs="expression_pca",
                 name="fit_expression_pca",
             )
@@ -133,7 +133,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.plot_summary,
-                inputs=["prediction_summary", "prediction_metrics", f"{_P}.figures"],
+                inputs=["prediction_summary", "prediction_metrics", f"{_P}.summary_figure.summary_scores"],
                 outputs="prediction_summary_figure",
                 name="plot_prediction_summary",
             ),

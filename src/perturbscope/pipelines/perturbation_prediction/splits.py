@@ -163,7 +163,16 @@ def _resolve_held_out(obs: pd.DataFrame, requested: Any, separator: str) -> list
     return sorted(set(held))
 
 
-def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") -> pd.DataFrame:
+def make_split(
+    obs: pd.DataFrame,
+    separator: str = "+",
+    seed: int = 0,
+    *,
+    kind: str,
+    test_fraction: float = 0.2,
+    reference_control_fraction: float = 0.5,
+    perturbations: str | list[str] = "auto",
+) -> pd.DataFrame:
     """Assign every cell a role (``train``/``validation``/``test``) for one split.
 
     Parameters
@@ -171,13 +180,20 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
     obs
         The processed screen's ``obs`` (``perturbation``, ``perturbed_genes``,
         ``is_control``, ``split``).
-    params
-        ``kind`` (``held_out_cells`` or ``held_out_perturbations``),
-        ``test_fraction`` (held-out cells), ``perturbations`` (held-out
-        perturbations: ``auto`` or a list), ``reference_control_fraction``
-        (default 0.5), ``seed``.
     separator
         Separator of combinatorial labels.
+    seed
+        Seed of every draw.
+    kind
+        ``held_out_cells`` or ``held_out_perturbations``.
+    test_fraction
+        Held-out cells: the share of every perturbation's cells held out as test cells (drawn from its
+        training cells).
+    reference_control_fraction
+        The share of the controls no method sees: the scores measure deltas against their mean.
+    perturbations
+        Held-out perturbations: ``auto`` (every double whose single genes were each perturbed on their
+        own) or a list of labels.
 
     Returns
     -------
@@ -197,14 +213,13 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
         If the resulting split would leak (never for a correct split).
     """
     _check_obs(obs)
-    kind = params.get("kind")
     if kind not in SPLIT_KINDS:
         raise SplitError(f"split kind {kind!r} is not known; use one of {list(SPLIT_KINDS)}")
     labels = obs[PERTURBATION].astype(str).to_numpy()
     is_control = obs[IS_CONTROL].astype(bool).to_numpy()
     role = np.where(obs[SPLIT].astype(str).to_numpy() == "validation", "validation", "train").astype(object)
-    rng = np.random.default_rng(int(params.get("seed", 0)))
-    ref_fraction = float(params.get("reference_control_fraction", 0.5))
+    rng = np.random.default_rng(int(seed))
+    ref_fraction = float(reference_control_fraction)
     if not 0.0 <= ref_fraction < 1.0:
         raise SplitError(f"reference_control_fraction must be in [0, 1), got {ref_fraction}")
     controls = np.flatnonzero(is_control)
@@ -213,7 +228,7 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
         role[rng.choice(controls, size=n_ref, replace=False)] = "reference"
 
     if kind == "held_out_cells":
-        fraction = float(params.get("test_fraction", 0.2))
+        fraction = float(test_fraction)
         if not 0.0 < fraction < 1.0:
             raise SplitError(f"test_fraction must be in (0, 1), got {fraction}")
         for label in sorted(set(labels[~is_control])):
@@ -223,7 +238,7 @@ def make_split(obs: pd.DataFrame, params: dict[str, Any], separator: str = "+") 
             if n_test >= 1:
                 role[rng.choice(pool, size=n_test, replace=False)] = "test"
     else:
-        held = _resolve_held_out(obs, params.get("perturbations", "auto"), separator)
+        held = _resolve_held_out(obs, perturbations, separator)
         held_mask = np.isin(labels, held) & ~is_control
         role[held_mask] = "test"
         trained = obs[PERTURBED_GENES].astype(str)[~held_mask & ~is_control]

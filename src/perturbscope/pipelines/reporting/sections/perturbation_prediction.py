@@ -61,7 +61,7 @@ def report_perturbation_prediction(
     summary: pd.DataFrame,
     metrics: pd.DataFrame,
     panel: bytes,
-    figure_params: dict[str, Any],
+    summary_scores: list[str],
     params: dict[str, Any],
     *histories: pd.DataFrame,
 ) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def report_perturbation_prediction(
     splits = PREDICTION_SPLITS
     if len(histories) != len(splits):
         raise ValueError(f"Expected one training history per split {list(splits)}, got {len(histories)}.")
-    scores = [s for s in figure_params.get("summary_scores", []) if f"{s}_mean" in summary]
+    scores = [s for s in summary_scores if f"{s}_mean" in summary]
     skipped = not_applicable(summary)
     figures = {
         "prediction_summary_panel": FigureSpec(
@@ -127,7 +127,7 @@ def create_pipeline() -> Pipeline:
                     "prediction_summary",
                     "prediction_metrics",
                     "prediction_summary_figure",
-                    "params:perturbation_prediction.figures",
+                    "params:perturbation_prediction.summary_figure.summary_scores",
                     "params:reporting",
                     *(f"{split}.cvae_training_history" for split in PREDICTION_SPLITS),
                 ],

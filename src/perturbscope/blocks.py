@@ -1,18 +1,22 @@
-"""Screens whose count matrix stays on disk: read in contiguous chunks, written chunk by chunk.
+"""A screen read in blocks of cells, from disk or from memory: the one screen type of data_processing.
 
-:class:`OnDiskScreen` is what a screen too large for memory is in this project. It holds
-``obs``, ``var``, ``uns`` and ``obsm`` in memory (a few hundred bytes per cell) and reads the
-count matrix from its ``.h5ad`` file through anndata's backed sparse datasets
-(:func:`anndata.io.sparse_dataset`), one contiguous block of rows at a time. Selections
-(QC) and normalisation are recorded, not applied: a new screen is returned each time (the
-pipeline's nodes stay pure), and :meth:`OnDiskScreen.write_h5ad` streams the result into a
-new ``.h5ad`` (anndata's ``write_elem`` and sparse ``append``) without ever holding the matrix.
+:class:`BlockScreen` holds ``obs``, ``var``, ``uns`` and ``obsm`` in memory (a few hundred bytes per
+cell) and reads its count matrix one contiguous block of rows at a time, from one of two sources:
 
-Memory is set by ``chunk_size`` (cells per block), not by the number of cells.
+* an ``.h5ad`` file, through anndata's backed sparse datasets (:func:`anndata.io.sparse_dataset`):
+  :meth:`BlockScreen.open`, what a screen too large for memory is in this project;
+* an in-memory matrix: :meth:`BlockScreen.from_anndata`, what every other screen is.
+
+Selections (QC) and normalisation are recorded, not applied: a new screen is returned each time (the
+pipeline's nodes stay pure, and no step copies the matrix), and :meth:`BlockScreen.write_h5ad` streams
+the result into a new ``.h5ad`` (anndata's ``write_elem`` and sparse ``append``) without holding the
+whole normalised matrix. Every data_processing step has one implementation, over blocks; memory is set
+by ``chunk_size`` (cells per block), not by the number of cells.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Iterator
@@ -28,7 +32,7 @@ from anndata.io import read_elem, sparse_dataset, write_elem
 
 from perturbscope.schema import COUNTS_LAYER
 
-__all__ = ["OnDiskScreen", "Chunk", "stored_matrix_bytes", "is_on_disk"]
+__all__ = ["BlockScreen", "Chunk", "as_block_screen", "is_on_disk", "stored_matrix_bytes"]
 
 DEFAULT_CHUNK_SIZE = 20_000
 """Cells per block when the caller names none."""
@@ -47,8 +51,17 @@ def stored_matrix_bytes(path: str | os.PathLike, key: str = "X") -> int:
 
 
 def is_on_disk(screen: Any) -> bool:
-    """Whether ``screen`` is an :class:`OnDiskScreen` (rather than an in-memory AnnData)."""
-    return isinstance(screen, OnDiskScreen)
+    """Whether ``screen`` is a :class:`BlockScreen` read from a file (rather than held in memory)."""
+    return isinstance(screen, BlockScreen) and screen.on_disk
+
+
+def as_block_screen(screen: ad.AnnData | BlockScreen, counts_layer: str | None = None) -> BlockScreen:
+    """``screen`` as a :class:`BlockScreen` (an AnnData is wrapped; its matrices are not copied)."""
+    if isinstance(screen, BlockScreen):
+        return screen
+    if not isinstance(screen, ad.AnnData):
+        raise TypeError(f"expected an AnnData or a BlockScreen, got {type(screen).__name__}")
+    return BlockScreen.from_anndata(screen, counts_layer)
 
 
 @dataclass(frozen=True)
@@ -63,20 +76,37 @@ class Chunk:
 
 @dataclass(frozen=True)
 class _Source:
-    path: str
-    counts_key: str  # the raw counts in the file: "X" or "layers/<name>"
-    x_key: str | None  # a stored X other than the counts (a processed file), else None
+    """Where the matrices are: a file (``path`` and the keys in it) or memory (``counts`` and ``x``)."""
+
+    path: str | None = None
+    counts_key: str = "X"  # the raw counts in the file: "X" or "layers/<name>"
+    x_key: str | None = None  # a stored X other than the counts (a processed file), else None
+    counts: Any = None  # in memory: the raw counts (CSR of any numeric dtype)
+    x: Any = None  # in memory: a stored X other than the counts (CSR), else None
+
+    @property
+    def has_x(self) -> bool:
+        return self.x_key is not None or self.x is not None
+
+    @contextlib.contextmanager
+    def matrices(self, x: bool) -> Iterator[tuple[Any, Any]]:
+        """``(counts, X or None)``, sliceable by rows: backed datasets of the open file, or the matrices."""
+        if self.path is None:
+            yield self.counts, (self.x if x else None)
+            return
+        with h5py.File(self.path, "r") as f:
+            yield sparse_dataset(f[self.counts_key]), (sparse_dataset(f[self.x_key]) if x and self.x_key else None)
 
 
-class OnDiskScreen:
-    """A screen read from its ``.h5ad`` file block by block (see the module docstring).
+class BlockScreen:
+    """A screen read block by block, from its ``.h5ad`` file or from memory (see the module docstring).
 
     Duck-types the parts of :class:`anndata.AnnData` that describe cells and genes (``obs``,
     ``var``, ``uns``, ``obsm``, ``n_obs``, ``n_vars``, ``shape``, ``obs_names``, ``var_names``,
     ``layers`` as a set of names, ``copy()``); the matrices are read with :meth:`chunks`.
 
-    Use :meth:`open` to read a file; :meth:`subset`, :meth:`with_normalisation`,
-    :meth:`with_obs` return new screens.
+    Use :meth:`open` to read a file and :meth:`from_anndata` to wrap an AnnData;
+    :meth:`subset`, :meth:`with_normalisation`, :meth:`with_obs` return new screens.
     """
 
     def __init__(
@@ -110,12 +140,16 @@ class OnDiskScreen:
     # ------------------------------------------------------------------ reading
     @classmethod
     def open(
-        cls, path: str | os.PathLike, counts_layer: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
-    ) -> OnDiskScreen:
+        cls,
+        path: str | os.PathLike,
+        counts_layer: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        processed: bool = True,
+    ) -> BlockScreen:
         """The screen in ``path`` with its matrices left on disk.
 
-        The raw counts are ``layers[counts_layer]`` if named, else ``layers["counts"]`` if the
-        file has it (a processed screen, whose ``X`` is then read as stored), else ``X``.
+        The raw counts are ``layers[counts_layer]`` if named, else ``layers["counts"]`` if the file has
+        it and ``processed`` (a processed screen, whose ``X`` is then read as stored), else ``X``.
         """
         path = os.fspath(path)
         with h5py.File(path, "r") as f:
@@ -125,22 +159,74 @@ class OnDiskScreen:
                     f"'{path}' has no layer '{counts_layer}' (layers: {sorted(layers)}); name the layer "
                     "that holds raw counts, or none to use layers['counts'] or X."
                 )
-            layer = counts_layer or (COUNTS_LAYER if COUNTS_LAYER in layers else None)
-            source = _Source(path, f"layers/{layer}" if layer else "X", "X" if layer else None)
+            layer = counts_layer or (COUNTS_LAYER if processed and COUNTS_LAYER in layers else None)
+            source = _Source(path=path, counts_key=f"layers/{layer}" if layer else "X", x_key="X" if layer else None)
             obs, var = read_elem(f["obs"]), read_elem(f["var"])
             uns = read_elem(f["uns"]) if "uns" in f else {}
             obsm = read_elem(f["obsm"]) if "obsm" in f else {}
             varm = read_elem(f["varm"]) if "varm" in f else {}
         return cls(source, obs, var, uns, obsm, varm, chunk_size=chunk_size)
 
-    def with_counts_layer(self, counts_layer: str | None) -> OnDiskScreen:
-        """The same file read with ``counts_layer`` as the raw counts (see :meth:`open`)."""
-        return OnDiskScreen.open(self.path, counts_layer, self.chunk_size)
+    @classmethod
+    def from_anndata(
+        cls,
+        adata: ad.AnnData,
+        counts_layer: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        processed: bool = True,
+    ) -> BlockScreen:
+        """An in-memory AnnData read block by block; its matrices are not copied (a dense or CSC matrix
+        is converted to CSR once).
+
+        The raw counts are ``layers[counts_layer]`` if named, else ``layers["counts"]`` if the screen has
+        it and ``processed`` (a processed screen, whose ``X`` is then read as stored), else ``X``.
+        """
+        if counts_layer is not None and counts_layer not in adata.layers:
+            raise ValueError(
+                f"The screen has no layer '{counts_layer}' (layers: {sorted(adata.layers)}); name the layer "
+                "that holds raw counts, or none to use layers['counts'] or X."
+            )
+        layer = counts_layer or (COUNTS_LAYER if processed and COUNTS_LAYER in adata.layers else None)
+        counts = adata.layers[layer] if layer else adata.X
+        if counts is None:
+            raise ValueError(f"The screen has no matrix in {'layers[' + repr(layer) + ']' if layer else 'X'}.")
+        source = _Source(counts=_csr(counts), x=_csr(adata.X) if layer and adata.X is not None else None)
+        obsm = {k: np.asarray(v) for k, v in adata.obsm.items()}
+        return cls(
+            source,
+            adata.obs.copy(),
+            adata.var.copy(),
+            copy.deepcopy(dict(adata.uns)),
+            obsm,
+            dict(adata.varm),
+            chunk_size=chunk_size,
+        )
+
+    def raw_counts(self, counts_layer: str | None) -> BlockScreen:
+        """The same file read with ``counts_layer`` (None: ``X``) as the raw counts and nothing else
+        (what validation checks)."""
+        if not self.on_disk:
+            raise ValueError("raw_counts reopens a file; wrap an in-memory AnnData with from_anndata(counts_layer)")
+        return BlockScreen.open(self.path, counts_layer, self.chunk_size, processed=False)
 
     @property
-    def path(self) -> str:
-        """The ``.h5ad`` file the matrices are read from."""
+    def on_disk(self) -> bool:
+        """Whether the matrices are read from a file (else from memory)."""
+        return self._source.path is not None
+
+    @property
+    def path(self) -> str | None:
+        """The ``.h5ad`` file the matrices are read from (None in memory)."""
         return self._source.path
+
+    @property
+    def counts_dtype(self) -> np.dtype:
+        """The stored dtype of the raw counts (blocks are read as float32)."""
+        if self.on_disk:
+            with h5py.File(self.path, "r") as f:
+                elem = f[self._source.counts_key]
+                return np.dtype((elem if isinstance(elem, h5py.Dataset) else elem["data"]).dtype)
+        return np.dtype(self._source.counts.dtype)
 
     @property
     def n_obs(self) -> int:
@@ -169,8 +255,8 @@ class OnDiskScreen:
 
     @property
     def normalised(self) -> bool:
-        """Whether ``X`` differs from the raw counts (normalised, or stored so in a processed file)."""
-        return self._library is not None or self._source.x_key is not None
+        """Whether ``X`` differs from the raw counts (normalised, or stored so in a processed screen)."""
+        return self._library is not None or self._source.has_x
 
     @property
     def is_view(self) -> bool:
@@ -179,17 +265,18 @@ class OnDiskScreen:
     @property
     def X(self) -> Any:
         raise AttributeError(
-            f"This screen ({self.n_obs:,} cells) is read from '{self.path}' in chunks and has no X in "
-            "memory: use .chunks(), or .to_memory() if it fits."
+            f"This screen ({self.n_obs:,} cells) is read in blocks and has no X: use .chunks(), or "
+            ".to_memory() for an AnnData."
         )
 
     def __repr__(self) -> str:
-        return f"OnDiskScreen({self.n_obs:,} cells x {self.n_vars:,} genes from '{self.path}')"
+        where = f"from '{self.path}'" if self.on_disk else "in memory"
+        return f"BlockScreen({self.n_obs:,} cells x {self.n_vars:,} genes {where})"
 
     def __len__(self) -> int:
         return self.n_obs
 
-    def copy(self) -> OnDiskScreen:
+    def copy(self) -> BlockScreen:
         """A copy of the in-memory parts (obs, var, uns, obsm); the file is shared."""
         return self._evolve(
             obs=self.obs.copy(),
@@ -199,7 +286,7 @@ class OnDiskScreen:
             varm=copy.deepcopy(self.varm),
         )
 
-    def _evolve(self, **changes: Any) -> OnDiskScreen:
+    def _evolve(self, **changes: Any) -> BlockScreen:
         state = {
             "source": self._source,
             "obs": self.obs,
@@ -214,10 +301,10 @@ class OnDiskScreen:
             "chunk_size": self.chunk_size,
         }
         state.update(changes)
-        return OnDiskScreen(**state)
+        return BlockScreen(**state)
 
     # ---------------------------------------------------------- derived screens
-    def subset(self, cells: np.ndarray | None = None, genes: np.ndarray | None = None) -> OnDiskScreen:
+    def subset(self, cells: np.ndarray | None = None, genes: np.ndarray | None = None) -> BlockScreen:
         """The screen restricted to boolean masks of its cells and genes (None keeps all)."""
         out = self
         if cells is not None:
@@ -239,11 +326,11 @@ class OnDiskScreen:
             out = out._evolve(var=out.var.iloc[genes].copy(), varm=varm, cols=cols)
         return out
 
-    def with_normalisation(self, library: np.ndarray, target_sum: float) -> OnDiskScreen:
+    def with_normalisation(self, library: np.ndarray, target_sum: float) -> BlockScreen:
         """``X = log1p(counts / library * target_sum)`` per cell (``normalize_total`` + ``log1p``)."""
         return self._evolve(library=np.asarray(library, dtype=np.float64), target_sum=float(target_sum))
 
-    def with_obs(self, obs: pd.DataFrame) -> OnDiskScreen:
+    def with_obs(self, obs: pd.DataFrame) -> BlockScreen:
         """The same screen with a new ``obs`` (same cells, same order)."""
         if not obs.index.equals(self.obs.index):
             raise ValueError("with_obs needs the same cells in the same order")
@@ -254,9 +341,7 @@ class OnDiskScreen:
         """Blocks of ``chunk_size`` consecutive cells: raw counts (float32 CSR) and, with ``x``,
         ``X`` (the stored one, the normalised counts, or the counts themselves)."""
         chunk_size = max(1, int(chunk_size or self.chunk_size))
-        with h5py.File(self.path, "r") as f:
-            counts_ds = sparse_dataset(f[self._source.counts_key])
-            x_ds = sparse_dataset(f[self._source.x_key]) if (x and self._source.x_key) else None
+        with self._source.matrices(x) as (counts_ds, x_ds):
             for start in range(0, self.n_obs, chunk_size):
                 stop = min(start + chunk_size, self.n_obs)
                 counts = self._read(counts_ds, start, stop)
@@ -272,8 +357,8 @@ class OnDiskScreen:
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Raw counts of cells ``start:stop`` (float32 CSR)."""
-        with h5py.File(self.path, "r") as f:
-            return self._read(sparse_dataset(f[self._source.counts_key]), start, stop)
+        with self._source.matrices(False) as (counts, _):
+            return self._read(counts, start, stop)
 
     def _read(self, dataset: Any, start: int, stop: int) -> sp.csr_matrix:
         if self._rows is None:
@@ -285,7 +370,7 @@ class OnDiskScreen:
             block = dataset[int(rows[0]) : int(rows[-1]) + 1]
             if rows.size != block.shape[0]:
                 block = block[rows - rows[0]]
-        block = sp.csr_matrix(block)
+        block = block if sp.issparse(block) and block.format == "csr" else sp.csr_matrix(block)
         if self._cols is not None:
             block = block[:, self._cols]
         return sp.csr_matrix(block, dtype=np.float32)
@@ -342,3 +427,10 @@ class OnDiskScreen:
                 for store, block in zip(stores, blocks):
                     if block.shape[0]:
                         store.append(block)
+
+
+def _csr(matrix: Any) -> sp.csr_matrix:
+    """``matrix`` as CSR, without a copy when it already is one (a dense matrix is converted, keeping its dtype)."""
+    if sp.issparse(matrix):
+        return matrix if matrix.format == "csr" else sp.csr_matrix(matrix)
+    return sp.csr_matrix(np.asarray(matrix))

@@ -1,15 +1,11 @@
-"""data_processing on screens read from disk in chunks (:class:`perturbscope.ondisk.OnDiskScreen`).
+"""The statistics of data_processing computed block by block over a :class:`perturbscope.blocks.BlockScreen`.
 
-Each step streams the count matrix block by block and accumulates what it needs, so memory is
-set by the block size, not by the number of cells. The results are those of the in-memory
-steps (scanpy) on a screen that fits: the same cells and genes kept, the same normalised
-values, the same seurat_v3 ranking (per-gene mean and variance, scanpy's loess fit from
-scikit-misc, clipped sums) and the same cell-cycle scores (scanpy's binning of genes by mean
-expression and its draw of control genes). ``tests/pipelines/data_processing/test_out_of_core.py``
-compares the two on the same screens.
-
-The steps record selections and normalisation on the screen; the processed screen is written
-block by block when the catalog saves it.
+Each function streams the count matrix block by block and accumulates what it needs, so memory is set
+by the block size, not by the number of cells, and a screen in memory and one on disk run the same
+code. The results are scanpy's: the same seurat_v3 ranking (per-gene mean and variance, scanpy's loess
+fit from scikit-misc, clipped sums) and the same cell-cycle scores (scanpy's binning of genes by mean
+expression and its draw of control genes). ``tests/pipelines/data_processing/test_blocks.py`` compares
+them with scanpy on the same screens. Written by hand because scanpy needs the whole matrix in memory.
 """
 
 from __future__ import annotations
@@ -19,64 +15,15 @@ import logging
 import numpy as np
 import pandas as pd
 
-from perturbscope.ondisk import OnDiskScreen
+from perturbscope.blocks import BlockScreen
 from perturbscope.schema import PHASE, UNKNOWN_PHASE
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "gene_means_on_disk",
-    "library_sizes",
-    "quality_masks",
-    "score_cell_cycle_on_disk",
-    "seurat_v3_on_disk",
-]
+__all__ = ["gene_means", "score_cell_cycle", "seurat_v3", "unknown_phase"]
 
 
-def quality_masks(
-    screen: OnDiskScreen, min_genes: int, mito: np.ndarray | None, max_mito: float | None, min_cells: int
-) -> dict[str, np.ndarray]:
-    """One pass: each cell's detected genes and mitochondrial share, and, over the cells that pass
-    those two filters, each gene's number of cells (as ``filter_cells``, ``calculate_qc_metrics``
-    and ``filter_genes`` compute them)."""
-    n_genes = np.zeros(screen.n_obs, dtype=np.int64)
-    total = np.zeros(screen.n_obs, dtype=np.float64)
-    total_mt = np.zeros(screen.n_obs, dtype=np.float64)
-    gene_cells = np.zeros(screen.n_vars, dtype=np.int64)
-    pass_genes = np.zeros(screen.n_obs, dtype=bool)
-    for chunk in screen.chunks():
-        counts = chunk.counts
-        counts.eliminate_zeros()
-        rows = slice(chunk.start, chunk.stop)
-        n_genes[rows] = np.diff(counts.indptr)
-        total[rows] = np.asarray(counts.sum(axis=1)).ravel()
-        keep = n_genes[rows] >= min_genes
-        if mito is not None:
-            total_mt[rows] = np.asarray(counts[:, mito].sum(axis=1)).ravel()
-            if max_mito is not None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    keep &= 100.0 * total_mt[rows] / total[rows] <= 100.0 * float(max_mito)
-        pass_genes[rows] = keep
-        gene_cells += np.bincount(counts[keep].indices, minlength=screen.n_vars)
-    return {
-        "n_genes": n_genes,
-        "total_counts": total,
-        "total_counts_mt": total_mt,
-        "cells_kept": pass_genes,
-        "gene_cells": gene_cells,
-        "genes_kept": gene_cells >= min_cells,
-    }
-
-
-def library_sizes(screen: OnDiskScreen) -> np.ndarray:
-    """Each cell's total counts over the screen's genes (one pass)."""
-    out = np.zeros(screen.n_obs, dtype=np.float64)
-    for chunk in screen.chunks():
-        out[chunk.start : chunk.stop] = np.asarray(chunk.counts.sum(axis=1, dtype=np.float64)).ravel()
-    return out
-
-
-def gene_means_on_disk(screen: OnDiskScreen) -> np.ndarray:
+def gene_means(screen: BlockScreen) -> np.ndarray:
     """Mean of ``X`` (the normalised values) per gene over all cells (one pass)."""
     sums = np.zeros(screen.n_vars, dtype=np.float64)
     for chunk in screen.chunks(x=True):
@@ -103,12 +50,12 @@ def _control_genes(means: pd.Series, genes: list[str], ctrl_size: int, n_bins: i
     return control
 
 
-def score_cell_cycle_on_disk(
-    screen: OnDiskScreen, s_genes: list[str], g2m_genes: list[str], n_bins: int, seed: int
+def score_cell_cycle(
+    screen: BlockScreen, s_genes: list[str], g2m_genes: list[str], n_bins: int, seed: int
 ) -> pd.DataFrame:
     """``S_score``, ``G2M_score`` and ``phase`` per cell, as ``sc.tl.score_genes_cell_cycle``
     computes them (two passes: gene means, then scores)."""
-    means = pd.Series(gene_means_on_disk(screen), index=pd.Index(screen.var_names, dtype="string"))
+    means = pd.Series(gene_means(screen), index=pd.Index(screen.var_names, dtype="string"))
     ctrl_size = min(len(s_genes), len(g2m_genes))
     position = pd.Index(screen.var_names).get_indexer
     sets = {}
@@ -137,7 +84,7 @@ def unknown_phase(index: pd.Index) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- HVG
-def seurat_v3_on_disk(screen: OnDiskScreen, n_top_genes: int, span: float, batch: np.ndarray | None) -> pd.DataFrame:
+def seurat_v3(screen: BlockScreen, n_top_genes: int, span: float, batch: np.ndarray | None) -> pd.DataFrame:
     """scanpy's ``highly_variable_genes(flavor="seurat_v3")`` on the raw counts, streamed.
 
     Pass 1 accumulates each gene's sum and sum of squares per batch; scikit-misc's loess
