@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -269,10 +270,13 @@ class RunInfoHook:
         self._touched: dict[str, str] = {}
         self._run_params: dict[str, Any] = {}
         self._project_datasets: set[str] = set()
+        self._started: dict[str, float] = {}
+        self._seconds: dict[str, float] = {}
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         self._touched = {}
+        self._started, self._seconds = {}, {}
         self._run_params = dict(run_params)
         try:  # every dataset of the project, so a partial run still names the models on disk
             from kedro.framework.project import pipelines
@@ -309,13 +313,22 @@ class RunInfoHook:
                 },
                 params.get("project_path"),
             ),
+            "node_seconds": {name: round(seconds, 2) for name, seconds in self._seconds.items()},
         }
 
     @hook_impl
     def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        self._started[node.name] = time.perf_counter()
         if RUN_INFO not in node.inputs:
             return None
         return {RUN_INFO: self.record(catalog)}
+
+    @hook_impl
+    def after_node_run(self, node: Any) -> None:
+        started = self._started.pop(node.name, None)
+        if started is not None:
+            self._seconds[node.name] = time.perf_counter() - started
+            logger.info("Node %s took %.1f s.", node.name, self._seconds[node.name])
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 
+from perturbscope import neighbours
 from perturbscope.blocks import BlockScreen
 from perturbscope.models.contrastive import ContrastiveVAE
 from perturbscope.models.data import CellData, PairedSampler, StreamingCellData
@@ -105,12 +105,7 @@ def control_target(adata: ad.AnnData | BlockScreen) -> tuple[np.ndarray, np.ndar
 
 
 def _umap(points: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    holder = ad.AnnData(np.zeros((points.shape[0], 0), dtype=np.float32))
-    holder.obsm["X_space"] = np.asarray(points, dtype=np.float32)
-    k = max(2, min(int(n_neighbors), points.shape[0] - 1))
-    sc.pp.neighbors(holder, n_neighbors=k, use_rep="X_space", random_state=seed)
-    sc.tl.umap(holder, min_dist=float(min_dist), random_state=seed)
-    return holder.obsm["X_umap"].astype(np.float32)
+    return neighbours.umap(neighbours.neighbour_graph(points, n_neighbors, seed), min_dist, seed)
 
 
 class ContrastiveVI(ModelAPI):

@@ -27,11 +27,11 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score, silhouette_score
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
+from perturbscope import neighbours
 from perturbscope.schema import PHASE
 from perturbscope.tracking import metric_name
 
@@ -97,11 +97,7 @@ def knn_accuracy(
 
 
 def _neighbors(embedding: np.ndarray, n_neighbors: int, seed: int) -> ad.AnnData:
-    holder = ad.AnnData(np.zeros((embedding.shape[0], 0), dtype=np.float32))
-    holder.obsm["X_space"] = np.asarray(embedding, dtype=np.float32)
-    k = max(2, min(int(n_neighbors), embedding.shape[0] - 1))
-    sc.pp.neighbors(holder, n_neighbors=k, use_rep="X_space", random_state=seed)
-    return holder
+    return neighbours.neighbour_graph(embedding, n_neighbors, seed)
 
 
 def leiden_clusters(
@@ -125,8 +121,7 @@ def _leiden(
     holder: ad.AnnData, n_clusters: int | None, resolution: float | None, seed: int, max_iterations: int = 20
 ) -> np.ndarray:
     def run(res: float) -> np.ndarray:
-        sc.tl.leiden(holder, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
-        return holder.obs["leiden"].to_numpy().astype(str)
+        return neighbours.leiden(holder, res, seed)
 
     if resolution is not None:
         return run(float(resolution))

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from perturbscope import neighbours
 from perturbscope.schema import UNPERTURBED
 
 GREY = "#b8bcc4"
@@ -77,9 +78,8 @@ def compute_umap(
     else:
         adata.obsm["X_rep"] = features
         rep = "X_rep"
-    sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, features.shape[0] - 1)), use_rep=rep, random_state=seed)
-    sc.tl.umap(adata, min_dist=min_dist, random_state=seed)
-    return np.asarray(adata.obsm["X_umap"])
+    graph = neighbours.neighbour_graph(adata.obsm[rep], n_neighbors, seed)
+    return neighbours.umap(graph, min_dist, seed)
 
 
 def scatter_categorical(ax, xy: np.ndarray, labels: pd.Series, *, title: str, point_size: float, legend: bool) -> None:
