@@ -38,7 +38,12 @@ from airflow.sdk import dag, get_current_context, task
 PROJECT_PATH = os.environ.get("PERTURBSCOPE_PROJECT_PATH", "/opt/perturbscope")
 PYTHON = ".venv/bin/python"
 KEDRO_ENV = "airflow"
-RETRAIN = f"{PYTHON} -m perturbscope.ops.retrain --env {KEDRO_ENV}"
+# Runtime parameters of every retrain (`--params`, Kedro's key=value,... form), e.g. a smaller budget on a
+# staging worker; the environment variable overrides the generated value.
+RETRAIN_PARAMS = os.environ.get("PERTURBSCOPE_RETRAIN_PARAMS", "")
+RETRAIN = f"{PYTHON} -m perturbscope.ops.retrain --env {KEDRO_ENV}" + (
+    f" --params '{RETRAIN_PARAMS}'" if RETRAIN_PARAMS else ""
+)
 ENV = {"KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 FAILED = ("invalid", "failed")
 

@@ -46,8 +46,11 @@ def test_the_project_mlflow_yml_points_at_one_store_wherever_kedro_starts(
         runtime_params={"screen": "x"},
         **{**settings.CONFIG_LOADER_ARGS, "default_run_env": "base"},
     )
-    context = SimpleNamespace(config_loader={"mlflow": loader["mlflow"]}, project_path=PROJECT)
+    opened = []  # the store the hook would create, recorded instead: this test must not create the project's
+    monkeypatch.setattr("perturbscope.store.open_store", lambda *args, **kwargs: opened.append(args))
+    context = SimpleNamespace(config_loader={"mlflow": loader["mlflow"]}, project_path=PROJECT, params={"screen": "x"})
     ProjectStoreHook().after_context_created(context)
+    assert opened and opened[0][:2] == (f"sqlite:///{PROJECT.resolve().as_posix()}/mlflow.db", "perturbscope-x")
     server = context.config_loader["mlflow"]["server"]
     assert server["mlflow_tracking_uri"] == f"sqlite:///{PROJECT.resolve().as_posix()}/mlflow.db"
     artifacts = context.config_loader["mlflow"]["tracking"]["experiment"]["create_experiment_kwargs"]

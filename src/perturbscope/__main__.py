@@ -1,4 +1,5 @@
-"""``python -m perturbscope`` runs the project like ``kedro run``."""
+"""``perturbscope`` (or ``python -m perturbscope``): ``kedro run`` with the same options, plus two maintenance
+commands, ``perturbscope clean`` and ``perturbscope repair-store`` (:mod:`perturbscope.ops.maintenance`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from typing import Any
 from kedro.framework.cli.utils import find_run_command
 from kedro.framework.project import configure_project
 
+MAINTENANCE = ("clean", "repair-store")
+
 
 def main(*args: Any, **kwargs: Any) -> Any:
+    argv = list(args[0]) if args and isinstance(args[0], (list, tuple)) else sys.argv[1:]
+    if argv[:1] and argv[0] in MAINTENANCE:
+        from perturbscope.ops.maintenance import main as maintenance
+
+        return maintenance(argv)
     package_name = Path(__file__).parent.name
     configure_project(package_name)
     interactive = hasattr(sys, "ps1")
@@ -20,4 +28,6 @@ def main(*args: Any, **kwargs: Any) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    if isinstance(result, int):
+        raise SystemExit(result)

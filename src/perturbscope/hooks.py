@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +23,8 @@ import mlflow
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.io.core import AbstractVersionedDataset
+
+from perturbscope.runs import RunLedger, ledger_of, pin_versions, versioned_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +98,40 @@ def resolve_mlflow_config(conf: dict[str, Any], project_path: str | Path) -> dic
 
 
 class ProjectStoreHook:
-    """Resolve ``mlflow.yml``'s store against the project root before kedro-mlflow reads it.
+    """Check the screen's name, then open the project's MLflow store, safely, before kedro-mlflow does.
 
-    Runs first (``tryfirst``) in ``after_context_created``; kedro-mlflow then sets up the
-    tracking URI, registry URI and experiment from the resolved configuration.
+    Runs first (``tryfirst``) in ``after_context_created``:
+
+    1. the screen's name (``--params screen=...`` or globals.yml) must follow
+       :data:`perturbscope.names.SCREEN_NAME_RULE`, before anything is named after it;
+    2. ``mlflow.yml``'s store is resolved against the project root (:func:`resolve_mlflow_config`);
+    3. a SQLite store is created (or checked) and the screen's experiment created under a file lock
+       (:func:`perturbscope.store.open_store`), so runs started together never race through MLflow's
+       schema migration; a store left half-migrated stops the run with the command that repairs it.
+
+    kedro-mlflow then sets up the tracking URI and finds the experiment.
     """
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context: Any) -> None:
+        from perturbscope.names import check_screen_name
+        from perturbscope.store import open_store
+
+        check_screen_name(context.params.get("screen"), "screen")
         loader = context.config_loader
         try:
             conf = loader["mlflow"]
         except (KeyError, MissingConfigException):
             return
-        loader["mlflow"] = resolve_mlflow_config(conf, context.project_path)
+        conf = resolve_mlflow_config(conf, context.project_path)
+        loader["mlflow"] = conf
+        experiment = (conf.get("tracking") or {}).get("experiment") or {}
+        open_store(
+            (conf.get("server") or {}).get("mlflow_tracking_uri"),
+            experiment.get("name"),
+            (experiment.get("create_experiment_kwargs") or {}).get("artifact_location"),
+            (experiment.get("create_experiment_kwargs") or {}).get("tags"),
+        )
 
 
 STREAMS_TAG = "streams"
@@ -152,53 +175,46 @@ class RunOutputsHook:
 
     Every file dataset of the catalog is ``versioned`` (MLflow artifacts through
     :class:`perturbscope.datasets.MlflowArtifactDataset`), so a rerun writes next to the earlier
-    runs' files, in a folder named by its save version, instead of over them, and
-    ``catalog.load`` (and the report) read the latest. When a run fails, the version folders it
-    wrote are removed (its MLflow run stays, marked FAILED), so the latest version is always
-    that of a complete run and nothing half-written is left behind.
+    runs' files, in a folder named by its save version, instead of over them. When a run fails, the
+    version folders of its outputs are removed, the half-written and the empty ones too (its MLflow run
+    stays, marked FAILED), so nothing half-written is left behind.
     """
 
     def __init__(self) -> None:
         self._catalog: Any = None
         self._save_version: str | None = None
-        self._written: list[tuple[Any, str]] = []
+        self._outputs: set[str] = set()
 
     @hook_impl
     def after_catalog_created(self, catalog: Any, save_version: str) -> None:
-        self._catalog, self._save_version, self._written = catalog, save_version, []
-
-    def _versioned(self, name: str) -> AbstractVersionedDataset | None:
-        dataset = self._catalog.get(name) if self._catalog is not None else None
-        return dataset if isinstance(dataset, AbstractVersionedDataset) else None
+        self._catalog, self._save_version, self._outputs = catalog, save_version, set()
 
     @hook_impl
-    def after_dataset_saved(self, dataset_name: str) -> None:
-        dataset = self._versioned(dataset_name)
-        version = getattr(dataset, "_version", None)
-        if dataset is None or version is None or version.save is None:
-            return
-        folder = str(PurePosixPath(str(dataset._get_versioned_path(version.save))).parent)
-        self._written.append((getattr(dataset, "_fs", None) or fsspec.filesystem("file"), folder))
+    def before_pipeline_run(self, pipeline: Any) -> None:
+        self._outputs = set(pipeline.all_outputs())
 
     @hook_impl
     def on_pipeline_error(self, error: Exception) -> None:
+        if self._catalog is None or not self._save_version:
+            return
         removed = 0
-        for fs, folder in reversed(self._written):
+        for name, dataset in versioned_datasets(self._catalog, sorted(self._outputs)).items():
             try:
+                folder = str(PurePosixPath(str(dataset._get_versioned_path(self._save_version))).parent)
+                fs = getattr(dataset, "_fs", None) or fsspec.filesystem("file")
                 if fs.exists(folder):
                     fs.rm(folder, recursive=True)
                     removed += 1
             except OSError as err:  # never hide the run's own error
-                logger.warning("Could not remove %s of the failed run: %s", folder, err)
+                logger.warning("Could not remove the output %s of the failed run: %s", name, err)
         if removed:
             logger.warning(
-                "The run failed (%s): removed the %d output version(s) it had written (save version %s); "
-                "earlier runs' outputs are untouched and stay the latest.",
+                "The run failed (%s): removed the %d output version(s) it had started (save version %s); "
+                "earlier runs' outputs are untouched.",
                 type(error).__name__,
                 removed,
                 self._save_version,
             )
-        self._written = []
 
 
 # ----------------------------------------------------------------------------- run info
@@ -220,7 +236,7 @@ def _relative(path: str, project_path: str | None) -> str:
     return path
 
 
-LATEST = "latest on disk"
+LATEST = "not used (latest complete run's)"
 """``used as`` of a versioned dataset of the project that this run neither read nor wrote."""
 
 
@@ -243,6 +259,8 @@ def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | 
         try:
             version = dataset.resolve_save_version() if mode == "saved" else dataset.resolve_load_version()
             path = str(dataset._get_versioned_path(version))
+            if mode == LATEST and not dataset._exists_function(path):
+                continue  # an output this run has not written yet (the report's own file)
         except Exception as err:
             if mode == LATEST:
                 continue  # never written for this screen
@@ -261,9 +279,16 @@ def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | 
 
 
 class RunInfoHook:
-    """Record the versioned datasets of a run and give them to the report node.
+    """Record the run, make it complete by writing its record last, and pin the versions it reads.
 
-    Also prints where the report is once the run has written it.
+    * Before the first node: the run's marker (:class:`perturbscope.runs.RunLedger`), and every versioned
+      dataset pinned (:func:`perturbscope.runs.pin_versions`): what the run writes is read back at its own
+      save version, what it only reads at the version the latest complete run wrote. Runs of the screen
+      that were killed are named in the log.
+    * The record (datasets, versions, the run that wrote each input, node and I/O seconds) goes to the
+      report node (its ``run_info`` input) and, after every output is saved, to
+      ``<data_root>/09_runs/<screen>/<save version>.json``: the run is then complete.
+    * Prints where the report is.
     """
 
     def __init__(self) -> None:
@@ -272,32 +297,99 @@ class RunInfoHook:
         self._project_datasets: set[str] = set()
         self._started: dict[str, float] = {}
         self._seconds: dict[str, float] = {}
+        self._io_started: dict[tuple[str, str], float] = {}
+        self._io_seconds: dict[str, float] = {}
+        self._ledger: RunLedger | None = None
+        self._screen = ""
+        self._tracking_uri = ""
+        self._save_version: str | None = None
+        self._user_versions: dict[str, str] = {}
+        self._inputs: dict[str, str] = {}
+        self._mlflow_run_id = ""
 
     @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._screen = str(context.params.get("screen", "unknown"))
+        self._ledger = ledger_of(context)
+        try:
+            server = context.config_loader["mlflow"].get("server") or {}
+            self._tracking_uri = str(server.get("mlflow_tracking_uri") or "")
+        except (KeyError, MissingConfigException):
+            self._tracking_uri = ""
+
+    @hook_impl
+    def after_catalog_created(self, save_version: str, load_versions: dict[str, str] | None) -> None:
+        self._save_version = save_version
+        self._user_versions = dict(load_versions or {})
+
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         self._touched = {}
         self._started, self._seconds = {}, {}
+        self._io_started, self._io_seconds = {}, {}
         self._run_params = dict(run_params)
+        self._mlflow_run_id = ""
         try:  # every dataset of the project, so a partial run still names the models on disk
             from kedro.framework.project import pipelines
 
             self._project_datasets = set(pipelines["__default__"].datasets())
         except Exception:
             self._project_datasets = set()
+        if self._ledger is None:
+            return
+        save_version = self._save_version or str(run_params.get("run_id") or "")
+        killed = [run for run in self._ledger.unfinished() if run.killed]
+        if killed:
+            logger.warning(
+                "%d earlier run(s) of screen '%s' were killed before they finished (save version(s) %s): their "
+                "outputs are ignored. `perturbscope clean` removes them and marks their MLflow runs KILLED.",
+                len(killed),
+                self._screen,
+                ", ".join(run.save_version for run in killed),
+            )
+        outputs = set(pipeline.all_outputs())
+        reads = (set(pipeline.datasets()) | self._project_datasets) - outputs
+        self._inputs = pin_versions(catalog, outputs, reads, save_version, self._ledger, self._user_versions)
+        self._ledger.start(
+            save_version,
+            {
+                "screen": self._screen,
+                "pipelines": [str(p) for p in (run_params.get("pipeline_names") or ["__default__"])],
+                "tracking_uri": self._tracking_uri,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+
+    @hook_impl
+    def before_dataset_loaded(self, dataset_name: str) -> None:
+        self._io_started[("load", dataset_name)] = time.perf_counter()
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any, node: Any) -> None:
         self._touched.setdefault(dataset_name, "loaded")
+        self._io_done("load", dataset_name)
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        self._io_started[("save", dataset_name)] = time.perf_counter()
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
         self._touched[dataset_name] = "saved"
+        self._io_done("save", dataset_name)
+
+    def _io_done(self, kind: str, name: str) -> None:
+        started = self._io_started.pop((kind, name), None)
+        if started is not None:
+            key = f"{kind} {name}"
+            if not name.startswith("params:"):
+                self._io_seconds[key] = self._io_seconds.get(key, 0.0) + time.perf_counter() - started
 
     def record(self, catalog: Any) -> dict[str, Any]:
         """The run record as a JSON-serialisable dict."""
         params = self._run_params
         pipelines = params.get("pipeline_names") or [params.get("pipeline_name") or "__default__"]
-        return {
+        record = {
             "recorded": True,
             "session_id": str(params.get("run_id") or params.get("session_id") or ""),
             "env": str(params.get("env") or ""),
@@ -314,11 +406,38 @@ class RunInfoHook:
                 params.get("project_path"),
             ),
             "node_seconds": {name: round(seconds, 2) for name, seconds in self._seconds.items()},
+            # seconds spent loading and saving each dataset (``load <name>`` / ``save <name>``), summed
+            "dataset_seconds": {name: round(sec, 2) for name, sec in self._io_seconds.items() if sec >= 0.01},
         }
+        record["screen"] = self._screen
+        record["mlflow_run_id"] = self._mlflow_run_id
+        for row in record["datasets"]:
+            row["written by"] = self._writer(row)
+        return record
+
+    def _writer(self, row: Mapping[str, str]) -> str:
+        """Which run wrote a dataset version: this one, or a recorded run (with its MLflow run)."""
+        if row["used as"] == "saved":
+            return "this run"
+        version = row["version"]
+        if self._ledger is not None and version in self._ledger.records():
+            mlflow_run = self._ledger.mlflow_run_of(version)
+            return f"run {version}" + (f" (MLflow run {mlflow_run})" if mlflow_run else "")
+        return f"{version} (no run record)"
+
+    def saved_versions(self) -> dict[str, str]:
+        """``{dataset: save version}`` of every versioned dataset this run wrote."""
+        return {name: str(self._save_version) for name, mode in self._touched.items() if mode == "saved"}
 
     @hook_impl
     def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
         self._started[node.name] = time.perf_counter()
+        if not self._mlflow_run_id:  # kedro-mlflow has opened the run by the first node
+            active = mlflow.active_run()
+            if active is not None:
+                self._mlflow_run_id = active.info.run_id
+                if self._ledger is not None and self._save_version:
+                    self._ledger.update_marker(self._save_version, mlflow_run_id=self._mlflow_run_id)
         if RUN_INFO not in node.inputs:
             return None
         return {RUN_INFO: self.record(catalog)}
@@ -331,7 +450,35 @@ class RunInfoHook:
             logger.info("Node %s took %.1f s.", node.name, self._seconds[node.name])
 
     @hook_impl
+    def on_pipeline_error(self) -> None:
+        if self._ledger is not None and self._save_version:
+            self._ledger.drop_marker(self._save_version)  # RunOutputsHook removes what the run wrote
+
+    @hook_impl(trylast=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if self._ledger is not None and self._save_version:
+            record = self.record(catalog)
+            record["saved"] = {
+                name: version
+                for name, version in self.saved_versions().items()
+                if name in versioned_datasets(catalog, [name])
+            }
+            record["inputs"] = dict(self._inputs)
+            record["tracking_uri"] = self._tracking_uri
+            record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            path = self._ledger.finish(self._save_version, record)
+            logger.info(
+                "Run %s is complete: %s.", self._save_version, _relative(str(path), run_params.get("project_path"))
+            )
+        for kind, seconds in (("nodes", self._seconds), ("dataset loads and saves", self._io_seconds)):
+            slowest = sorted(seconds.items(), key=lambda item: -item[1])[:8]
+            if slowest:
+                logger.info(
+                    "Slowest %s: %s (%.0f s in all).",
+                    kind,
+                    ", ".join(f"{name} {value:.1f} s" for name, value in slowest),
+                    sum(seconds.values()),
+                )
         if self._touched.get(REPORT_DATASET) != "saved":
             return
         try:

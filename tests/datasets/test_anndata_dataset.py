@@ -80,6 +80,13 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
         AnnDataDataset(filepath=str(path)).load()
 
 
+def test_an_empty_file_is_called_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.h5ad"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"is empty \(0 bytes\)"):
+        AnnDataDataset(filepath=str(path)).load()
+
+
 def test_missing_file_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="--params screen="):
         AnnDataDataset(filepath=str(tmp_path / "nope.h5ad")).load()

@@ -180,3 +180,48 @@ def test_gradcheck(kind: str) -> None:
         return log_likelihood(kind, lm, lt, r, c, v, zl if kind == "zinb" else None)
 
     assert torch.autograd.gradcheck(f, inputs if kind == "zinb" else inputs[:2] + [inputs[2].detach()])
+
+
+@pytest.mark.parametrize(
+    ("mu", "theta", "scale"),
+    [
+        (0.01, 1.0, 1.0),  # almost always 0
+        (1.0, 0.1, 1.0),  # heavily over-dispersed, long tail
+        (5.0, 0.02, 1.0),
+        (50.0, 2.0, 0.1),  # mass past the exact head
+        (3000.0, 0.3, 0.5),  # past k_max: the tail integral
+        (20000.0, 1.0, 0.5),
+        (5000.0, 1000.0, 1.0),  # narrow peak far out
+        (100.0, 100.0, 1.0),  # near-Poisson, straddling k_max
+    ],
+)
+def test_nb_expected_log1p_matches_a_brute_force_sum(mu: float, theta: float, scale: float) -> None:
+    """The exact NB expectation of log1p(scale * x) agrees with summing the pmf over 3 million counts."""
+    import numpy as np
+    from scipy import stats
+
+    from perturbscope.models.likelihoods import nb_expected_log1p
+
+    k = np.arange(3_000_000)
+    reference = float(np.sum(np.log1p(scale * k) * stats.nbinom.pmf(k, theta, theta / (theta + mu))))
+    got = nb_expected_log1p(np.array([[mu]]), np.array([theta]), np.array([scale]))
+    assert got.shape == (1, 1)
+    assert got[0, 0] == pytest.approx(reference, abs=2e-3)
+
+
+def test_nb_expected_log1p_is_the_mean_of_many_draws_per_entry() -> None:
+    """Mixed entries of one block (cells x genes, per-cell scale): the mean of 20,000 NB draws per entry."""
+    import numpy as np
+
+    from perturbscope.models.likelihoods import nb_expected_log1p
+
+    rng = np.random.default_rng(0)
+    mu = rng.gamma(0.4, 5.0, size=(6, 5))
+    theta = np.array([0.2, 0.8, 2.0, 10.0, 50.0])
+    scale = np.array([0.3, 0.7, 1.0, 1.5, 2.0, 4.0])
+    draws = rng.negative_binomial(theta, theta / (theta + mu), size=(20_000, *mu.shape))
+    monte_carlo = np.log1p(draws * scale[:, None]).mean(axis=0)
+    sd = np.log1p(draws * scale[:, None]).std(axis=0) / np.sqrt(draws.shape[0])
+    got = nb_expected_log1p(mu, theta, scale)
+    assert got.shape == mu.shape
+    assert (np.abs(got - monte_carlo) < 5 * sd + 1e-3).all()

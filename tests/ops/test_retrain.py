@@ -2,8 +2,10 @@
 
 The ``test`` environment registers two simulated screens (conf/test/screens.yml):
 ``sim_a`` with the default columns and ``sim_b`` whose labels live in ``guide`` with
-``NTC`` controls; its retrain runs data_processing + contrastive_model with a few
-epochs (conf/test/ops/parameters_retrain.yml). Everything goes under ``test_root``.
+``NTC`` controls. The retrain configuration is conf/base's (every pipeline, then the report);
+the tests of the registry's compare-and-promote steps trim it to data_processing +
+contrastive_model (``CONTRASTIVE_ONLY``), and one test runs it untrimmed. Everything goes
+under ``test_root``.
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ def comparison(root: Path, screen: str) -> pd.DataFrame:
     return pd.read_csv(latest / "retrain_comparison.csv")
 
 
+CONTRASTIVE_ONLY = {"pipelines": ["data_processing", "contrastive_model"], "report_pipelines": []}
+"""The retrain configuration trimmed to the contrastive model (the registry tests; the default runs elsewhere)."""
+
+
 def margins(value: float) -> dict:
     """Runtime parameters giving every key metric of the contrastive model the same margin."""
     keys = ("ari_salient", "knn_accuracy_salient", "phase_leakage_salient")
     metrics = {key: {"margin": value} for key in keys}
-    return {"retrain": {"models": {"contrastive": {"metrics": metrics}}}}
+    return {"retrain": {**CONTRASTIVE_ONLY, "models": {"contrastive": {"metrics": metrics}}}}
 
 
 @pytest.fixture
@@ -94,7 +100,7 @@ def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Pa
     path_b = write_screen(test_root, "sim_b", seed=1)
 
     # 1. both screens are new: trained, registered as version 1, promoted (no champion yet)
-    status = run()
+    status = run(extra_params={"retrain": CONTRASTIVE_ONLY})
     assert {s: r.status for s, r in status.items()} == {"sim_a": "retrained", "sim_b": "retrained"}
     saved = {}
     for screen, path in (("sim_a", path_a), ("sim_b", path_b)):
@@ -137,7 +143,7 @@ def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Pa
     assert load_registered_model(NAME.format("sim_a"), 1, tracking_uri=client.tracking_uri).hparams == model.hparams
 
     # 2. nothing changed: nothing retrains
-    status = run()
+    status = run(extra_params={"retrain": CONTRASTIVE_ONLY})
     assert {s: r.status for s, r in status.items()} == {"sim_a": "up_to_date", "sim_b": "up_to_date"}
     assert versions(client, "sim_a") == versions(client, "sim_b") == [1]
 
@@ -170,7 +176,8 @@ def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Pa
     data = path_a.read_bytes()
     path_a.write_bytes(data[: len(data) // 2])
     before = files(test_root / "data")
-    assert main(["--env", "test", "--project-path", str(PROJECT)]) == 1
+    trimmed = "retrain.pipelines=[data_processing,contrastive_model],retrain.report_pipelines=[]"
+    assert main(["--env", "test", "--project-path", str(PROJECT), "--params", trimmed]) == 1
     after = files(test_root / "data")
     changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
     assert all(p.startswith("08_reporting/retrain_status.csv/") for p in changed)  # the status only
@@ -181,6 +188,42 @@ def test_retrain_only_changed_screens_register_compare_and_promote(test_root: Pa
     assert len(client.search_runs([experiment.experiment_id])) == n_runs
     assert versions(client, "sim_a") == [1] and champion(client, "sim_a") == 1
     assert mlflow.active_run() is None
+
+
+MODELS = ("contrastive", "linear", "cvae_held_out_cells", "cvae_held_out_perturbations")
+
+
+def test_the_default_retrain_config_registers_and_promotes_only_after_the_whole_run(
+    test_root: Path, client: MlflowClient
+) -> None:
+    """conf/base's retrain configuration as it is (every pipeline, then the report), next to a corrupt screen."""
+    write_screen(test_root, "sim_a", seed=0)
+    corrupt = write_screen(test_root, "sim_b", seed=1)
+    corrupt.write_bytes(corrupt.read_bytes()[:4000])
+    names = [f"perturbscope-{model}-sim_a" for model in MODELS]
+
+    # 1. the report fails (an invalid figure resolution) after every model trained: nothing registered
+    status = run(extra_params={"reporting": {"figure_dpi": -1}})
+    assert status["sim_a"].status == "failed" and "dpi" in status["sim_a"].detail
+    assert status["sim_b"].status == "invalid"
+    assert not status["sim_a"].registered and not status["sim_a"].promoted
+    assert not [v for name in names for v in client.search_model_versions(f"name='{name}'")]
+    assert client.get_run(status["sim_a"].mlflow_run_id).info.status == "FAILED"
+
+    # 2. the same, untouched: retrained, reported, every applicable model registered and promoted
+    status = run()
+    assert status["sim_a"].status == "retrained" and status["sim_b"].status == "invalid"
+    report = test_root / "data" / "08_reporting" / "sim_a" / "report.html"
+    assert len(list(report.iterdir())) == 1  # the failed run left no report version behind
+    html = (next(report.iterdir()) / "report.html").read_text()
+    assert "perturbation_effects" in html or "Perturbation effects" in html
+    for model, name in zip(MODELS, names, strict=True):
+        if model == "cvae_held_out_perturbations":  # a singles-only screen: nothing to hold out
+            assert not client.search_model_versions(f"name='{name}'")
+            continue
+        assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    table = comparison(test_root, "sim_a")
+    assert set(table.loc[table["model"] != "cvae_held_out_perturbations", "decision"]) == {"promoted"}
 
 
 def test_bad_screens_are_reported_and_skipped_before_any_session(test_root: Path, client: MlflowClient) -> None:

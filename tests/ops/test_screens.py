@@ -47,6 +47,7 @@ def test_project_registries_are_valid(monkeypatch: pytest.MonkeyPatch, tmp_path:
     ("screens", "message"),
     [
         ({"a.b": {}}, "letters, digits"),
+        ({"../x": {}}, "not a valid screen name"),
         ({"a": {"path": "x.h5ad"}}, r"unknown key\(s\) \['path'\]"),
         ({"a": {"schema": {"perturbation_column": "guide"}}}, r"schema has unknown key\(s\) \['perturbation_column'\]"),
         ({"a": {"file": None}}, "omit `file`"),
@@ -145,6 +146,10 @@ def test_truncated_unreadable_and_missing_files(screen_file: Path, tmp_path: Pat
         check_screen_file(str(text), SCHEMA, "sim")
     with pytest.raises(ScreenFileError, match="No screen file"):
         check_screen_file(str(tmp_path / "none.h5ad"), SCHEMA, "sim")
+    empty = tmp_path / "empty.h5ad"
+    empty.write_bytes(b"")
+    with pytest.raises(ScreenFileError, match=r"is empty \(0 bytes\)"):
+        check_screen_file(str(empty), SCHEMA, "sim")
 
 
 def test_wrong_schema_is_caught_by_the_pipelines_own_validation(screen_file: Path) -> None:

@@ -104,6 +104,11 @@ class AnnDataDataset(VersionedFileDataset):
                 f"No screen file at '{load_path}'. Put the .h5ad there, or run another "
                 "screen with `kedro run --params screen=<name>` (reads data/01_raw/<name>.h5ad)."
             )
+        if self._fs.size(load_path) == 0:
+            raise DatasetError(
+                f"'{load_path}' is empty (0 bytes): the copy or download that made it wrote nothing. Copy the "
+                ".h5ad again."
+            )
         try:
             size = self._on_disk_bytes(load_path)
             if size is not None:

@@ -77,7 +77,7 @@ from perturbscope.schema import CONTROL, parse_perturbation
 from ._checks import ParameterError, check_choice, check_float, check_int
 from .base import BaseModel
 from .data import CellData, as_index
-from .likelihoods import batch_log_likelihood, gaussian_log_likelihood
+from .likelihoods import batch_log_likelihood, gaussian_log_likelihood, nb_expected_log1p
 from .modules import MLP, CountDecoder, CountParams, GaussianEncoder, kl_standard_normal, reparameterize
 
 __all__ = ["CVAE_LIKELIHOODS", "ConditionalVAE", "GaussianParams", "Generated", "UnknownPerturbationError"]
@@ -460,15 +460,14 @@ class ConditionalVAE(BaseModel):
         library: np.ndarray | None,
         scale: np.ndarray | None,
         batch_size: int,
-        n_mc: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decode ``z`` under ``c``: log-normalised cells and their expectation, each ``(n, G)`` float32.
 
         The expectation is ``E[x | z, c]`` on the log-normalised scale: the
-        decoded mean (Gaussian), or the average of ``log1p(counts * scale)``
-        over ``n_mc`` NB draws (NB; a Monte-Carlo estimate, as the log of a
-        count has no closed-form mean). The cells are one draw (``sample``)
-        or the expectation itself.
+        decoded mean (Gaussian), or ``E[log1p(counts * scale)]`` under the NB
+        (NB; computed by :func:`~perturbscope.models.likelihoods.nb_expected_log1p`,
+        as the log of a count has no closed-form mean). The cells are one draw
+        (``sample``) or the expectation itself.
         """
         device = self.device
         cells = np.empty((z.shape[0], self.n_genes), dtype=np.float32)
@@ -488,9 +487,11 @@ class ConditionalVAE(BaseModel):
             else:
                 rho = torch.softmax(self.decode_logits(zt, ct), dim=-1).double().cpu().numpy()
                 mu = rho * library[sl, None]
-                draws = [np.log1p(rng.poisson(rng.gamma(theta, mu / theta)) * scale[sl, None]) for _ in range(n_mc)]
-                expected[sl] = np.mean(draws, axis=0)
-                cells[sl] = draws[0] if sample else expected[sl]
+                expected[sl] = nb_expected_log1p(mu, theta, scale[sl])
+                if sample:
+                    cells[sl] = np.log1p(rng.poisson(rng.gamma(theta, mu / theta)) * scale[sl, None])
+                else:
+                    cells[sl] = expected[sl]
         return cells, expected
 
     def _prepare_labels(self, perturbations: Sequence[str]) -> list[str]:
@@ -512,7 +513,6 @@ class ConditionalVAE(BaseModel):
         sample: bool = True,
         seed: int = 0,
         batch_size: int = 1024,
-        n_mc: int = 16,
     ) -> Generated:
         """Mode A: draw ``z ~ N(0, I)`` and decode under each perturbation.
 
@@ -533,8 +533,6 @@ class ConditionalVAE(BaseModel):
             Seed of the numpy generator used for every draw.
         batch_size
             Cells per decoder pass.
-        n_mc
-            NB only: count draws averaged into ``layers["expected"]``.
 
         Returns
         -------
@@ -545,7 +543,6 @@ class ConditionalVAE(BaseModel):
         """
         labels = self._prepare_labels(perturbations)
         n_cells = check_int("n_cells", n_cells, 1, "ask for at least one cell per perturbation")
-        n_mc = check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
         rng = np.random.default_rng(seed)
         cell_labels = [label for label in labels for _ in range(n_cells)]
         c = np.repeat(self.encode_conditions(labels), n_cells, axis=0)
@@ -559,7 +556,7 @@ class ConditionalVAE(BaseModel):
             lib, sc = pool_lib[pick], pool_scale[pick]
         was_training = self.training
         self.eval()
-        x, expected = self._decode_cells(z, c, rng, sample, lib, sc, batch_size, n_mc)
+        x, expected = self._decode_cells(z, c, rng, sample, lib, sc, batch_size)
         self.train(was_training)
         return Generated(x, expected, cell_labels, None)
 
@@ -574,7 +571,6 @@ class ConditionalVAE(BaseModel):
         sample: bool = True,
         seed: int = 0,
         batch_size: int = 1024,
-        n_mc: int = 16,
     ) -> Generated:
         """Mode B: encode control cells under ``c = 0``, decode them under each perturbation.
 
@@ -596,7 +592,7 @@ class ConditionalVAE(BaseModel):
             NB only: normalisation scale factor of each control cell
             (aligned with ``control_idx``; default ``1e4 / total counts``).
             The library size is the control cell's own.
-        sample, seed, batch_size, n_mc
+        sample, seed, batch_size
             As in :meth:`generate_prior`.
 
         Returns
@@ -611,7 +607,6 @@ class ConditionalVAE(BaseModel):
         if data.n_genes != self.n_genes:
             raise ValueError(f"data has {data.n_genes} genes, the model {self.n_genes}")
         n_cells = ctrl.size if n_cells is None else check_int("n_cells", n_cells, 1, "or None for one per control")
-        n_mc = check_int("n_mc", n_mc, 1, "use e.g. 16 draws for the NB expectation")
         rng = np.random.default_rng(seed)
         was_training = self.training
         self.eval()
@@ -634,7 +629,7 @@ class ConditionalVAE(BaseModel):
             c = np.repeat(cond[None, :], n_cells, axis=0)
             lib = lib_all[order] if lib_all is not None else None
             sc = sc_all[order] if sc_all is not None else None
-            x, expected = self._decode_cells(z, c, rng, sample, lib, sc, batch_size, n_mc)
+            x, expected = self._decode_cells(z, c, rng, sample, lib, sc, batch_size)
             xs.append(x)
             exps.append(expected)
             cell_labels.extend([label] * n_cells)

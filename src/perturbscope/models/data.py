@@ -36,6 +36,8 @@ __all__ = [
     "batch_to",
     "batch_size_of",
     "as_index",
+    "device_bytes",
+    "resident_or_streamed",
     "RESERVED_KEYS",
 ]
 
@@ -80,6 +82,18 @@ def as_index(idx: Any, n: int, name: str = "idx") -> Tensor:
     if out.numel() and (int(out.min()) < 0 or int(out.max()) >= n):
         raise ValueError(f"{name}: positions must lie in [0, {n}); got range [{int(out.min())}, {int(out.max())}]")
     return out
+
+
+def _to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``array`` as a tensor on ``device`` (converted to ``dtype`` on the host first). To a GPU the copy
+    goes from pinned (page-locked) host memory and does not block the host: a streamed block is uploaded
+    while the previous steps still run; the stream orders it before the kernels that read it."""
+    tensor = torch.as_tensor(array)
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class CellData:
@@ -148,13 +162,13 @@ class CellData:
         from scipy.special import gammaln
 
         dev = self.device
-        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64)).to(dev)
-        self.indices = torch.as_tensor(csr.indices.astype(np.int64)).to(dev)
-        self.values = torch.as_tensor(csr.data).to(device=dev, dtype=dtype)
-        self.lgamma_values = torch.as_tensor(gammaln(csr.data + 1.0)).to(device=dev, dtype=dtype)
+        self.indptr = _to_device(csr.indptr.astype(np.int64), dev)
+        self.indices = _to_device(csr.indices.astype(np.int64), dev)
+        self.values = _to_device(csr.data, dev, dtype)
+        self.lgamma_values = _to_device(gammaln(csr.data + 1.0), dev, dtype)
         lib = np.asarray(csr.sum(axis=1)).reshape(-1)
         self.library = lib
-        self.log_library = torch.as_tensor(np.log(np.maximum(lib, 1.0))).to(device=dev, dtype=dtype)
+        self.log_library = _to_device(np.log(np.maximum(lib, 1.0)), dev, dtype)
         self.obs: dict[str, Tensor] = {}
         for key, val in (obs or {}).items():
             self.obs[key] = self._convert_obs(key, val)
@@ -440,6 +454,29 @@ class RowsOf:
 
     def __call__(self, start: int, stop: int) -> Any:
         return self.matrix[start:stop]
+
+
+def device_bytes(counts: Any) -> int:
+    """Bytes a count matrix takes on the device as :class:`CellData`: int64 column index, value and
+    ``lgamma(value + 1)`` per non-zero (16 bytes with float32 values) and the per-cell terms."""
+    return int(counts.nnz) * 16 + int(counts.shape[0]) * 16
+
+
+def resident_or_streamed(
+    counts: Any,
+    obs: Mapping[str, Any] | None,
+    device: str | torch.device,
+    memory_budget_gb: float | None,
+    block_size: int,
+) -> CellData | StreamingCellData:
+    """``counts`` (scipy sparse, cells x genes) on ``device``: as :class:`CellData` when they fit
+    ``memory_budget_gb`` (None = no limit), else as :class:`StreamingCellData` read in blocks of
+    ``block_size`` cells."""
+    if memory_budget_gb is None or device_bytes(counts) <= float(memory_budget_gb) * 1e9:
+        return CellData(counts, obs=obs, device=device)
+    return StreamingCellData(
+        RowsOf(counts), counts.shape[0], counts.shape[1], obs=obs, device=device, block_size=block_size
+    )
 
 
 def block_shuffle(positions: Tensor, block_size: int, window: int, generator: torch.Generator) -> Tensor:

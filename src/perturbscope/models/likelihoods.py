@@ -37,6 +37,7 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,6 +54,7 @@ __all__ = [
     "batch_log_likelihood",
     "gaussian_log_likelihood",
     "check_likelihood",
+    "nb_expected_log1p",
 ]
 
 CountLikelihood = Literal["nb", "zinb"]
@@ -389,3 +391,76 @@ def gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     """
     log_var = log_var.expand_as(mean)
     return -0.5 * (_LOG_2PI + log_var + (x - mean).square() * torch.exp(-log_var)).sum(-1)
+
+
+def nb_expected_log1p(
+    mu: np.ndarray,
+    theta: np.ndarray,
+    scale: np.ndarray,
+    head: int = 24,
+    k_max: int = 128,
+    tol: float = 1e-7,
+    tail_points: int = 96,
+) -> np.ndarray:
+    """``E[log1p(scale * x)]`` for ``x ~ NB(mu, theta)``, element-wise: the expectation of a count on the
+    log-normalised scale, which has no closed form.
+
+    ``mu``: ``(n, G)`` means; ``theta``: ``(G,)`` inverse dispersions; ``scale``: ``(n,)`` per-cell
+    normalisation factors (``target_sum / library size``). The NB probabilities are summed exactly (by
+    their recursion ``P(k) = P(k-1) (k - 1 + theta) / k * mu / (mu + theta)``) over the first ``head``
+    counts for every entry and up to ``k_max`` for the few entries with more than ``tol`` of their mass
+    left; past ``k_max``, where ``P`` is smooth in ``k``, the sum becomes an integral of the NB's
+    log-probability (``lgamma`` form) over ``tail_points`` log-spaced counts. Deterministic and within
+    about 1e-5 of a brute-force sum (tests/models/test_likelihoods.py), where 16 Monte-Carlo draws per
+    cell scatter by 0.05-0.7.
+    """
+    from scipy.special import gammaln
+
+    mu = np.asarray(mu, dtype=np.float64)
+    shape = mu.shape
+    if mu.ndim != 2:
+        mu = mu.reshape(-1, 1)
+    gene_theta = np.asarray(theta, dtype=np.float64).reshape(1, -1)  # (1, G): per-gene factors stay small
+    theta = np.broadcast_to(gene_theta, mu.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1, 1), (mu.shape[0], 1))
+    ratio = mu / (mu + gene_theta)
+    p = np.exp(gene_theta * (np.log(gene_theta) - np.log(mu + gene_theta)))  # P(0)
+    total = np.zeros_like(mu)  # sum of log1p(scale * k) P(k); k = 0 adds nothing
+    mass = p.copy()
+    for k in range(1, int(head) + 1):
+        p *= (k - 1 + gene_theta) / k
+        p *= ratio
+        total += np.log1p(scale * k) * p
+        mass += p
+    rows, cols = np.nonzero((1.0 - mass) > tol)
+    if rows.size:  # the entries with mass left: summed again from 0 up to k_max, then the tail integral
+        m, th, sc = mu[rows, cols], theta[rows, cols], scale[rows, 0]
+        r = m / (m + th)
+        q = np.exp(th * (np.log(th) - np.log(m + th)))
+        t_sum, t_mass = np.zeros_like(m), q.copy()
+        for k in range(1, int(k_max) + 1):
+            q = q * ((k - 1 + th) / k) * r
+            t_sum += np.log1p(sc * k) * q
+            t_mass += q
+        left = (1.0 - t_mass) > tol
+        if left.any():
+            m, th, sc = m[left], th[left], sc[left]
+            # the counts that hold the mass: 12 sd below the mean, 15 sd above it or as far as a geometric
+            # tail (theta small) takes to fall below tol
+            sd = np.sqrt(m + m * m / th)
+            low = np.log(np.maximum(k_max + 0.5, m - 12.0 * sd))
+            high = np.log(
+                np.maximum(np.maximum(m + 15.0 * sd, (np.log(1.0 / tol) + 10.0) * (m + th) / th), k_max + 2.0)
+            )
+            u = low[:, None] + (high - low)[:, None] * np.linspace(0.0, 1.0, tail_points)
+            k = np.exp(u)
+            log_p = (
+                gammaln(k + th[:, None])
+                - gammaln(k + 1.0)
+                + (th * (np.log(th) - np.log(m + th)) - gammaln(th))[:, None]
+                + k * np.log(m / (m + th))[:, None]
+            )
+            integrand = np.exp(log_p) * np.log1p(sc[:, None] * k) * k  # dk = k du
+            t_sum[left] += np.trapezoid(integrand, u, axis=1)
+        total[rows, cols] = t_sum
+    return total.reshape(shape)

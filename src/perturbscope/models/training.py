@@ -97,6 +97,10 @@ class TrainConfig:
         disk always streams.
     stream_block_size
         Cells per block when the counts stream.
+    compile
+        Compile the training and validation loss with ``torch.compile`` (dynamic shapes: batches differ
+        in their number of non-zeros). Off by default: it pays on a GPU with many epochs, and costs a
+        compilation of tens of seconds first (bench/gpu.sh measures it).
     """
 
     max_epochs: int = 100
@@ -121,6 +125,7 @@ class TrainConfig:
     distributed: bool | int | str = False
     memory_budget_gb: float | None = None
     stream_block_size: int = 16384
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, detail: str) -> ParameterError:
@@ -157,7 +162,7 @@ class TrainConfig:
         number("lr_min", lambda v: 0.0 <= v <= self.lr, f"a number in [0, lr={self.lr}]")
         number("grad_clip", lambda v: v > 0, "a positive number or None", optional=True)
         number("memory_budget_gb", lambda v: v > 0, "a positive number or None", optional=True)
-        for name in ("early_stopping", "progress", "restore_best"):
+        for name in ("early_stopping", "progress", "restore_best", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
@@ -382,6 +387,9 @@ def _fit_one(
         config.min_delta,
     )
     train_loss: Callable[[Any, float], Mapping[str, Tensor]] = model.loss
+    val_loss: Callable[[Any, float], Mapping[str, Tensor]] = model.loss
+    if config.compile:
+        train_loss = val_loss = torch.compile(model.loss, dynamic=True)
     rank, world = active_group() or (0, 1)
     if world > 1:  # this process is one rank: its shard of the cells, gradients averaged by DDP
         train_sampler = shard_sampler(train_sampler, rank, world, training=True)
@@ -420,7 +428,7 @@ def _fit_one(
             if val_sampler is not None:
                 model.eval()
                 with torch.no_grad(), compute_context(device, config.seed + 1_000_003, None, dtype):
-                    vterms = run_epoch(model.loss, val_sampler, device, 1.0)
+                    vterms = run_epoch(val_loss, val_sampler, device, 1.0)
                 val_means = epoch_means(vterms)
                 check_finite(vterms, epoch, "validation", val_means)
             _record(history, epoch, beta, lr, train_means, val_means)

@@ -20,13 +20,15 @@ For each screen of the registry (``conf/<env>/screens.yml``, ``retrain: true``):
    models are untouched. Other screens go on.
 3. One MLflow run is opened in the screen's experiment; the ``retrain.pipelines`` run
    in a Kedro session (``runtime_params: {screen: <name>}``) and log into it.
-4. Each model of ``retrain.models`` is logged to the run and registered as a new
-   version of ``perturbscope-<model>-<screen>`` with the data version (file hash,
-   Kedro save version), parameters and key metrics; its key metrics are compared with
-   the ``champion`` version's (``retrain_comparison`` table, per screen) and it becomes
-   champion only when none is worse beyond its margin.
+4. Each model of ``retrain.models`` is compared with its ``champion`` version: its key
+   metrics against the champion's (``retrain_comparison`` table, per screen); it is to
+   become champion only when none is worse beyond its margin.
 5. The ``retrain.report_pipelines`` (the report) run in a second session, in the same
    MLflow run, so the report shows the comparison.
+6. Only when all of that succeeded is each model registered as a new version of
+   ``perturbscope-<model>-<screen>`` with the data version (file hash, Kedro save version),
+   parameters and key metrics, and then promoted where step 4 said so. A run that fails at
+   any step registers and promotes nothing.
 
 The exit status is 1 when a screen was invalid or failed (after all screens were
 tried), so a scheduler flags it; ``retrain_status`` says which and why.
@@ -52,7 +54,7 @@ from kedro.framework.project import pipelines as project_pipelines
 from kedro.framework.project import settings as project_settings
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
-from kedro.io.core import get_protocol_and_path
+from kedro.io.core import Version, generate_timestamp, get_protocol_and_path
 from kedro.utils import find_kedro_project
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
@@ -78,6 +80,7 @@ from perturbscope.ops.screens import (
     validate_registry,
 )
 from perturbscope.schema import ScreenValidationError
+from perturbscope.store import open_store
 
 # named explicitly: under `python -m perturbscope.ops.retrain` __name__ is "__main__", a logger that
 # Kedro's logging configuration (INFO for the project's package) does not reach
@@ -244,6 +247,7 @@ class _ProjectConfig:
     def use_mlflow_store(self) -> None:
         """Point mlflow at the project's store (resolved against the project root), as a run would."""
         server = resolve_mlflow_config(self.loader["mlflow"], self.project_path).get("server", {})
+        open_store(server.get("mlflow_tracking_uri"))  # created under its lock, as a run does
         if server.get("mlflow_tracking_uri"):
             mlflow.set_tracking_uri(server["mlflow_tracking_uri"])
         mlflow.set_registry_uri(server.get("mlflow_registry_uri"))  # None: the tracking store, as kedro-mlflow does
@@ -310,35 +314,36 @@ def _description(screen: str, spec: ModelSpec, info: _Screen, table: pd.DataFram
     return "\n".join(lines)
 
 
-def _register(
-    context: Any,
-    config: RetrainConfig,
-    models: list[ModelSpec],
-    info: _Screen,
-    env: str,
-) -> pd.DataFrame:
-    """Register every model of a finished run, compare with the champion, promote; the comparison."""
+@dataclass
+class _Candidate:
+    """One trained model of a finished run, compared with its champion, not yet registered."""
+
+    spec: ModelSpec
+    name: str
+    model: Any
+    metrics: dict[str, float]
+    champion: Any
+    promote: bool
+    decision: str
+    table: pd.DataFrame
+
+
+def _compare(
+    context: Any, config: RetrainConfig, models: list[ModelSpec], info: _Screen
+) -> tuple[list[_Candidate], pd.DataFrame]:
+    """Every model of a finished run next to its champion: the candidates to register and the comparison
+    table (``candidate_version`` empty until they are registered). Nothing is written to the registry."""
     client = MlflowClient()
     run_metrics = client.get_run(info.mlflow_run_id).data.metrics
-    frames = []
+    candidates, frames = [], []
     for spec in models:
         name = config.name(spec.key, info.screen)
         model = context.catalog.load(spec.dataset, version=info.kedro_session_id)
         skipped = (getattr(model, "metadata", None) or {}).get("not_applicable")
         if skipped:  # e.g. the held-out-perturbation cVAE of a singles-only screen trains nothing
             logger.info("Model %s of screen %s is not applicable (%s): not registered.", spec.key, info.screen, skipped)
-            frames.append(
-                pd.DataFrame(
-                    [
-                        {
-                            "model": spec.key,
-                            "registered_model": name,
-                            "verdict": f"not applicable: {skipped}",
-                            "decision": "not registered",
-                        }
-                    ]
-                ).reindex(columns=COMPARISON_COLUMNS)
-            )
+            row = {"model": spec.key, "registered_model": name, "verdict": f"not applicable: {skipped}"}
+            frames.append(pd.DataFrame([{**row, "decision": "not registered"}]).reindex(columns=COMPARISON_COLUMNS))
             continue
         candidate = {r.key: run_metrics[r.key] for r in spec.rules if r.key in run_metrics}
         for rule in spec.rules:
@@ -361,12 +366,47 @@ def _register(
             decision = f"promoted to @{config.alias}: {reason}"
         else:
             decision = f"not promoted, @{config.alias} stays version {champion.version}: {reason}"
+        table.insert(0, "model", spec.key)
+        table.insert(1, "registered_model", name)
+        table["champion_version"] = champion.version if champion is not None else None
+        table["candidate_version"] = None
+        table["decision"] = "promoted" if promote else "not promoted"
+        if table.empty:
+            table = pd.DataFrame(
+                [
+                    {
+                        "model": spec.key,
+                        "registered_model": name,
+                        "champion_version": champion.version if champion is not None else None,
+                        "verdict": "no key metrics",
+                        "decision": "promoted" if promote else "not promoted",
+                    }
+                ]
+            )
+        table = table.reindex(columns=COMPARISON_COLUMNS)
+        candidates.append(_Candidate(spec, name, model, candidate, champion, promote, decision, table))
+        frames.append(table)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COMPARISON_COLUMNS)
+    return candidates, table
+
+
+def _register(
+    context: Any, config: RetrainConfig, candidates: list[_Candidate], info: _Screen, env: str
+) -> dict[str, str]:
+    """Register every candidate (after the whole run succeeded), then promote; ``{model: version}``.
+
+    Every version is registered before any alias moves, so a registry error half-way promotes nothing.
+    """
+    client = MlflowClient()
+    versions: dict[str, str] = {}
+    for item in candidates:
+        spec = item.spec
         parameters = context.params.get(spec.parameters) if spec.parameters else None
         version = register_model_version(
             client,
-            name,
+            item.name,
             info.mlflow_run_id,
-            model,
+            item.model,
             artifact_path=f"registry/{spec.key}",
             tags={
                 "screen": info.screen,
@@ -379,39 +419,22 @@ def _register(
                 "data_sha256": info.data_sha256,
                 "schema": context.params.get("schema"),
                 "parameters": parameters,
-                "hparams": getattr(model, "hparams", {}),
-                "promotion": decision,
-                "champion_before": champion.version if champion is not None else "",
+                "hparams": getattr(item.model, "hparams", {}),
+                "promotion": item.decision,
+                "champion_before": item.champion.version if item.champion is not None else "",
             },
-            metrics=candidate,
-            description=_description(info.screen, spec, info, table, decision, env),
+            metrics=item.metrics,
+            description=_description(info.screen, spec, info, item.table, item.decision, env),
             model_tags={"screen": info.screen, "model": spec.key, "project": "perturbscope"},
         )
-        info.registered.append(f"{name} v{version.version}")
-        if promote:
-            client.set_registered_model_alias(name, config.alias, version.version)
-            info.promoted.append(f"{name} v{version.version}")
-        logger.info("Registered %s version %s; %s.", name, version.version, decision)
-        table.insert(0, "model", spec.key)
-        table.insert(1, "registered_model", name)
-        table["champion_version"] = champion.version if champion is not None else None
-        table["candidate_version"] = version.version
-        table["decision"] = "promoted" if promote else "not promoted"
-        if table.empty:
-            table = pd.DataFrame(
-                [
-                    {
-                        "model": spec.key,
-                        "registered_model": name,
-                        "candidate_version": version.version,
-                        "champion_version": champion.version if champion is not None else None,
-                        "verdict": "no key metrics",
-                        "decision": "promoted" if promote else "not promoted",
-                    }
-                ]
-            )
-        frames.append(table.reindex(columns=COMPARISON_COLUMNS))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COMPARISON_COLUMNS)
+        versions[spec.key] = str(version.version)
+        info.registered.append(f"{item.name} v{version.version}")
+        logger.info("Registered %s version %s; %s.", item.name, version.version, item.decision)
+    for item in candidates:
+        if item.promote:
+            client.set_registered_model_alias(item.name, config.alias, versions[item.spec.key])
+            info.promoted.append(f"{item.name} v{versions[item.spec.key]}")
+    return versions
 
 
 def _retrain_screen(
@@ -508,10 +531,9 @@ def _retrain_screen(
                 )
                 logger.error("Screen %s: %s.", screen, info.detail)
                 return info
-            # 4. register, compare, promote
-            comparison = _register(context, config, models, info, env_name)
+            # 4. compare with the champions; nothing registered yet
+            candidates, comparison = _compare(context, config, models, info)
             context.catalog.save("retrain_comparison", comparison)
-            mlflow.log_text(comparison.to_csv(index=False), "retrain/retrain_comparison.csv")
             # 5. the report, now that the comparison exists
             reports = _available(config.report_pipelines, "report_pipelines")
             if reports:
@@ -528,6 +550,13 @@ def _retrain_screen(
                 ):
                     report_session.run(pipeline_names=reports)
                     mlflow.set_tags({**kept, "report_session_id": report_session.session_id})
+            # 6. the whole run succeeded: register, then promote
+            versions = _register(context, config, candidates, info, env_name)
+            comparison["candidate_version"] = comparison["model"].map(versions)
+            # the table again, now with the versions: a newer version of the dataset than the report's
+            final = context.catalog.get("retrain_comparison")
+            final._copy(_version=Version(None, generate_timestamp())).save(comparison)
+            mlflow.log_text(comparison.to_csv(index=False), "retrain/retrain_comparison.csv")
             info.status = "retrained"
             info.detail = reason
             status = "FINISHED"

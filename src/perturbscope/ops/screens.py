@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from perturbscope.names import ScreenNameError, check_screen_name
 from perturbscope.schema import ScreenSchema
 from perturbscope.validation import validate_screen
 
@@ -49,7 +49,6 @@ ENTRY_KEYS = frozenset({"description", "file", "schema", "retrain"})
 SCHEMA_KEYS = frozenset(f for f in ScreenSchema.__dataclass_fields__ if f != "extra")
 """The schema keys a registry entry may override (the fields of :class:`ScreenSchema`)."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -75,11 +74,10 @@ def validate_registry(screens: Mapping[str, Any] | None) -> dict[str, dict[str, 
     out: dict[str, dict[str, Any]] = {}
     for name, entry in dict(screens or {}).items():
         name = str(name)
-        if not _NAME.match(name):
-            raise ScreenRegistryError(
-                f"Screen name '{name}' in the screens registry: use letters, digits, '_' and '-' "
-                "only (it becomes a folder name and a key of the `globals` lookups)."
-            )
+        try:
+            check_screen_name(name, "the screens registry's entry")
+        except ScreenNameError as err:
+            raise ScreenRegistryError(str(err)) from None
         entry = dict(entry or {})
         unknown = sorted(set(entry) - ENTRY_KEYS)
         if unknown:
@@ -224,6 +222,10 @@ def check_screen_file(
         raise ScreenFileError(
             f"No screen file at '{path}'. Copy the .h5ad there or fix `file` of screens.{screen} "
             "in conf/<env>/screens.yml."
+        )
+    if fs.size(fs_path) == 0:
+        raise ScreenFileError(
+            f"'{path}' is empty (0 bytes): the copy or download that made it wrote nothing. Copy the .h5ad again."
         )
     try:
         with fs.open(fs_path, "rb") as raw, h5py.File(raw, "r") as handle:

@@ -48,13 +48,28 @@ def test_leiden_runs_score_the_median_run() -> None:
     from perturbscope.pipelines.contrastive_model import evaluation
 
     graph = evaluation._neighbors(emb, 15, 0)
-    aris = [evaluation.adjusted_rand_score(labels, evaluation._leiden(graph, 4, None, seed)) for seed in range(5)]
+    first, found_at = evaluation._leiden(graph, 4, None, 0)
+    runs = [first] + [evaluation._leiden(graph, 4, None, seed, start=found_at)[0] for seed in range(1, 5)]
+    assert all(len(np.unique(run)) == 4 for run in runs)
+    aris = [evaluation.adjusted_rand_score(labels, run) for run in runs]
     assert singles[0] == pytest.approx(aris[0])
     median = program_scores(emb, labels, seed=0, leiden_runs=5)
     assert median["ari"] == pytest.approx(float(np.median(aris)))
     assert 0.0 < median["ari"] < 1.0
     with pytest.raises(ValueError, match="leiden_runs"):
         program_scores(emb, labels, leiden_runs=0)
+
+
+def test_a_warm_start_that_misses_falls_back_to_the_bisection() -> None:
+    """A start resolution that gives the wrong number of clusters is only a first try."""
+    from perturbscope.pipelines.contrastive_model import evaluation
+
+    emb, _ = _blobs(n_per=80, n_classes=4, spread=2.5, seed=3)
+    graph = evaluation._neighbors(emb, 15, 0)
+    cold, at = evaluation._leiden(graph, 4, None, 1)
+    missed, at_missed = evaluation._leiden(graph, 4, None, 1, start=1e-3)  # one cluster at this resolution
+    assert len(np.unique(missed)) == len(np.unique(cold)) == 4
+    assert at_missed == pytest.approx(at) and (missed == cold).all()
 
 
 def _screen() -> ad.AnnData:

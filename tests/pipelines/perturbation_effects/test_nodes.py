@@ -138,3 +138,19 @@ def test_bad_parameters_name_the_fix(screen) -> None:
     no_controls = processed[~processed.obs["is_control"].to_numpy()].copy()
     with pytest.raises(ScreenValidationError, match="no control cells"):
         nodes.run_effect_tests(no_controls, EFFECT_TEST, 0)
+
+
+def test_vectorised_wald_test_equals_pydeseq2s_own(screen) -> None:
+    """The batched Wald test gives PyDESeq2's own p-values, statistics and standard errors."""
+    from unittest import mock
+
+    from pydeseq2.default_inference import DefaultInference
+
+    processed = screen[1]
+    tested = de.tested_perturbations(processed, 20)[:4]
+    ours = de.pseudobulk_deseq2(processed, tested, 3, None, 0)
+    with mock.patch.object(de, "_vectorised_inference", lambda n_cpus: DefaultInference(n_cpus=n_cpus)):
+        theirs = de.pseudobulk_deseq2(processed, tested, 3, None, 0)
+    assert len(ours) == len(theirs) > 0
+    for column in ("log2_fold_change", "p_value", "q_value"):
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-9, atol=1e-14, equal_nan=True)

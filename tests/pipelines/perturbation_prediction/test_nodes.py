@@ -179,9 +179,8 @@ def test_singles_only_screen_marks_held_out_perturbations_not_applicable(simulat
     pca = nodes.fit_expression_pca(singles, N_PCS)
     empty = nodes.evaluate_predictions(singles, split, cvae, base, pca, EVALUATION)
     assert empty.empty
-    assert list(nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})) == [
-        "not_applicable.png"
-    ]
+    drawn, index = nodes.plot_perturbations(singles, split, cvae, base, empty, pca, {"max_figures": 2})
+    assert list(drawn) == ["not_applicable.png"] and list(index["file"]) == ["not_applicable.png"]
     _, scored, _ = _run(singles, {"kind": "held_out_cells", "test_fraction": 0.2}, "gaussian")
     metrics, summary, mlflow_metrics = nodes.summarise_metrics(held_out_cells=scored, held_out_perturbations=empty)
     skipped = summary[summary["evaluation"] == "held_out_perturbations"]

@@ -60,8 +60,8 @@ def test_report_names_the_versions_and_the_mlflow_run(finished_run: FinishedRun)
         cells[0]: cells for cells in (re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows.split("</tr>")) if cells
     }
     assert "processed_screen" in table
-    name, kind, mode, version, path = table["processed_screen"]
-    assert (kind, mode, version) == ("AnnDataDataset", "saved", finished_run.session_id)
+    name, kind, mode, version, path, writer = table["processed_screen"]
+    assert (kind, mode, version, writer) == ("AnnDataDataset", "saved", finished_run.session_id, "this run")
     assert Path(path).exists() and version in path
     written = {
         p.resolve()

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturbscope.blocks import BlockScreen, is_on_disk
-from perturbscope.models.data import CellData, RowsOf, StreamingCellData
+from perturbscope.models.data import CellData, StreamingCellData, device_bytes, resident_or_streamed
 from perturbscope.models.runtime import resolve_device
 from perturbscope.schema import COUNTS_LAYER
 
@@ -216,19 +216,16 @@ def training_cells(
             screen.read_rows, screen.n_obs, screen.n_vars, obs=obs, device=target, block_size=block_size
         )
     counts = raw_counts(screen, None, hint)
-    need = counts.nnz * 16 + counts.shape[0] * 16  # device CSR: int64 index + value + lgamma, per-cell terms
-    if memory_budget_gb is None or need <= float(memory_budget_gb) * 1e9:
-        return CellData(counts, obs=obs, device=target)
-    logger.info(
-        "The counts would take %.2f GB on %s, above memory_budget_gb=%s: they stream to it in blocks of %s cells.",
-        need / 1e9,
-        target,
-        memory_budget_gb,
-        f"{block_size:,}",
-    )
-    return StreamingCellData(
-        RowsOf(counts), counts.shape[0], counts.shape[1], obs=obs, device=target, block_size=block_size
-    )
+    data = resident_or_streamed(counts, obs, target, memory_budget_gb, block_size)
+    if isinstance(data, StreamingCellData):
+        logger.info(
+            "The counts would take %.2f GB on %s, above memory_budget_gb=%s: they stream to it in blocks of %s cells.",
+            device_bytes(counts) / 1e9,
+            target,
+            memory_budget_gb,
+            f"{block_size:,}",
+        )
+    return data
 
 
 class AlignedRows:

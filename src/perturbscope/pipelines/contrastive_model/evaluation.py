@@ -114,28 +114,44 @@ def leiden_clusters(
     bisected (in log space, 0.001..10) until the partition has ``n_clusters``
     clusters (the closest count found is kept).
     """
-    return _leiden(_neighbors(embedding, n_neighbors, seed), n_clusters, resolution, seed, max_iterations)
+    return _leiden(_neighbors(embedding, n_neighbors, seed), n_clusters, resolution, seed, max_iterations)[0]
 
 
 def _leiden(
-    holder: ad.AnnData, n_clusters: int | None, resolution: float | None, seed: int, max_iterations: int = 20
-) -> np.ndarray:
+    holder: ad.AnnData,
+    n_clusters: int | None,
+    resolution: float | None,
+    seed: int,
+    max_iterations: int = 20,
+    start: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """Leiden clusters of ``holder``'s graph and the resolution that gave them.
+
+    ``start``: a resolution to try first (another seed's match on the same graph); when it gives
+    ``n_clusters`` clusters the bisection is skipped, else it runs as without it.
+    """
+
     def run(res: float) -> np.ndarray:
         return neighbours.leiden(holder, res, seed)
 
     if resolution is not None:
-        return run(float(resolution))
+        return run(float(resolution)), float(resolution)
     if n_clusters is None:
         raise ValueError("leiden_clusters needs n_clusters or a resolution")
+    best, best_res, best_gap = None, float("nan"), np.inf
+    if start is not None and np.isfinite(start):
+        labels = run(float(start))
+        best, best_res, best_gap = labels, float(start), abs(len(np.unique(labels)) - n_clusters)
+        if best_gap == 0:
+            return best, best_res
     low, high = np.log(1e-3), np.log(10.0)
-    best, best_gap = None, np.inf
     for _ in range(max_iterations):
         mid = 0.5 * (low + high)
         labels = run(float(np.exp(mid)))
         found = len(np.unique(labels))
         gap = abs(found - n_clusters)
         if gap < best_gap:
-            best, best_gap = labels, gap
+            best, best_res, best_gap = labels, float(np.exp(mid)), gap
         if found == n_clusters:
             break
         if found < n_clusters:
@@ -143,7 +159,7 @@ def _leiden(
         else:
             high = mid
     assert best is not None
-    return best
+    return best, best_res
 
 
 def program_scores(
@@ -186,7 +202,13 @@ def program_scores(
     n_classes = len(np.unique(y))
     res = None if resolution in (None, "auto") else float(resolution)
     graph = _neighbors(emb, n_neighbors, seed)
-    runs = [_leiden(graph, n_classes, res, seed + i) for i in range(int(leiden_runs))]
+    # the first run bisects the resolution; the others start from its match (one Leiden call each when
+    # their partition has as many clusters, the full bisection otherwise)
+    runs, start = [], None
+    for i in range(int(leiden_runs)):
+        clusters, found_at = _leiden(graph, n_classes, res, seed + i, start=start)
+        runs.append(clusters)
+        start = found_at if start is None else start
     return {
         "ari": float(np.median([adjusted_rand_score(y, clusters) for clusters in runs])),
         "nmi": float(np.median([normalized_mutual_info_score(y, clusters) for clusters in runs])),

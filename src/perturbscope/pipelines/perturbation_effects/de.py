@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -142,6 +143,46 @@ def pseudobulk(
     return matrix, pd.DataFrame(meta, index=names)
 
 
+def _vectorised_inference(n_cpus: int) -> Any:
+    """PyDESeq2's ``DefaultInference`` with the Wald test done for all genes at once.
+
+    PyDESeq2 0.5 runs its Wald test gene by gene in Python (through joblib), which on a 2,000-gene
+    panel with 20 perturbations is ~40,000 calls and most of this step's time. Its ``Inference`` class
+    is the documented way to swap the numerics; this one computes the same statistic (the same
+    ``W``, ``M``, ridge, contrast and two-sided normal p-value as ``pydeseq2.utils.wald_test``) with
+    batched linear algebra, and leaves one-sided alternatives to the library.
+    """
+    from pydeseq2.default_inference import DefaultInference
+    from scipy.stats import norm
+
+    class VectorisedWald(DefaultInference):
+        def wald_test(  # type: ignore[override]
+            self,
+            design_matrix: np.ndarray,
+            disp: np.ndarray,
+            lfc: np.ndarray,
+            mu: np.ndarray,
+            ridge_factor: np.ndarray,
+            contrast: np.ndarray,
+            lfc_null: np.ndarray,
+            alt_hypothesis: str | None = None,
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            if alt_hypothesis is not None:
+                return super().wald_test(design_matrix, disp, lfc, mu, ridge_factor, contrast, lfc_null, alt_hypothesis)
+            x = np.asarray(design_matrix, dtype=np.float64)
+            contrast = np.asarray(contrast, dtype=np.float64)
+            mu = np.asarray(mu, dtype=np.float64)
+            weights = mu / (1.0 + mu * np.asarray(disp, dtype=np.float64)[None, :])  # samples x genes
+            m = np.einsum("ip,ig,iq->gpq", x, weights, x)
+            h = np.linalg.inv(m + np.asarray(ridge_factor, dtype=np.float64)[None, :, :])
+            hc = h @ contrast
+            se = np.sqrt(np.einsum("gp,gpq,gq->g", hc, m, hc))
+            stat = (np.asarray(lfc, dtype=np.float64) - lfc_null) @ contrast / se
+            return 2.0 * norm.sf(np.abs(stat)), stat, se
+
+    return VectorisedWald(n_cpus=n_cpus)
+
+
 def pseudobulk_deseq2(
     screen: ad.AnnData,
     perturbations: list[str],
@@ -152,7 +193,6 @@ def pseudobulk_deseq2(
 ) -> pd.DataFrame:
     """PyDESeq2 on pseudobulk samples, one Wald test per perturbation vs the controls."""
     from pydeseq2.dds import DeseqDataSet
-    from pydeseq2.default_inference import DefaultInference
     from pydeseq2.ds import DeseqStats
 
     if not perturbations:
@@ -163,7 +203,7 @@ def pseudobulk_deseq2(
     meta = meta.assign(level=meta["condition"].map(codes))
     design = "~replicate + level" if _batches_are_replicates(screen, batch_key) else "~level"
     keep_genes = counts.columns[counts.sum(0).to_numpy() > 0]
-    inference = DefaultInference(n_cpus=n_cpus)
+    inference = _vectorised_inference(n_cpus)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dds = DeseqDataSet(

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from perturbscope.names import file_names
 from perturbscope.schema import PERTURBATION
 
 from .evaluation import dense as _dense
@@ -185,12 +186,14 @@ def perturbation_figures(
     method: str = "cvae_prior",
     max_figures: int = 12,
     top_k: Sequence[int] = (25, 50, 100),
-) -> dict[str, Figure]:
+) -> tuple[dict[str, Figure], pd.DataFrame]:
     """:func:`perturbation_figure` for up to ``max_figures`` test perturbations of a split, with ``method``'s
     predicted cells in the scatter and PCA panels (``cvae_prior``, ``cvae_controls`` or a baseline).
 
     The perturbations with the largest true effect (norm of the mean delta)
-    are drawn; files are named ``<perturbation>.png``.
+    are drawn; files are named by :func:`perturbscope.names.file_names` (the label where it is a safe file
+    name, else a slug and a short hash; the label itself is in the figure's title). Returns the figures by
+    file name and a table mapping each ``file`` to its ``perturbation``.
     """
     test = (split["role"] == "test").to_numpy()
     labels_arr = split[PERTURBATION].to_numpy()
@@ -202,6 +205,7 @@ def perturbation_figures(
     chosen = sorted(effect, key=lambda p: -effect[p])[: int(max_figures)]
     top_k = tuple(int(k) for k in top_k)
     out: dict[str, Figure] = {}
+    names = file_names(sorted(chosen), ".png")
     for label in sorted(chosen):
         predicted = {}
         for preds in (cvae_predictions, baseline_predictions):
@@ -220,9 +224,9 @@ def perturbation_figures(
             top_k=top_k,
             seed=int(seed),
         )
-        safe = "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in label)
-        out[f"{safe}.png"] = fig
-    return out
+        out[names[label]] = fig
+    index = pd.DataFrame({"file": [names[label] for label in sorted(chosen)], PERTURBATION: sorted(chosen)})
+    return out, index
 
 
 def message_figure(title: str, text: str) -> Figure:

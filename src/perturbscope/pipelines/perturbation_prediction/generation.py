@@ -22,11 +22,11 @@ __all__ = ["cvae_cells", "generation_settings", "no_predictions"]
 _MODE_TO_METHOD = {"prior": "cvae_prior", "controls": "cvae_controls"}
 
 
-def generation_settings(n_cells: int = 200, sample: bool = True, n_mc: int = 16) -> dict[str, Any]:
+def generation_settings(n_cells: int = 200, sample: bool = True) -> dict[str, Any]:
     """The prediction settings of every method (``perturbation_prediction.generation``): ``n_cells`` predicted
     cells per test perturbation and method; ``sample``: ``X`` holds draws (Gaussian noise / NB counts) and
-    ``layers["expected"]`` the means; ``n_mc``: NB count draws averaged into ``layers["expected"]``."""
-    return {"n_cells": int(n_cells), "sample": bool(sample), "n_mc": int(n_mc)}
+    ``layers["expected"]`` each cell's expectation (for the NB, exact: no Monte-Carlo draws)."""
+    return {"n_cells": int(n_cells), "sample": bool(sample)}
 
 
 def no_predictions(adata: ad.AnnData) -> ad.AnnData:
@@ -42,7 +42,7 @@ def no_predictions(adata: ad.AnnData) -> ad.AnnData:
 
 
 def cvae_cells(
-    model: ConditionalVAE, adata: ad.AnnData, split: pd.DataFrame, seed: int, n_cells: int, sample: bool, n_mc: int
+    model: ConditionalVAE, adata: ad.AnnData, split: pd.DataFrame, seed: int, n_cells: int, sample: bool
 ) -> ad.AnnData:
     """Mode A and Mode B cells of every test perturbation (:func:`~.nodes.predict_cvae`)."""
     labels = perturbations_with_test_cells(split)
@@ -53,7 +53,7 @@ def cvae_cells(
     if unknown:
         raise SplitError(f"the model cannot predict {unknown}: they perturb genes no training cell perturbs")
     api = CVAE(model)
-    draws = {"sample": sample, "n_mc": n_mc}
+    draws = {"sample": sample}
     train = training_mask(split)
     source = split[IS_CONTROL].to_numpy() & train
     lib = scales = None

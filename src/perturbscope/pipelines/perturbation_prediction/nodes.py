@@ -216,18 +216,20 @@ def plot_perturbations(
     pca: dict[str, np.ndarray],
     params: dict[str, Any],
     seed: int = 0,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """The three-panel figure for the test perturbations of a split (see :mod:`.figures`).
 
-    At most ``max_figures`` perturbations (the largest true effects) get a figure;
-    returns ``{"<perturbation>.png": Figure}`` (``{"not_applicable.png": ...}``, saying
-    why, for a split without test cells).
+    At most ``max_figures`` perturbations (the largest true effects) get a figure. Returns
+    ``({"<file>.png": Figure}, index)``: file names are the labels where they are safe file names, else a
+    slug and a short hash (:func:`perturbscope.names.file_names`), and ``index`` maps each ``file`` to its
+    ``perturbation``. A split without test cells gets one figure saying why (``not_applicable.png``).
     """
     split = as_split(split, adata)
     reason = not_applicable_reason(split)
     if reason:  # one figure saying why, so the run's figure folder is never empty
         kind = str(split["kind"].iloc[0]) if len(split) else "this split"
-        return {"not_applicable.png": figures.message_figure(f"{kind}: not applicable", reason)}
+        drawn = {"not_applicable.png": figures.message_figure(f"{kind}: not applicable", reason)}
+        return drawn, pd.DataFrame({"file": ["not_applicable.png"], PERTURBATION: [""]})
     settings = options(
         figures.perturbation_figures,
         params,

@@ -95,7 +95,7 @@ def _split_template() -> Pipeline:
                     f"{_P}.figures",
                     "params:seed",
                 ],
-                outputs="prediction_figures",
+                outputs=["prediction_figures", "prediction_figure_index"],
                 name="plot_perturbations",
             ),
         ]
