@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/end_to_end.py --n-cells 20000 --n-doubles 6 --n-batches 2          # default training
+    python bench/end_to_end.py --n-cells 20000 --n-doubles 6 --n-batches 2          # default training, Cell Ranger .h5
     python bench/end_to_end.py --n-cells 12000 --epochs 3                           # what CI runs
 
 Simulates the screen into a temporary folder, registers only its schema (the ``e2e``
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs of every model (default: conf/base's)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    from perturbscope.simulation import simulate_screen
+    from perturbscope.simulation import simulate_screen, write_cellranger_h5
 
     screen = "sim_doubles_batch" if args.n_doubles else "sim_singles"  # the schemas in conf/e2e/screens.yml
     epochs = dict.fromkeys(_base_epochs(), args.epochs) if args.epochs else _base_epochs()
@@ -72,10 +72,14 @@ def main() -> None:
             n_programs=5,
             perturbations_per_program=4,
             seed=args.seed,
+            **({"guides_per_target": 2, "guides_per_cell": 2, "multiplet_rate": 0.02} if args.n_doubles else {}),
         )
         if screen == "sim_singles":
             adata = adata[adata.obs["n_perturbed_genes"] <= 1].copy()
-        adata.write_h5ad(root / "data" / "01_raw" / f"{screen}.h5ad")
+            adata.write_h5ad(root / "data" / "01_raw" / f"{screen}.h5ad")
+        else:  # a Cell Ranger output with guide counts and its feature reference, as conf/e2e/screens.yml says
+            folder = root / "data" / "01_raw" / screen
+            write_cellranger_h5(adata, folder / "filtered_feature_bc_matrix.h5", folder / "feature_reference.csv")
         env = {
             **os.environ,
             "PERTURBSCOPE_TEST_ROOT": str(root),
@@ -118,6 +122,8 @@ def main() -> None:
     with RESULTS.open("a") as handle:
         handle.write(row + "\n")
     print(row)
+    for line in re.findall(r"Slowest .*", proc.stdout + proc.stderr):
+        print(line)
     print(summary[["evaluation", "method", "status", "n_perturbations"]].to_string(index=False))
 
 

@@ -23,6 +23,7 @@ import anndata as ad
 import pandas as pd
 import torch
 import yaml
+from _tables import markdown  # bench/ is on sys.path when a bench runs as a script
 
 from perturbscope.pipelines.perturbation_prediction import nodes
 
@@ -64,16 +65,6 @@ def merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
     return out
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table (no tabulate dependency)."""
-    cells = [[str(c) for c in frame.columns]] + [
-        [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)
-    ]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in frame.columns) + "|")
-    return "\n".join(lines)
 
 
 def main() -> None:

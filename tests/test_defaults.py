@@ -20,13 +20,16 @@ from perturbscope.models.model import CVAE, LDVAE, ContrastiveVI, call_escapers,
 from perturbscope.pipelines.contrastive_model import evaluation as contrastive_evaluation
 from perturbscope.pipelines.contrastive_model import nodes as contrastive
 from perturbscope.pipelines.contrastive_model import tables as contrastive_tables
+from perturbscope.pipelines.data_processing import guide_calling, qc
 from perturbscope.pipelines.data_processing import nodes as processing
-from perturbscope.pipelines.data_processing import qc
 from perturbscope.pipelines.linear_model import effects as linear_effects
 from perturbscope.pipelines.linear_model import figures as linear_figures
 from perturbscope.pipelines.linear_model import nodes as linear
 from perturbscope.pipelines.perturbation_effects import de, effect_tests
 from perturbscope.pipelines.perturbation_effects import figures as effect_figures
+from perturbscope.pipelines.perturbation_effects import interactions as effect_interactions
+from perturbscope.pipelines.perturbation_effects import nodes as effect_nodes
+from perturbscope.pipelines.perturbation_effects import profiles as effect_profiles
 from perturbscope.pipelines.perturbation_prediction import evaluation as prediction_evaluation
 from perturbscope.pipelines.perturbation_prediction import figures as prediction_figures
 from perturbscope.pipelines.perturbation_prediction import nodes as prediction
@@ -45,6 +48,7 @@ SIGNATURES: dict[str, Callable[..., Any]] = {
     "contrastive_model.escape.mixture": fit_escapers,
     "contrastive_model.evaluation": contrastive_evaluation.evaluate_spaces,
     "contrastive_model.salient_expression": contrastive_tables.salient_gene_table,
+    "data_processing.guides": guide_calling.call_guides,
     "data_processing.qc": qc.quality_control,
     "data_processing.normalisation": processing._normalise,
     "data_processing.cell_cycle": processing._cell_cycle,
@@ -56,6 +60,15 @@ SIGNATURES: dict[str, Callable[..., Any]] = {
     "linear_model.figure": linear_figures.plot_factor_effects,
     "perturbation_effects.effect_test": effect_tests.effect_tests,
     "perturbation_effects.figure": effect_figures.effect_tests_figure,
+    "perturbation_effects.knockdown": effect_nodes._knockdown,
+    "perturbation_effects.map.profiles": effect_profiles.perturbation_profiles,
+    "perturbation_effects.map.similarity": effect_profiles.similarity_table,
+    "perturbation_effects.map.clusters": effect_profiles.cluster_perturbations,
+    "perturbation_effects.map.programs": effect_profiles.cluster_programs,
+    "perturbation_effects.map.enrichment": effect_profiles.enrichment,
+    "perturbation_effects.map.figure": effect_figures.perturbation_map_figures,
+    "perturbation_effects.genetic_interactions": effect_interactions.genetic_interactions,
+    "perturbation_effects.knockdown_figure": effect_figures.knockdown_figure,
     "perturbation_effects.differential_expression": de.differential_expression,
     "perturbation_effects.salient_agreement": de.salient_agreement,
     "perturbation_prediction.model": ConditionalVAE.__init__,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturbscope.simulation import simulate_screen
+from perturbscope.simulation import simulate_screen, write_cellranger_h5
 from tests.conftest import PROJECT, latest_version
 
 SECTIONS = (
@@ -51,10 +51,16 @@ def _kedro_run(root: Path, screen: str) -> subprocess.CompletedProcess:
     )
 
 
-def _run_screen(root: Path, screen: str, **simulation: object) -> dict[str, Path]:
+def _run_screen(root: Path, screen: str, cellranger: bool = False, **simulation: object) -> dict[str, Path]:
     raw = root / "data" / "01_raw"
     raw.mkdir(parents=True, exist_ok=True)
-    simulate_screen(n_genes=2000, **simulation).write_h5ad(raw / f"{screen}.h5ad")
+    adata = simulate_screen(n_genes=2000, **simulation)
+    if cellranger:  # Cell Ranger output: gene and guide counts, the feature reference beside it
+        folder = raw / screen
+        write_cellranger_h5(adata, folder / "filtered_feature_bc_matrix.h5", folder / "feature_reference.csv")
+        adata.write_h5ad(root / "truth.h5ad")
+    else:
+        adata.write_h5ad(raw / f"{screen}.h5ad")
     done = _kedro_run(root, screen)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     data = root / "data"
@@ -62,6 +68,7 @@ def _run_screen(root: Path, screen: str, **simulation: object) -> dict[str, Path
         "processed": latest_version(data / "03_primary" / screen / "processed_screen.h5ad"),
         "contrastive": latest_version(data / "07_model_output" / screen / "contrastive_embedded_screen.h5ad"),
         "linear": latest_version(data / "07_model_output" / screen / "linear_embedded_screen.h5ad"),
+        "cell_calls": latest_version(data / "07_model_output" / screen / "contrastive_cell_calls.parquet"),
         "reporting": data / "08_reporting" / screen,
         "models": data / "06_models" / screen,
         "log": done.stdout + done.stderr,
@@ -95,7 +102,9 @@ def _check_common(out: dict, n_cells: int) -> tuple[ad.AnnData, pd.DataFrame, pd
     cells = summary[summary["evaluation"] == "held_out_cells"]
     assert (cells["status"] == "scored").all() and cells["pearson_delta_mean"].notna().all()
     # escapers: a probability for every target cell of a fitted perturbation, 0 for controls, one row each
-    probability = embedded.obs["perturbed_probability"].to_numpy()
+    calls = pd.read_parquet(out["cell_calls"]).reindex(embedded.obs_names)
+    assert calls.notna().any(axis=1).all()  # one row per embedded cell
+    probability = calls["perturbed_probability"].to_numpy(dtype=float)
     is_control = embedded.obs["is_control"].to_numpy().astype(bool)
     assert (probability[is_control] == 0).all()
     assert np.isfinite(probability[~is_control]).mean() > 0.9
@@ -121,6 +130,9 @@ def _check_common(out: dict, n_cells: int) -> tuple[ad.AnnData, pd.DataFrame, pd
 def test_singles_only_knockout_screen(tmp_path: Path) -> None:
     """12,000 cells, single perturbations only, a program annotation, no batch."""
     out = _run_screen(tmp_path, "sim_singles", n_cells=12_000, n_programs=5, perturbations_per_program=4, seed=0)
+    # the map: perturbations of a program cluster together in at least one profile; nulls stay apart
+    summary_map = pd.read_csv(latest_version(out["reporting"] / "perturbation_map_summary.csv"))
+    assert summary_map["ari_vs_program"].max() >= 0.9, summary_map
     evaluation, summary, screen_summary = _check_common(out, 12_000)
     skipped = summary[summary["evaluation"] == "held_out_perturbations"]
     assert len(skipped) == 1 and skipped["status"].iloc[0] == "not applicable"
@@ -144,15 +156,58 @@ def test_singles_only_knockout_screen(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_screen_with_doubles_and_batches(tmp_path: Path) -> None:
-    """10,000 cells with single and double perturbations over two batches, no program annotation."""
-    out = _run_screen(tmp_path, "sim_doubles_batch", n_cells=10_000, n_doubles=6, n_batches=2, seed=1)
+def test_cell_ranger_screen_with_doubles_and_batches(tmp_path: Path) -> None:
+    """A Cell Ranger .h5 of 11,000 cells (two GEM wells) with guide counts, a combinatorial design (two guides
+    per cell), planted genetic interactions, no program annotation: guides called, knockdown checked, the map
+    and the interactions drawn, every pipeline run."""
+    out = _run_screen(
+        tmp_path,
+        "sim_doubles_batch",
+        cellranger=True,
+        n_cells=11_000,
+        n_programs=4,
+        perturbations_per_program=3,
+        n_doubles=10,
+        interaction_classes=1,
+        n_batches=2,
+        guides_per_target=2,
+        guides_per_cell=2,
+        multiplet_rate=0.02,
+        seed=1,
+    )
     evaluation, summary, _ = _check_common(out, 10_000)
+    truth = ad.read_h5ad(tmp_path / "truth.h5ad")
+    reporting = out["reporting"]
+    # guides: called per guide, unassigned cells and multiplets dropped and counted
+    calls = pd.read_csv(latest_version(reporting / "guide_calls.csv"))
+    assert set(calls["guide"]) == set(truth.uns["guides"]["guide"]) and (calls["cells_called"] > 0).all()
+    qc = pd.read_csv(latest_version(reporting / "qc_summary.csv"))
+    assert qc["step"].str.startswith("guides").sum() == 2
+    processed = ad.read_h5ad(out["processed"], backed="r")
+    right = processed.obs["guide_identity"] == truth.obs.loc[processed.obs_names, "true_guides"]
+    assert right.mean() >= 0.97
+    # the knockdown check finds the failed guides
+    knockdown = pd.read_csv(latest_version(reporting / "knockdown.csv")).set_index("guide")
+    guide_truth = truth.uns["guide_truth"]
+    measured = knockdown[knockdown["remaining"].notna()]
+    failed = guide_truth.loc[measured.index, "failed"]
+    assert (measured.loc[failed[failed].index, "call"] == "no knockdown").mean() >= 0.8
+    assert (measured.loc[failed[~failed].index, "call"] == "knocked_down").mean() >= 0.9
+    # the map and the interactions
+    clusters = pd.read_csv(latest_version(reporting / "perturbation_clusters.csv"))
+    assert {"pseudobulk", "salient", "factors"} <= set(clusters["profile"])
+    interactions = pd.read_csv(latest_version(reporting / "genetic_interactions.csv")).set_index("double")
+    planted = truth.uns["perturbation_truth"]["interaction"]
+    planted = planted[planted != ""]
+    assert set(interactions.index) == set(planted.index)
+    assert (interactions.loc[planted.index, "interaction"] == planted).mean() >= 0.8
+    # prediction, batches and no annotation as before
     doubles = summary[summary["evaluation"] == "held_out_perturbations"]
     assert (doubles["status"] == "scored").all() and doubles["n_perturbations"].min() >= 1
     assert set(summary["method"]) >= {"cvae_prior", "cvae_controls", "additive"}
-    assert "batch" in set(evaluation["key"])  # the batch confounder's leakage is measured
+    assert "gem_group" in set(evaluation["key"])  # the GEM wells' leakage is measured
     assert "program" not in set(evaluation["key"])  # no annotation: no program scores, no crash,
     assert evaluation["note"].fillna("").str.contains("no annotation").any()  # and the reason is stated
-    model = ad.read_h5ad(out["contrastive"], backed="r")
-    assert set(model.obs["batch"].astype(str)) == {"batch0", "batch1"}
+    page = latest_version(reporting / "report.html").read_text()
+    for key in ("guide_calls", "knockdown", "perturbation_map", "genetic_interactions"):
+        assert key in page, key

@@ -191,7 +191,7 @@ class BlockScreen:
         if counts is None:
             raise ValueError(f"The screen has no matrix in {'layers[' + repr(layer) + ']' if layer else 'X'}.")
         source = _Source(counts=_csr(counts), x=_csr(adata.X) if layer and adata.X is not None else None)
-        obsm = {k: np.asarray(v) for k, v in adata.obsm.items()}
+        obsm = {k: _obsm_value(v) for k, v in adata.obsm.items()}
         return cls(
             source,
             adata.obs.copy(),
@@ -207,7 +207,11 @@ class BlockScreen:
         (what validation checks)."""
         if not self.on_disk:
             raise ValueError("raw_counts reopens a file; wrap an in-memory AnnData with from_anndata(counts_layer)")
-        return BlockScreen.open(self.path, counts_layer, self.chunk_size, processed=False)
+        reopened = BlockScreen.open(self.path, counts_layer, self.chunk_size, processed=False)
+        # the same cells and genes as this screen (a subset keeps its selection)
+        return reopened._evolve(
+            obs=self.obs, var=self.var, uns=self.uns, obsm=self.obsm, varm=self.varm, rows=self._rows, cols=self._cols
+        )
 
     @property
     def on_disk(self) -> bool:
@@ -282,7 +286,7 @@ class BlockScreen:
             obs=self.obs.copy(),
             var=self.var.copy(),
             uns=copy.deepcopy(self.uns),
-            obsm={k: np.array(v, copy=True) for k, v in self.obsm.items()},
+            obsm={k: v.copy() if sp.issparse(v) else np.array(v, copy=True) for k, v in self.obsm.items()},
             varm=copy.deepcopy(self.varm),
         )
 
@@ -312,7 +316,7 @@ class BlockScreen:
             if cells.shape != (self.n_obs,):
                 raise ValueError(f"cells mask has shape {cells.shape}, expected ({self.n_obs},)")
             rows = np.flatnonzero(cells) if self._rows is None else self._rows[cells]
-            obsm = {k: np.asarray(v)[cells] for k, v in self.obsm.items()}
+            obsm = {k: v[cells] if sp.issparse(v) else np.asarray(v)[cells] for k, v in self.obsm.items()}
             library = None if self._library is None else self._library[cells]
             out = out._evolve(obs=self.obs.iloc[cells].copy(), obsm=obsm, rows=rows, library=library)
         if genes is not None:
@@ -427,6 +431,13 @@ class BlockScreen:
                 for store, block in zip(stores, blocks):
                     if block.shape[0]:
                         store.append(block)
+
+
+def _obsm_value(value: Any) -> Any:
+    """An ``obsm`` entry held by a BlockScreen: sparse matrices stay sparse (guide counts), the rest arrays."""
+    if sp.issparse(value):
+        return sp.csr_matrix(value)
+    return np.asarray(value)
 
 
 def _csr(matrix: Any) -> sp.csr_matrix:

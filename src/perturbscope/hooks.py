@@ -278,6 +278,18 @@ def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | 
     return rows
 
 
+def _memory_gb() -> tuple[float, float]:
+    """This process's resident memory now and at its peak, in GB (Linux ``/proc``; else the peak only)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024**2, int(fields["VmHWM"].split()[0]) / 1024**2
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        return float("nan"), peak
+
+
 class RunInfoHook:
     """Record the run, make it complete by writing its record last, and pin the versions it reads.
 
@@ -447,7 +459,14 @@ class RunInfoHook:
         started = self._started.pop(node.name, None)
         if started is not None:
             self._seconds[node.name] = time.perf_counter() - started
-            logger.info("Node %s took %.1f s.", node.name, self._seconds[node.name])
+            rss, peak = _memory_gb()
+            logger.info(
+                "Node %s took %.1f s (memory: %.2f GB now, %.2f GB at the peak so far).",
+                node.name,
+                self._seconds[node.name],
+                rss,
+                peak,
+            )
 
     @hook_impl
     def on_pipeline_error(self) -> None:

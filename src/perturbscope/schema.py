@@ -46,6 +46,10 @@ class ScreenValidationError(ValueError):
     """A screen does not fit the schema; the message says what is wrong and how to fix it."""
 
 
+MODALITIES = ("CRISPRi", "CRISPRko", "CRISPRa")
+"""The screen types ``schema.modality`` takes."""
+
+
 @dataclass(frozen=True)
 class ScreenSchema:
     """Column names and labels of one screen (``schema`` in ``conf/base/parameters.yml``).
@@ -66,6 +70,9 @@ class ScreenSchema:
         Optional ``obs`` column with a batch (replicate, lane) to correct for.
     double_separator
         Separator of combinatorial labels, ``+`` for ``A+B``.
+    modality
+        How the guides act on their target: ``CRISPRi`` (interference) and ``CRISPRko`` (knockout) lower
+        its expression, ``CRISPRa`` (activation) raises it; the knockdown check reads the direction here.
     """
 
     perturbation_key: str | None = "perturbation"
@@ -74,6 +81,7 @@ class ScreenSchema:
     program_key: str | None = None
     batch_key: str | None = None
     double_separator: str = "+"
+    modality: str = "CRISPRi"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -93,6 +101,13 @@ class ScreenSchema:
                 "schema.control_labels is empty: give the label(s) of the non-targeting "
                 "control cells, for example [control, non-targeting]."
             )
+        modality = str(values.get("modality", cls.modality))
+        if modality not in MODALITIES:
+            raise ScreenValidationError(
+                f"schema.modality={modality!r} is not one of {list(MODALITIES)}: CRISPRi and CRISPRko guides lower "
+                "their target's expression, CRISPRa guides raise it."
+            )
+        values["modality"] = modality
         return cls(**values)
 
     def is_control_label(self, label: str) -> bool:

@@ -133,6 +133,7 @@ __all__ = [
     "load_cell_cycle_genes",
     "main",
     "simulate_screen",
+    "write_cellranger_h5",
 ]
 
 CONTROL_LABEL = "control"
@@ -142,6 +143,9 @@ DOUBLE_SEPARATOR = "+"
 """Separator of double perturbations, ``A+B`` (the project's convention)."""
 
 NULL_PROGRAM_LABEL = "none"
+
+INTERACTION_CLASSES: tuple[str, ...] = ("additive", "synergy", "buffering", "epistasis", "neomorphic")
+"""The genetic interactions ``interaction_classes`` plants, in the order the doubles take them."""
 """Program label of null perturbations and of genes outside every gene set."""
 
 PHASES: tuple[str, str, str] = ("G1", "S", "G2M")
@@ -221,6 +225,45 @@ class SimulationConfig:
     batch_strength
         Sd of each batch's log2 shift of every gene (a technical batch effect shared by
         controls and perturbed cells).
+    interaction_classes
+        1: the doubles are planted genetic interactions, in turn additive (``E_A + E_B``), synergy
+        (``synergy_factor`` times that), buffering (``buffering_factor`` times), epistasis (A dominates:
+        ``E_A + epistasis_factor E_B``) and neomorphic (``E_A + E_B`` plus a program neither single moves);
+        A and B come from different programs (their effects must not be collinear to be told apart).
+        ``uns["perturbation_truth"]["interaction"]`` holds each double's class. 0 (default): as above with
+        ``interaction_scale``.
+    synergy_factor, buffering_factor, epistasis_factor
+        The scales of the planted synergy, buffering and epistasis doubles.
+    guides_per_target
+        Guides per perturbed gene; 0 (default) simulates no guides. With guides, every perturbed gene
+        is also a gene of the panel (named like the perturbation), knocked down in the cells its guides
+        reach, and the cells carry guide UMI counts (``obsm["guide_counts"]``, ``uns["guides"]``,
+        :func:`write_cellranger_h5` writes them as Cell Ranger output).
+    guides_per_cell
+        Guides the design puts in a cell: 1, or 2 for a combinatorial screen (Norman et al.: a single carries
+        its guide and a non-targeting one, a control two non-targeting ones, a double both guides).
+    n_control_guides
+        Non-targeting guides (target ``non-targeting``), carried by the control cells.
+    failed_guide_fraction
+        Fraction of the targeting guides that do nothing: no knockdown, no effect (their cells look like
+        controls).
+    knockdown_min, knockdown_max
+        Range of the fraction of its target's expression a working guide removes (CRISPRi).
+    guide_umis
+        Median UMIs of a guide a cell expresses, at median capture and depth.
+    guide_capture_sigma
+        Log-scale sd of the guides' capture efficiencies (several-fold apart).
+    guide_depth_sigma
+        Log-scale sd of the cells' guide capture depth.
+    guide_dispersion
+        Negative-binomial dispersion of an expressed guide's UMIs.
+    ambient_guide_umis
+        Mean ambient guide UMIs per cell (at median depth), spread over the guides by their abundance in the
+        pool.
+    capture_failure_rate
+        Fraction of cells whose guide is barely captured (3 % of its usual UMIs).
+    multiplet_rate
+        Fraction of cells that carry one more guide than the design (a second cell's, in one droplet).
     seed
         Seed of every random stream.
     """
@@ -254,6 +297,23 @@ class SimulationConfig:
     high_expression_share: float = 0.92
     n_batches: int = 1
     batch_strength: float = 0.5
+    interaction_classes: int = 0
+    synergy_factor: float = 1.8
+    buffering_factor: float = 0.4
+    epistasis_factor: float = 0.1
+    guides_per_target: int = 0
+    guides_per_cell: int = 1
+    n_control_guides: int = 4
+    failed_guide_fraction: float = 0.15
+    knockdown_min: float = 0.6
+    knockdown_max: float = 0.95
+    guide_umis: float = 60.0
+    guide_capture_sigma: float = 0.7
+    guide_depth_sigma: float = 0.6
+    guide_dispersion: float = 0.5
+    ambient_guide_umis: float = 4.0
+    capture_failure_rate: float = 0.03
+    multiplet_rate: float = 0.04
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -299,9 +359,27 @@ class SimulationConfig:
         )
         for name in ("control_fraction", "high_expression_fraction", "high_expression_share"):
             check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        for name in ("failed_guide_fraction", "capture_failure_rate", "multiplet_rate"):
+            check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        check(0.0 <= self.knockdown_min <= self.knockdown_max < 1.0, "need 0 <= knockdown_min <= knockdown_max < 1")
+        for name in ("guides_per_target", "n_control_guides"):
+            check(getattr(self, name) >= 0, f"{name} must be non-negative")
+        check(self.guides_per_target == 0 or self.n_control_guides >= 1, "guides need n_control_guides >= 1")
+        check(self.guides_per_cell in (1, 2), "guides_per_cell must be 1 or 2")
+        for name in (
+            "guide_umis",
+            "guide_capture_sigma",
+            "guide_depth_sigma",
+            "guide_dispersion",
+            "ambient_guide_umis",
+        ):
+            check(getattr(self, name) >= 0.0, f"{name} must be non-negative")
         for name in ("penetrance", "up_fraction", "s_fraction", "g2m_fraction"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         check(self.s_fraction + self.g2m_fraction <= 1.0, "s_fraction + g2m_fraction must be <= 1")
+        check(self.interaction_classes in (0, 1), "interaction_classes must be 0 or 1")
+        for name in ("synergy_factor", "buffering_factor", "epistasis_factor"):
+            check(getattr(self, name) >= 0.0, f"{name} must be non-negative")
         check(
             0.0 <= self.effect_size_min <= self.effect_size_max,
             "need 0 <= effect_size_min <= effect_size_max",
@@ -403,6 +481,7 @@ class _Design:
     strengths: np.ndarray  # per perturbation; NaN for doubles
     n_genes_perturbed: np.ndarray  # 1 or 2
     effects: np.ndarray  # (n_perturbations, n_genes) true log2 fold changes
+    interactions: list[str] = dataclasses.field(default_factory=list)  # planted class of each double ("" else)
 
 
 def _design(config: SimulationConfig, rng: np.random.Generator) -> _Design:
@@ -486,18 +565,50 @@ def _design(config: SimulationConfig, rng: np.random.Generator) -> _Design:
 
     # Double perturbations: distinct unordered pairs, A < B by name.
     pairs = [(a, b) for a in range(n_singles) for b in range(a + 1, n_singles)]
+    if config.interaction_classes:  # planted interactions: two programs, effects that are not collinear
+        pairs = [
+            (a, b)
+            for a, b in pairs
+            if NULL_PROGRAM_LABEL not in (single_programs[a], single_programs[b])
+            and single_programs[a] != single_programs[b]
+        ]
+        if len(pairs) < config.n_doubles:
+            raise ValueError(
+                f"n_doubles={config.n_doubles} planted interactions need as many pairs of perturbations of two "
+                f"different programs; there are {len(pairs)}"
+            )
     chosen = rng.choice(len(pairs), size=config.n_doubles, replace=False)
-    double_names, double_programs, double_effects = [], [], []
-    for idx in sorted(int(i) for i in chosen):
+    double_names, double_programs, double_effects, double_classes = [], [], [], []
+    for order, idx in enumerate(sorted(int(i) for i in chosen)):
         a, b = pairs[idx]
         effect = single_effects[a] + single_effects[b]
         touched = (single_effects[a] != 0) | (single_effects[b] != 0)
         interaction = rng.normal(0.0, 1.0, n_genes) * config.interaction_scale
         effect = effect + np.where(touched, interaction, 0.0)
+        kind = ""
+        if config.interaction_classes:
+            kind = INTERACTION_CLASSES[order % len(INTERACTION_CLASSES)]
+            if kind == "synergy":
+                effect = config.synergy_factor * (single_effects[a] + single_effects[b])
+            elif kind == "buffering":
+                effect = config.buffering_factor * (single_effects[a] + single_effects[b])
+            elif kind == "epistasis":
+                effect = single_effects[a] + config.epistasis_factor * single_effects[b]
+            elif kind == "neomorphic":  # a program neither single moves
+                others = [
+                    k
+                    for k in range(config.n_programs)
+                    if program_names[k] not in (single_programs[a], single_programs[b])
+                ]
+                extra = program_effect[others[order % len(others)]] if others else 0.0
+                effect = single_effects[a] + single_effects[b] + extra
+            else:
+                effect = single_effects[a] + single_effects[b]
         double_names.append(f"{single_names[a]}{DOUBLE_SEPARATOR}{single_names[b]}")
         pa, pb = single_programs[a], single_programs[b]
         double_programs.append(pa if pa == pb else f"{pa}{DOUBLE_SEPARATOR}{pb}")
         double_effects.append(effect)
+        double_classes.append(kind)
 
     effects = np.vstack([single_effects, *double_effects]) if double_effects else single_effects
     structured = np.flatnonzero(labels != NULL_PROGRAM_LABEL)
@@ -520,6 +631,7 @@ def _design(config: SimulationConfig, rng: np.random.Generator) -> _Design:
         strengths=np.r_[single_strengths, np.full(len(double_names), np.nan)],
         n_genes_perturbed=np.r_[np.ones(n_singles, int), np.full(len(double_names), 2)],
         effects=effects,
+        interactions=[""] * n_singles + double_classes,
     )
 
 
@@ -674,8 +786,12 @@ def _count_chunk(
     seed_seq: np.random.SeedSequence,
     work: _Workspace,
     batch_log2fc: np.ndarray | None = None,
+    knockdown: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Counts of cells ``start:stop``: CSR pieces ``(data, indices, row_nnz)`` and row totals."""
+    """Counts of cells ``start:stop``: CSR pieces ``(data, indices, row_nnz)`` and row totals.
+
+    ``knockdown``: ``(columns, log2 shifts)``, each ``(n_cells, 2)``: the target genes of each cell's guides
+    (-1: none) and the log2 change of their expression."""
     rng = np.random.default_rng(seed_seq)
     rows = slice(start, stop)
     n_rows, n_genes = stop - start, config.n_genes
@@ -691,6 +807,11 @@ def _count_chunk(
     mu[:, design.structured] *= np.exp2(lfc)
     if batch_log2fc is not None:  # (cells in the chunk, genes): every gene shifts by batch
         mu *= np.exp2(batch_log2fc[rows])
+    if knockdown is not None:
+        columns, shifts = knockdown[0][rows], knockdown[1][rows]
+        for k in range(columns.shape[1]):
+            hit = np.flatnonzero(columns[:, k] >= 0)
+            mu[hit, columns[hit, k]] *= np.exp2(shifts[hit, k])
     counts = _sample_negative_binomial(mu.ravel(), config.dispersion, rng, work)
     nz = np.flatnonzero(counts)
     data = counts[nz].astype(np.float32)
@@ -699,6 +820,185 @@ def _count_chunk(
     row_nnz = np.count_nonzero(by_row, axis=1)
     row_total = by_row.sum(axis=1, dtype=np.int64)
     return data, indices, row_nnz, row_total
+
+
+NON_TARGETING = "non-targeting"
+"""Target of the simulated control guides."""
+
+
+@dataclass
+class _Guides:
+    """The guides of a screen, which cells carry which, and the guide UMI counts."""
+
+    names: list[str]
+    targets: list[str]
+    knockdown_fraction: np.ndarray  # per guide: share of its target's expression removed (0: failed / control)
+    failed: np.ndarray  # per guide
+    capture: np.ndarray  # per guide capture efficiency
+    cell_guides: list[np.ndarray]  # per cell: guide indices (design guides, then a multiplet's extra)
+    multiplet: np.ndarray  # per cell
+    counts: sp.csr_matrix  # cells x guides UMIs
+    knockdown: tuple[np.ndarray, np.ndarray]  # (n_cells, 2) target columns and log2 shifts
+
+    def annotate(self, adata: ad.AnnData) -> None:
+        names = np.asarray(self.names, dtype=object)
+        adata.obsm["guide_counts"] = self.counts
+        adata.uns["guides"] = {"guide": list(self.names), "target": list(self.targets)}
+        adata.obs["true_guides"] = [";".join(sorted(names[g])) for g in self.cell_guides]
+        adata.obs["true_multiplet"] = self.multiplet
+        adata.uns["guide_truth"] = pd.DataFrame(
+            {
+                "target": self.targets,
+                "knockdown_fraction": self.knockdown_fraction,
+                "failed": self.failed,
+                "capture_efficiency": self.capture,
+            },
+            index=pd.Index(self.names, name="guide"),
+        )
+
+
+def _draw_guides(config: SimulationConfig, design: _Design, cells: _Cells, rng: np.random.Generator) -> _Guides:
+    """Guides per perturbed gene (each gene also put in the panel), their efficiencies, each cell's guides and
+    UMI counts; cells whose guides failed stop responding."""
+    n_singles = config.n_single_perturbations
+    singles = design.perturbations[:n_singles]
+    # every perturbed gene is measured: a moderately to highly expressed gene outside every program takes its name
+    structured = set(design.structured.tolist())
+    house = set(np.argsort(design.rel_abundance)[::-1][: config.n_housekeeping_genes].tolist())
+    free = np.array([j for j in np.argsort(design.rel_abundance)[::-1] if j not in structured and j not in house])
+    if free.size < n_singles:
+        raise ValueError(f"n_genes={config.n_genes} leaves {free.size} genes for the {n_singles} perturbed genes")
+    pool = free[: max(n_singles, free.size // 8)]  # targets worth a knockdown check: well expressed
+    target_col = rng.choice(pool, size=n_singles, replace=False)
+    for label, col in zip(singles, target_col, strict=True):
+        design.var_names[col] = label
+        design.gene_label[col] = "perturbed_gene"
+    per = config.guides_per_target
+    names = [f"{label}-{i + 1}" for label in singles for i in range(per)]
+    names += [f"NTC-{i + 1}" for i in range(config.n_control_guides)]
+    targets = [label for label in singles for _ in range(per)] + [NON_TARGETING] * config.n_control_guides
+    n_target_guides = n_singles * per
+    failed = np.r_[rng.random(n_target_guides) < config.failed_guide_fraction, np.zeros(config.n_control_guides, bool)]
+    fraction = np.r_[
+        rng.uniform(config.knockdown_min, config.knockdown_max, n_target_guides), np.zeros(config.n_control_guides)
+    ]
+    fraction[failed] = 0.0
+    capture = np.exp(rng.normal(0.0, config.guide_capture_sigma, len(names)))
+    index = {label: i for i, label in enumerate(singles)}
+    components = [[index[g] for g in label.split(DOUBLE_SEPARATOR)] for label in design.perturbations]
+    n = config.n_cells
+    cell_guides: list[np.ndarray] = []
+    columns = np.full((n, 2), -1, dtype=np.int64)
+    shifts = np.zeros((n, 2))
+    works = np.ones(n, dtype=bool)
+    pick = rng.integers(0, max(per, config.n_control_guides), size=(n, 2))
+    for c in range(n):
+        code = int(cells.code[c])
+        ntc = [n_target_guides + int(pick[c, k] % config.n_control_guides) for k in range(2)]
+        if code == 0:
+            chosen = sorted(set(ntc)) if config.guides_per_cell == 2 else ntc[:1]
+        else:
+            chosen = [single * per + int(pick[c, k] % per) for k, single in enumerate(components[code - 1])]
+            works[c] = not failed[chosen].any()
+            for k, g in enumerate(chosen):
+                columns[c, k] = target_col[g // per]
+                shifts[c, k] = np.log2(1.0 - fraction[g])
+            if config.guides_per_cell == 2 and len(chosen) == 1:
+                chosen.append(ntc[0])
+        cell_guides.append(np.asarray(chosen, dtype=np.int64))
+    # the cells a working guide reached (escapers, a share 1 - penetrance, keep their target); for a perturbation
+    # with no downstream effect the knockdown still happens
+    has_effect = np.r_[False, np.any(design.effects != 0, axis=1)][cells.code]
+    reached = np.where(has_effect, cells.responded, rng.random(n) < config.penetrance) & works & (cells.code > 0)
+    cells.responded &= works  # a failed guide has no effect: its cells look like controls
+    shifts *= reached[:, None]
+    multiplet = rng.random(n) < config.multiplet_rate
+    for c in np.flatnonzero(multiplet):
+        others = np.setdiff1d(np.arange(len(names)), cell_guides[c])
+        cell_guides[c] = np.r_[cell_guides[c], rng.choice(others)]
+    # UMIs of the guides a cell carries: capture x the cell's depth, a few cells barely captured
+    depth = np.exp(rng.normal(0.0, config.guide_depth_sigma, n))
+    rows = np.repeat(np.arange(n), [g.size for g in cell_guides])
+    cols = np.concatenate(cell_guides)
+    mean = config.guide_umis * capture[cols] * depth[rows]
+    mean *= np.where(rng.random(rows.size) < config.capture_failure_rate, 0.03, 1.0)
+    if config.guide_dispersion > 0:
+        mean = rng.gamma(1.0 / config.guide_dispersion, mean * config.guide_dispersion)
+    umis = rng.poisson(mean)
+    # ambient guide UMIs, spread by each guide's abundance in the pool
+    abundance = np.bincount(cols, minlength=len(names)) * capture
+    ambient = rng.poisson(config.ambient_guide_umis * depth)
+    amb_rows = np.repeat(np.arange(n), ambient)
+    amb_cols = rng.choice(len(names), size=amb_rows.size, p=abundance / abundance.sum())
+    counts = sp.csr_matrix(
+        (np.r_[umis, np.ones(amb_rows.size)].astype(np.float32), (np.r_[rows, amb_rows], np.r_[cols, amb_cols])),
+        shape=(n, len(names)),
+    )
+    counts.sum_duplicates()
+    counts.eliminate_zeros()
+    return _Guides(names, targets, fraction, failed, capture, cell_guides, multiplet, counts, (columns, shifts))
+
+
+def write_cellranger_h5(adata: ad.AnnData, path: str | Path, feature_reference: str | Path | None = None) -> Path:
+    """Write a simulated screen with guides as Cell Ranger's ``filtered_feature_bc_matrix.h5``: gene features
+    (``Gene Expression``) then guide features (``CRISPR Guide Capture``, with ``target_gene_name``), raw
+    counts only, as ``scanpy.read_10x_h5(path, gex_only=False)`` reads it; optionally the
+    ``feature_reference.csv`` (``id,name,read,pattern,sequence,feature_type,target_gene_id,target_gene_name``)."""
+    import h5py
+
+    if "guide_counts" not in adata.obsm:
+        raise ValueError("the screen has no guide counts: simulate it with guides_per_target >= 1")
+    guide_names = list(adata.uns["guides"]["guide"])
+    guide_targets = list(adata.uns["guides"]["target"])
+    matrix = sp.hstack([sp.csr_matrix(adata.X), sp.csr_matrix(adata.obsm["guide_counts"])], format="csr")
+    genes = [str(g) for g in adata.var_names]
+    ids = [f"ENSG{j:011d}" for j in range(len(genes))] + guide_names
+    names = genes + guide_names
+    types = ["Gene Expression"] * len(genes) + ["CRISPR Guide Capture"] * len(guide_names)
+    target_names = [""] * len(genes) + guide_targets
+    target_ids = [""] * len(genes) + [
+        "Non-Targeting" if t == NON_TARGETING else ids[genes.index(t)] if t in genes else "" for t in guide_targets
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def strings(values: Sequence[str]) -> np.ndarray:
+        return np.array([v.encode() for v in values], dtype=f"S{max(1, max(len(v) for v in values))}")
+
+    with h5py.File(path, "w") as f:
+        group = f.create_group("matrix")
+        wells = (  # Cell Ranger aggr numbers the GEM wells (here: the batches) in the barcode's suffix
+            pd.Categorical(adata.obs["batch"]).codes + 1 if "batch" in adata.obs else np.ones(adata.n_obs, dtype=int)
+        )
+        group.create_dataset(
+            "barcodes", data=strings([f"{b}-{w}" for b, w in zip(adata.obs_names, wells, strict=True)])
+        )
+        group.create_dataset("data", data=matrix.data.astype(np.int32), compression="gzip")
+        group.create_dataset("indices", data=matrix.indices.astype(np.int64), compression="gzip")
+        group.create_dataset("indptr", data=matrix.indptr.astype(np.int64))
+        group.create_dataset("shape", data=np.array([matrix.shape[1], matrix.shape[0]], dtype=np.int32))
+        features = group.create_group("features")
+        features.create_dataset("id", data=strings(ids))
+        features.create_dataset("name", data=strings(names))
+        features.create_dataset("feature_type", data=strings(types))
+        features.create_dataset("genome", data=strings(["GRCh38"] * len(names)))
+        features.create_dataset("target_gene_name", data=strings(target_names))
+        features.create_dataset("target_gene_id", data=strings(target_ids))
+        features.create_dataset("_all_tag_keys", data=strings(["genome", "target_gene_name", "target_gene_id"]))
+    if feature_reference is not None:
+        pd.DataFrame(
+            {
+                "id": guide_names,
+                "name": guide_names,
+                "read": "R2",
+                "pattern": "(BC)",
+                "sequence": ["".join("ACGT"[(i * 7 + k) % 4] for k in range(20)) for i in range(len(guide_names))],
+                "feature_type": "CRISPR Guide Capture",
+                "target_gene_id": target_ids[len(genes) :],
+                "target_gene_name": guide_targets,
+            }
+        ).to_csv(feature_reference, index=False)
+    return path
 
 
 def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) -> ad.AnnData:
@@ -734,6 +1034,10 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
     design = _design(config, np.random.default_rng(design_seq))
     cells = _draw_cells(config, design, np.random.default_rng(cells_seq))
     batch, batch_shift = _draw_batches(config)
+    guides = None
+    if config.guides_per_target:
+        (guide_seq,) = root.spawn(1)
+        guides = _draw_guides(config, design, cells, np.random.default_rng(guide_seq))
 
     # The chunking depends on the config only, so each chunk's random stream does too.
     chunk = max(1, _CHUNK_ENTRIES // config.n_genes)
@@ -749,6 +1053,7 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
             seq,
             work,
             None if batch_shift is None else _BatchRows(batch, batch_shift),
+            None if guides is None else guides.knockdown,
         )
         for start, seq in zip(starts, counts_seq.spawn(len(starts)), strict=True)
     ]
@@ -800,6 +1105,7 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
             "strength": design.strengths,
             "has_effect": np.any(design.effects != 0, axis=1),
             "n_cells": n_cells_per.astype(np.int64),
+            "interaction": design.interactions or [""] * len(design.perturbations),
         },
         index=pd.Index(design.perturbations, name=PERTURBATION),
     )
@@ -807,6 +1113,8 @@ def simulate_screen(config: SimulationConfig | None = None, **overrides: Any) ->
     adata.varm["true_log2fc"] = pd.DataFrame(design.effects.T, index=adata.var_names, columns=design.perturbations)
     adata.uns["simulation"] = config.to_dict()
     adata.uns["perturbation_truth"] = truth
+    if guides is not None:
+        guides.annotate(adata)
     return adata
 
 

@@ -7,6 +7,7 @@ bad screen fails with the same message either way.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -183,7 +184,11 @@ def validate_screen(adata: ad.AnnData | BlockScreen, schema_params: dict[str, An
     check_counts_in_blocks(raw, where)
     obs = adata.obs.copy()
     obs[PERTURBATION] = pd.Categorical(np.where(is_control, CONTROL, labels))
-    out = BlockScreen(raw._source, obs, adata.var.copy(), chunk_size=raw.chunk_size)
+    # the guides of a screen that came with guide counts stay with the cells (each cell's guide UMIs)
+    uns = {"guides": copy.deepcopy(dict(adata.uns["guides"]))} if "guides" in adata.uns else {}
+    obsm = {"guide_counts": adata.obsm["guide_counts"]} if "guide_counts" in adata.obsm else {}
+    # the raw counts' own cells and genes (a screen subset upstream, e.g. by guide calling, keeps its rows)
+    out = raw._evolve(obs=obs, var=adata.var.copy(), uns=uns, obsm=obsm, varm={})
     out.uns["perturbscope"] = {
         "screen": screen,
         "schema": {k: v for k, v in schema_params.items() if v is not None},

@@ -6,9 +6,10 @@ moved into place only once complete, so a crash never leaves a half-written outp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -47,6 +48,19 @@ def write_via_local_file(protocol: str, fs, target: str, suffix: str, write: Cal
         local = str(Path(tmpdir) / f"payload{suffix}")
         write(local)
         fs.put(local, target)
+
+
+@contextlib.contextmanager
+def local_copy(fs, protocol: str, source: str) -> Iterator[str]:
+    """A local path of ``source``: itself on the local filesystem, else a downloaded temporary copy (readers
+    such as scanpy's ``read_10x_h5`` take a path, not a file object)."""
+    if protocol == "file":
+        yield str(source)
+        return
+    with tempfile.TemporaryDirectory() as tmpdir:
+        local = str(Path(tmpdir) / PurePosixPath(str(source)).name)
+        fs.get(str(source), local)
+        yield local
 
 
 class VersionedFileDataset(AbstractVersionedDataset):

@@ -12,7 +12,8 @@ from kedro.io.core import DatasetError, Version
 from kedro_datasets._typing import TablePreview
 
 from perturbscope.blocks import DEFAULT_CHUNK_SIZE, BlockScreen, stored_matrix_bytes
-from perturbscope.datasets._io import VersionedFileDataset, write_via_local_file
+from perturbscope.datasets._io import VersionedFileDataset, local_copy, write_via_local_file
+from perturbscope.guides import GuideInputError, read_screen, with_obsm_guides
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class AnnDataDataset(VersionedFileDataset):
         Passed to :func:`anndata.read_h5ad` (for example ``backed: r``), except
         ``on_disk_above_gb``: a local file whose count matrix takes more memory than this
         (as CSR) loads as an :class:`~perturbscope.blocks.BlockScreen`, read in blocks of
-        ``chunk_size`` cells (default 20,000) by the nodes that stream; null = never.
+        ``chunk_size`` cells (default 20,000) by the nodes that stream; null = never; and
+        ``feature_reference``: the guide -> target CSV of a screen with guide counts. A Cell Ranger
+        ``.h5`` and a MuData ``.h5mu`` load too, as one AnnData with the guide counts beside the genes
+        (:func:`perturbscope.guides.read_screen`).
     save_args
         Passed to :meth:`anndata.AnnData.write_h5ad` (default ``compression: gzip``);
         an :class:`~perturbscope.blocks.BlockScreen` is written block by block with the same
@@ -64,6 +68,7 @@ class AnnDataDataset(VersionedFileDataset):
         self._load_args = dict(load_args or {})
         self._on_disk_above_gb = self._load_args.pop("on_disk_above_gb", None)
         self._chunk_size = int(self._load_args.pop("chunk_size", DEFAULT_CHUNK_SIZE))
+        self._feature_reference = self._load_args.pop("feature_reference", None)
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
         self._init_file(filepath, version, credentials, fs_args, metadata)
 
@@ -85,6 +90,8 @@ class AnnDataDataset(VersionedFileDataset):
         to be read in blocks, else None."""
         if self._on_disk_above_gb is None or self._protocol != "file" or self._load_args.get("backed"):
             return None
+        if not str(load_path).lower().endswith(".h5ad"):
+            return None  # Cell Ranger .h5 and MuData .h5mu are read whole
         size = max(stored_matrix_bytes(load_path, key) for key in ("layers/counts", "X"))
         return size if size > float(self._on_disk_above_gb) * 1e9 else None
 
@@ -123,10 +130,18 @@ class AnnDataDataset(VersionedFileDataset):
                     f"{self._chunk_size:,}",
                 )
                 return screen
+            suffix = str(load_path).lower().rsplit(".", 1)[-1]
+            if suffix in ("h5", "h5mu"):
+                with local_copy(self._fs, self._protocol, load_path) as local:
+                    return read_screen(local, self._feature_reference)
             if self._protocol == "file" or self._load_args.get("backed"):
-                return ad.read_h5ad(load_path, **self._load_args)
-            with self._fs.open(load_path, mode="rb") as handle:
-                return ad.read_h5ad(handle, **self._load_args)
+                adata = ad.read_h5ad(load_path, **self._load_args)
+            else:
+                with self._fs.open(load_path, mode="rb") as handle:
+                    adata = ad.read_h5ad(handle, **self._load_args)
+            return with_obsm_guides(adata, self._feature_reference)
+        except GuideInputError as err:
+            raise DatasetError(f"'{load_path}': {err}") from err
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise DatasetError(
                 f"'{load_path}' is not a readable .h5ad file ({type(err).__name__}: {err}). "

@@ -478,7 +478,14 @@ def _retrain_screen(
         return info
     # 2. check the file before anything runs
     try:
-        checked = check_screen_file(info.file, project.params["schema"], screen, n_cells=config.preflight_cells)
+        entry = (project.loader["globals"].get("screens") or {}).get(screen) or {}
+        checked = check_screen_file(
+            info.file,
+            project.params["schema"],
+            screen,
+            n_cells=config.preflight_cells,
+            feature_reference=entry.get("feature_reference"),
+        )
     except Exception as err:
         clear = isinstance(err, (ScreenFileError, ScreenValidationError))
         info.status, info.detail = "invalid", str(err) if clear else _short(err)

@@ -43,7 +43,7 @@ __all__ = [
     "validate_registry",
 ]
 
-ENTRY_KEYS = frozenset({"description", "file", "schema", "retrain"})
+ENTRY_KEYS = frozenset({"description", "file", "feature_reference", "guides_per_cell", "schema", "retrain"})
 """The keys a registry entry may have."""
 
 SCHEMA_KEYS = frozenset(f for f in ScreenSchema.__dataclass_fields__ if f != "extra")
@@ -191,8 +191,35 @@ def _proxy(handle: h5py.File, schema: ScreenSchema, n_cells: int | None) -> tupl
     return proxy, n_read
 
 
+def _check_guide_file(
+    path: str, fs: Any, fs_path: str, schema_params: Mapping[str, Any], screen: str, feature_reference: str | None
+) -> dict:
+    """A Cell Ranger .h5 / MuData .h5mu: readable whole, with guide counts and targets that fit the schema."""
+    from perturbscope.datasets._io import local_copy
+    from perturbscope.guides import GuideInputError, check_guides, guide_table, read_screen
+
+    schema = ScreenSchema.from_params(schema_params)
+    protocol = "file" if getattr(fs, "protocol", "file") in ("file", ("file", "local")) else "remote"
+    try:
+        with local_copy(fs, protocol, fs_path) as local:
+            adata = read_screen(local, feature_reference)
+        check_guides(guide_table(adata), schema.control_labels)
+    except GuideInputError as err:
+        raise ScreenFileError(f"'{path}': {err}") from err
+    except (OSError, KeyError, ValueError) as err:
+        hint = "It looks half-copied: wait for the copy to finish." if "truncated" in str(err).lower() else ""
+        raise ScreenFileError(f"'{path}' is not a readable screen file ({type(err).__name__}: {err}). {hint}") from err
+    logger.info("Screen %s: %s passed the checks (%d cells x %d genes, guide counts).", screen, path, *adata.shape)
+    return {"n_obs": adata.n_obs, "n_vars": adata.n_vars, "cells_checked": adata.n_obs}
+
+
 def check_screen_file(
-    path: str, schema_params: Mapping[str, Any], screen: str, *, n_cells: int | None = 2000
+    path: str,
+    schema_params: Mapping[str, Any],
+    screen: str,
+    *,
+    n_cells: int | None = 2000,
+    feature_reference: str | None = None,
 ) -> dict[str, Any]:
     """Check a screen file before a Kedro session is started on it; write nothing.
 
@@ -227,6 +254,8 @@ def check_screen_file(
         raise ScreenFileError(
             f"'{path}' is empty (0 bytes): the copy or download that made it wrote nothing. Copy the .h5ad again."
         )
+    if str(fs_path).lower().endswith((".h5", ".h5mu")):  # guide counts: the labels come from guide calling
+        return _check_guide_file(path, fs, fs_path, schema_params, screen, feature_reference)
     try:
         with fs.open(fs_path, "rb") as raw, h5py.File(raw, "r") as handle:
             proxy, n_read = _proxy(handle, schema, n_cells)

@@ -32,7 +32,7 @@ def test_every_section_reports_a_distinct_pipeline_and_figures() -> None:
 def test_data_processing_section_shows_the_screen(processed_sim) -> None:
     processed, summary, qc = processed_sim
     schema = {"program_key": "program"}
-    result = dp_section.report_data_processing(processed, summary, qc, PARAMS, schema, "sim")
+    result = dp_section.report_data_processing(processed, summary, qc, pd.DataFrame(), PARAMS, schema, "sim")
     section: ReportSection = result["section"]
     assert section.name == "data_processing"
     assert section.figure_keys == list(dp_section.FIGURES)
@@ -297,6 +297,8 @@ def test_data_processing_section_of_a_plain_count_matrix() -> None:
         seed=0,
     ).to_memory()
     summary, qc_summary = dp.summarise_screen(dp.count_cells_per_perturbation(validated), processed, qc_table)
-    section = dp_section.report_data_processing(processed, summary, qc_summary, PARAMS, schema, "plain")["section"]
+    section = dp_section.report_data_processing(
+        processed, summary, qc_summary, pd.DataFrame(), PARAMS, schema, "plain"
+    )["section"]
     assert section.facts["perturbations"] == "0" and section.facts["control cells"] == "0"
     assert section.facts["cells after QC"] == f"{processed.n_obs:,}"

@@ -29,7 +29,15 @@ from perturbscope.models.training import TrainConfig
 from perturbscope.schema import CONTROL, IS_CONTROL, PERTURBATION, SPLIT, UNPERTURBED, VALIDATION
 
 from .base import ModelAPI, training_summary
-from .inputs import BATCH_OBS_KEY, ModelInputError, readable, screen_metadata, training_batches, training_cells
+from .inputs import (
+    BATCH_OBS_KEY,
+    ModelInputError,
+    annotated_copy,
+    readable,
+    screen_metadata,
+    training_batches,
+    training_cells,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +252,7 @@ class ContrastiveVI(ModelAPI):
         adata = readable(adata)
         data = self.cell_data(adata, counts_layer, fill_missing)
         background, salient = self.module.embed(data, batch_size=batch_size)
-        out = adata.copy()
+        out = annotated_copy(adata)
         out.obsm[BACKGROUND_KEY] = background
         out.obsm[SALIENT_KEY] = salient
         if umap:

@@ -7,6 +7,7 @@ the genes) and the fix.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -50,6 +51,25 @@ def readable(screen: ad.AnnData | BlockScreen) -> ad.AnnData | BlockScreen:
     if isinstance(screen, BlockScreen) and not screen.on_disk:
         return screen.to_memory()
     return screen
+
+
+def annotated_copy(screen: ad.AnnData | BlockScreen) -> ad.AnnData | BlockScreen:
+    """A new screen for results to be added to: copies of the annotations (obs, var, uns and the obsm /
+    varm / obsp mappings) around the *same* count matrices (X and layers are not copied: nothing that adds
+    an embedding writes to them), so embedding a large screen does not hold its counts twice."""
+    if isinstance(screen, BlockScreen) or screen.is_view:
+        return screen.copy()
+    return ad.AnnData(
+        X=screen.X,
+        obs=screen.obs.copy(),
+        var=screen.var.copy(),
+        uns=copy.deepcopy(dict(screen.uns)),
+        obsm=dict(screen.obsm),
+        varm=dict(screen.varm),
+        obsp=dict(screen.obsp),
+        varp=dict(screen.varp),
+        layers=dict(screen.layers),
+    )
 
 
 def raw_counts(adata: ad.AnnData, counts_layer: str | None = None, hint: str = "") -> sp.csr_matrix:

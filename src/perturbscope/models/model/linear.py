@@ -26,7 +26,15 @@ from perturbscope.models.training import TrainConfig
 from perturbscope.schema import SPLIT, VALIDATION
 
 from .base import ModelAPI, training_summary
-from .inputs import BATCH_OBS_KEY, ModelInputError, raw_counts, readable, screen_metadata, training_batches
+from .inputs import (
+    BATCH_OBS_KEY,
+    ModelInputError,
+    annotated_copy,
+    raw_counts,
+    readable,
+    screen_metadata,
+    training_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +182,7 @@ class LDVAE(ModelAPI):
         model = self.module
         adata = readable(adata)
         data = self.cell_data(adata)
-        out = adata.copy()
+        out = annotated_copy(adata)
         out.obsm[LATENT_KEY] = model.embed(data, batch_size=int(batch_size))
         genes = (model.metadata or {}).get("genes")
         loadings = model.loadings(genes)

@@ -18,6 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from perturbscope import guides
 from perturbscope.blocks import BlockScreen, as_block_screen
 from perturbscope.parameters import options
 from perturbscope.schema import (
@@ -35,11 +36,12 @@ from perturbscope.schema import (
 )
 from perturbscope.validation import validate_screen as _validate
 
-from . import blockwise, qc
+from . import blockwise, guide_calling, qc
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "call_guides",
     "count_cells_per_perturbation",
     "label_cells",
     "normalise",
@@ -52,6 +54,19 @@ __all__ = [
 ]
 
 SECTION = "data_processing"
+
+
+def call_guides(
+    screen: ad.AnnData | BlockScreen, params: dict[str, Any], schema_params: dict[str, Any]
+) -> tuple[BlockScreen, pd.DataFrame, pd.DataFrame]:
+    """Which guides each cell carries, from its guide UMI counts, and its label; a screen whose cells already
+    carry labels passes unchanged (:func:`.guide_calling.call_guides`)."""
+    schema = ScreenSchema.from_params(schema_params)
+    settings = options(guide_calling.call_guides, params, f"{SECTION}.guides", exclude={"screen", "schema"})
+    try:
+        return guide_calling.call_guides(as_block_screen(screen), schema, **settings)
+    except guides.GuideInputError as err:
+        raise ScreenValidationError(str(err)) from None
 
 
 def validate_screen(adata: ad.AnnData | BlockScreen, schema_params: dict[str, Any], screen: str) -> BlockScreen:
@@ -138,7 +153,14 @@ def score_cell_cycle(screen: ad.AnnData | BlockScreen, params: dict[str, Any], s
 
 
 # ----------------------------------------------------------------------------- HVGs
-def _hvg(screen: BlockScreen, batch_key: str | None, n_top_genes: int = 2000, span: float = 0.3) -> BlockScreen:
+def _hvg(
+    screen: BlockScreen,
+    batch_key: str | None,
+    n_top_genes: int = 2000,
+    span: float = 0.3,
+    keep_perturbed_genes: bool = True,
+    separator: str = "+",
+) -> BlockScreen:
     out = screen.copy()
     if out.n_vars <= n_top_genes:
         logger.info("The screen has %d genes (<= n_top_genes=%d): keeping all.", out.n_vars, n_top_genes)
@@ -149,19 +171,31 @@ def _hvg(screen: BlockScreen, batch_key: str | None, n_top_genes: int = 2000, sp
     for column, values in table.items():
         out.var[column] = values.to_numpy()
     out.uns["hvg"] = {"flavor": "seurat_v3"}
-    return out.subset(genes=out.var["highly_variable"].to_numpy())
+    keep = out.var["highly_variable"].to_numpy().copy()
+    if keep_perturbed_genes and PERTURBATION in out.obs:
+        perturbed = {
+            gene for label in out.obs[PERTURBATION].astype(str).unique() for gene in label.split(separator) if gene
+        }
+        extra = np.isin(out.var_names.astype(str), sorted(perturbed)) & ~keep
+        if extra.any():
+            logger.info("%d perturbed gene(s) kept beside the highly variable genes.", int(extra.sum()))
+        out.var["perturbed_gene"] = np.isin(out.var_names.astype(str), sorted(perturbed))
+        keep |= extra
+    return out.subset(genes=keep)
 
 
 def select_highly_variable_genes(
-    screen: ad.AnnData | BlockScreen, params: dict[str, Any], batch_key: str | None = None
+    screen: ad.AnnData | BlockScreen, params: dict[str, Any], batch_key: str | None = None, separator: str = "+"
 ) -> BlockScreen:
     """seurat_v3 highly variable genes on the raw counts (per batch with ``batch_key``); subset to them.
 
-    Keeps every gene when the screen has no more than ``n_top_genes``. Two passes over the blocks give
-    scanpy's ranking (:func:`.blockwise.seurat_v3`).
+    Keeps every gene when the screen has no more than ``n_top_genes``, and with ``keep_perturbed_genes`` the
+    perturbations' own genes measured in the panel (labels split on ``separator``; ``var["perturbed_gene"]``),
+    so the knockdown check can read them. Two passes over the blocks give scanpy's ranking
+    (:func:`.blockwise.seurat_v3`).
     """
-    settings = options(_hvg, params, f"{SECTION}.hvg", exclude={"screen", "batch_key"})
-    return _hvg(as_block_screen(screen), batch_key, **settings)
+    settings = options(_hvg, params, f"{SECTION}.hvg", exclude={"screen", "batch_key", "separator"})
+    return _hvg(as_block_screen(screen), batch_key, separator=separator, **settings)
 
 
 # --------------------------------------------------------------------------- labels
@@ -208,7 +242,10 @@ def label_cells(
 
 # -------------------------------------------------------------------------- summary
 def summarise_screen(
-    cells_raw: pd.DataFrame, processed: ad.AnnData | BlockScreen, qc_table: pd.DataFrame
+    cells_raw: pd.DataFrame,
+    processed: ad.AnnData | BlockScreen,
+    qc_table: pd.DataFrame,
+    guide_steps: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The screen summary: cells per perturbation before/after QC, and the QC steps.
 
@@ -218,7 +255,8 @@ def summarise_screen(
         One row per perturbation: ``cells_raw``, ``cells_kept``, ``train``, ``validation``, ``is_control``,
         ``n_perturbed_genes``, ``note``.
     qc_steps
-        The QC table (cells and genes removed by each step, what was left), with a final
+        The QC table (cells and genes removed by each step, what was left), after the guide-calling steps
+        (cells with no guide, multiplets) when the screen came with guide counts, with a final
         ``highly_variable_genes`` row.
     """
     obs = processed.obs
@@ -243,15 +281,10 @@ def summarise_screen(
     ]
     table = table.reset_index().sort_values([IS_CONTROL, "cells_kept"], ascending=[False, False]).reset_index(drop=True)
     last = qc_table.iloc[-1]
-    hvg_row = pd.DataFrame(
-        [
-            {
-                "step": "highly_variable_genes",
-                "cells_removed": 0,
-                "genes_removed": int(last["genes_left"]) - processed.n_vars,
-                "cells_left": processed.n_obs,
-                "genes_left": processed.n_vars,
-            }
-        ]
-    )
-    return table, pd.concat([qc_table, hvg_row], ignore_index=True)
+    hvg = {"step": "highly_variable_genes", "cells_removed": 0, "cells_left": processed.n_obs}
+    hvg_row = pd.DataFrame([{**hvg, "genes_removed": int(last["genes_left"]) - processed.n_vars,
+                             "genes_left": processed.n_vars}])  # fmt: skip
+    parts = [qc_table, hvg_row]
+    if guide_steps is not None and len(guide_steps):
+        parts.insert(0, guide_steps.reindex(columns=qc_table.columns))
+    return table, pd.concat(parts, ignore_index=True)

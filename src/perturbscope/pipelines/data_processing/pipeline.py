@@ -14,8 +14,15 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                nodes.call_guides,
+                inputs=["raw_screen", "params:data_processing.guides", "params:schema"],
+                outputs=["guided_screen", "guide_calls", "guide_steps"],
+                name="call_guides",
+                tags=STREAMS,
+            ),
+            Node(
                 nodes.validate_screen,
-                inputs=["raw_screen", "params:schema", "params:screen"],
+                inputs=["guided_screen", "params:schema", "params:screen"],
                 outputs="validated_screen",
                 name="validate_screen",
                 tags=STREAMS,
@@ -50,7 +57,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.select_highly_variable_genes,
-                inputs=["phased_screen", "params:data_processing.hvg", "params:schema.batch_key"],
+                inputs=[
+                    "phased_screen",
+                    "params:data_processing.hvg",
+                    "params:schema.batch_key",
+                    "params:schema.double_separator",
+                ],
                 outputs="hvg_screen",
                 name="select_highly_variable_genes",
                 tags=STREAMS,
@@ -64,7 +76,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.summarise_screen,
-                inputs=["cells_per_perturbation_raw", "processed_screen", "qc_steps"],
+                inputs=["cells_per_perturbation_raw", "processed_screen", "qc_steps", "guide_steps"],
                 outputs=["screen_summary", "qc_summary"],
                 name="summarise_screen",
                 tags=STREAMS,

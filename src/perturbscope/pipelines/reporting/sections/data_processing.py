@@ -215,15 +215,32 @@ def screen_facts(adata: ad.AnnData, summary: pd.DataFrame, screen: str, program_
     return facts
 
 
+def guide_facts(guide_calls: pd.DataFrame, qc_summary: pd.DataFrame) -> dict[str, Any]:
+    """What guide calling did, for a screen that came with guide counts (nothing otherwise)."""
+    if guide_calls is None or guide_calls.empty:
+        return {}
+    steps = qc_summary[qc_summary["step"].astype(str).str.startswith("guides")]
+    removed = {str(r.step): int(r.cells_removed) for r in steps.itertuples(index=False)}
+    facts = {
+        "guides": f"{len(guide_calls)} targeting {guide_calls['target'].nunique()} genes (controls included)",
+        "guide calling": "per-guide mixture: Poisson background, log-normal signal (perturbscope.guides)",
+    }
+    for step, n in removed.items():
+        facts[step.replace("guides: ", "cells dropped: ")] = f"{n:,}"
+    return facts
+
+
 def report_data_processing(
     processed: ad.AnnData,
     screen_summary: pd.DataFrame,
     qc_summary: pd.DataFrame,
+    guide_calls: pd.DataFrame,
     params: dict[str, Any],
     schema: dict[str, Any],
     screen: str,
 ) -> dict[str, Any]:
-    """The data_processing section: screen summary, QC table, cells per perturbation, phases."""
+    """The data_processing section: guide calling (screens with guide counts), screen summary, QC table,
+    cells per perturbation, phases."""
     dpi = int(params["figure_dpi"])
     max_shown = int(params["data_processing"]["max_perturbations_shown"])
     figures = {
@@ -243,6 +260,19 @@ def report_data_processing(
             "Before QC (cells_raw), after QC (cells_kept) and per split.",
         ),
     ]
+    if guide_calls is not None and not guide_calls.empty:
+        tables.insert(
+            0,
+            ReportTable(
+                "guide_calls",
+                "Guide calling",
+                guide_calls.round(3),
+                "Per guide: its target, the cells it was called in and the cells labelled by it alone (others "
+                "held it with another guide), and its mixture: the background's mean UMIs per cell and the "
+                "signal's median UMIs. Cells with no guide above the background and multiplets are dropped "
+                "(the first rows of the QC table).",
+            ),
+        )
     section = make_section(
         PIPELINE,
         "Screen and data processing",
@@ -250,7 +280,10 @@ def report_data_processing(
             "The screen after validation, quality control, normalisation (raw counts kept in "
             "layers['counts'], log-normalised X), highly variable genes and cell-cycle scoring."
         ),
-        facts=screen_facts(processed, screen_summary, screen, ScreenSchema.from_params(schema).program_key),
+        facts={
+            **guide_facts(guide_calls, qc_summary),
+            **screen_facts(processed, screen_summary, screen, ScreenSchema.from_params(schema).program_key),
+        },
         tables=tables,
         figures=figures,
     )
@@ -266,6 +299,7 @@ def create_pipeline() -> Pipeline:
                     "processed_screen",
                     "screen_summary",
                     "qc_summary",
+                    "guide_calls",
                     "params:reporting",
                     "params:schema",
                     "params:screen",
