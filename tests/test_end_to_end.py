@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from perturbscope.simulation import simulate_screen, write_cellranger_h5
 from tests.conftest import PROJECT, latest_version
@@ -184,15 +185,22 @@ def test_cell_ranger_screen_with_doubles_and_batches(tmp_path: Path) -> None:
     qc = pd.read_csv(latest_version(reporting / "qc_summary.csv"))
     assert qc["step"].str.startswith("guides").sum() == 2
     processed = ad.read_h5ad(out["processed"], backed="r")
-    right = processed.obs["guide_identity"] == truth.obs.loc[processed.obs_names, "true_guides"]
-    assert right.mean() >= 0.97
+    cells = processed.obs_names.str.rsplit("-", n=1).str[0]  # barcodes carry their GEM well: "<cell>-<well>"
+    assert (processed.obs["gem_group"].astype(str) == processed.obs_names.str.rsplit("-", n=1).str[1]).all()
+    # two guides per cell, each lost in 3 % of the cells (capture failures): about 6 % of the cells cannot have
+    # both called, and a double that lost one reads as its single
+    right = processed.obs["guide_identity"].to_numpy() == truth.obs.loc[cells, "true_guides"].to_numpy()
+    label = processed.obs["perturbation"].astype(str).to_numpy() == truth.obs.loc[cells, "perturbation"].astype(str)
+    assert right.mean() >= 0.9 and label.mean() >= 0.94, (right.mean(), label.mean())
     # the knockdown check finds the failed guides
     knockdown = pd.read_csv(latest_version(reporting / "knockdown.csv")).set_index("guide")
     guide_truth = truth.uns["guide_truth"]
     measured = knockdown[knockdown["remaining"].notna()]
-    failed = guide_truth.loc[measured.index, "failed"]
-    assert (measured.loc[failed[failed].index, "call"] == "no knockdown").mean() >= 0.8
-    assert (measured.loc[failed[~failed].index, "call"] == "knocked_down").mean() >= 0.9
+    failed = guide_truth.loc[measured.index, "failed"].astype(bool)
+    assert roc_auc_score(~failed, 1.0 - measured["remaining"]) >= 0.95  # the remaining share ranks them
+    assert not (measured.loc[failed[failed].index, "call"] == "knocked_down").any()
+    # ~180 cells per guide: a weak guide (64 % knockdown) of a target with 0.2 UMIs per cell can go unseen
+    assert (measured.loc[failed[~failed].index, "call"] == "knocked_down").mean() >= 0.75
     # the map and the interactions
     clusters = pd.read_csv(latest_version(reporting / "perturbation_clusters.csv"))
     assert {"pseudobulk", "salient", "factors"} <= set(clusters["profile"])

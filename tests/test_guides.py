@@ -179,3 +179,12 @@ def test_the_knockdown_check_finds_the_failed_guides(screen: ad.AnnData) -> None
     assert not (activation["call"] == "activated").any()
     with pytest.raises(ScreenValidationError, match="schema.modality"):
         pe.check_knockdown(processed, {}, {**SCHEMA, "modality": "CRISPRx"})
+
+
+def test_a_single_perturbation_cell_of_a_combinatorial_design_measures_its_targeting_guide() -> None:
+    """Two guides per cell: a single perturbation's cell carries its guide beside a non-targeting one; the
+    knockdown check reads that cell for its targeting guide, never one with two targeting guides or none."""
+    target_of = {"A-1": "A", "A-2": "A", "B-1": "B", "NTC-1": "non-targeting", "NTC-2": "Non-Targeting"}
+    identity = ["A-1;NTC-1", "A-2", "A-1;B-1", "NTC-1;NTC-2", "", "NTC-2;B-1"]
+    found = guides.targeting_guide(identity, target_of, ["non-targeting"])
+    assert found.tolist() == ["A-1", "A-2", "", "", "", "B-1"]

@@ -48,6 +48,7 @@ __all__ = [
     "call_guides",
     "fit_guide_mixtures",
     "has_guides",
+    "targeting_guide",
     "knockdown_table",
     "label_cells",
     "read_screen",
@@ -377,6 +378,19 @@ def label_cells(
         else:
             labels.append(separator.join(hit))
     return pd.DataFrame({"guide_identity": identity, "n_guides": n_guides.astype(np.int64), "label": labels})
+
+
+def targeting_guide(identity: Sequence[str], target_of: Mapping[str, str], control_labels: Sequence[str]) -> np.ndarray:
+    """Per cell, its one targeting guide ("" for none or several): the guides of ``identity`` (called guides
+    joined by ``;``) whose target is not a control label. In a combinatorial design a single perturbation's
+    cell carries its guide beside a non-targeting one; that cell measures the guide's knockdown all the same."""
+    controls = {c.lower() for c in control_labels}
+    targeting = {g for g, t in target_of.items() if str(t).lower() not in controls}
+    out = []
+    for cell in identity:
+        hits = [g for g in str(cell).split(";") if g in targeting]
+        out.append(hits[0] if len(hits) == 1 else "")
+    return np.asarray(out, dtype=object)
 
 
 def check_guides(guides: pd.DataFrame, control_labels: Sequence[str]) -> None:

@@ -644,6 +644,7 @@ class _Cells:
     heterogeneity: np.ndarray
     responded: np.ndarray
     size_factor: np.ndarray
+    effect: np.ndarray | None = None  # the perturbation whose effect a cell shows, where not its own (guides)
 
 
 def _draw_cells(config: SimulationConfig, design: _Design, rng: np.random.Generator) -> _Cells:
@@ -796,7 +797,7 @@ def _count_chunk(
     rows = slice(start, stop)
     n_rows, n_genes = stop - start, config.n_genes
     # Log2 fold changes only where anything can move: the structured genes.
-    lfc = design.struct_effects[cells.code[rows]]
+    lfc = design.struct_effects[(cells.code if cells.effect is None else cells.effect)[rows]]
     lfc *= cells.responded[rows, None]
     phase = cells.phase[rows]
     lfc[:, design.s_cols] += config.cell_cycle_strength * (phase == 1)[:, None]
@@ -891,6 +892,7 @@ def _draw_guides(config: SimulationConfig, design: _Design, cells: _Cells, rng: 
     columns = np.full((n, 2), -1, dtype=np.int64)
     shifts = np.zeros((n, 2))
     works = np.ones(n, dtype=bool)
+    effect = cells.code.copy()
     pick = rng.integers(0, max(per, config.n_control_guides), size=(n, 2))
     for c in range(n):
         code = int(cells.code[c])
@@ -899,7 +901,10 @@ def _draw_guides(config: SimulationConfig, design: _Design, cells: _Cells, rng: 
             chosen = sorted(set(ntc)) if config.guides_per_cell == 2 else ntc[:1]
         else:
             chosen = [single * per + int(pick[c, k] % per) for k, single in enumerate(components[code - 1])]
-            works[c] = not failed[chosen].any()
+            broken = failed[chosen]
+            works[c] = not broken.all()
+            if broken.any() and not broken.all():  # a double with one failed guide shows the other single's effect
+                effect[c] = 1 + chosen[int(np.flatnonzero(~broken)[0])] // per
             for k, g in enumerate(chosen):
                 columns[c, k] = target_col[g // per]
                 shifts[c, k] = np.log2(1.0 - fraction[g])
@@ -911,6 +916,7 @@ def _draw_guides(config: SimulationConfig, design: _Design, cells: _Cells, rng: 
     has_effect = np.r_[False, np.any(design.effects != 0, axis=1)][cells.code]
     reached = np.where(has_effect, cells.responded, rng.random(n) < config.penetrance) & works & (cells.code > 0)
     cells.responded &= works  # a failed guide has no effect: its cells look like controls
+    cells.effect = effect
     shifts *= reached[:, None]
     multiplet = rng.random(n) < config.multiplet_rate
     for c in np.flatnonzero(multiplet):

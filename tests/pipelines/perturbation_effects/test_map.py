@@ -97,3 +97,17 @@ def test_enrichment_reads_a_gmt_file(tmp_path, screen) -> None:
     best = best.loc[list(programs)]
     assert (best["gene_set"] == best.index.map(programs)).all() and (best["q_value"] < 0.01).all(), best
     assert nodes.enrich_clusters(genes, processed, {"gene_sets_path": None}).empty
+
+
+def test_a_perturbation_with_no_called_responders_keeps_its_plain_profile(screen) -> None:
+    """An undertrained model's escape mixture can call no cell perturbed: weights of 0 must not erase the
+    profiles (every perturbation would then be minus the controls' mean, all alike)."""
+    _, processed = screen
+    plain, _ = profiles.perturbation_profiles(processed, None, None, None)
+    none_called = pd.Series(0.0, index=processed.obs_names)
+    weighted, _ = profiles.perturbation_profiles(processed, None, None, none_called)
+    pd.testing.assert_frame_equal(weighted["pseudobulk"], plain["pseudobulk"])
+    # where the mixture did call responders, the weights are used: a perturbation's escapers drop out
+    half = pd.Series(np.where(np.arange(processed.n_obs) % 2 == 0, 1.0, 0.0), index=processed.obs_names)
+    halved, _ = profiles.perturbation_profiles(processed, None, None, half)
+    assert not np.allclose(halved["pseudobulk"].to_numpy(), plain["pseudobulk"].to_numpy())

@@ -86,7 +86,8 @@ def call_guides(
     ]
     if drop_without_knockdown:
         failed = guides_without_knockdown(out, kept, table, schema)
-        dropped = kept & np.isin(cells["guide_identity"].to_numpy(), failed)
+        carries = np.asarray(called[:, np.flatnonzero(table["guide"].isin(failed).to_numpy())].sum(axis=1)).ravel()
+        dropped = kept & (carries > 0)  # a cell with a guide that failed, whatever it carries beside it
         kept &= ~dropped
         steps.append({"step": f"guides without knockdown ({len(failed)})", "cells_removed": int(dropped.sum())})
     left = screen.n_obs
@@ -94,13 +95,13 @@ def call_guides(
         left -= row["cells_removed"]
         row.update(genes_removed=0, cells_left=left)
     per_guide = called.sum(axis=0).A1.astype(np.int64)
-    single = cells.loc[kept & (cells["n_guides"].to_numpy() == 1), "guide_identity"].value_counts()
+    assigned = np.asarray(called[np.flatnonzero(kept)].sum(axis=0)).ravel().astype(np.int64)
     calls = pd.DataFrame(
         {
             "guide": table["guide"],
             "target": table["target"],
             "cells_called": per_guide,
-            "cells_assigned": [int(single.get(g, 0)) for g in table["guide"]],
+            "cells_assigned": assigned,
             "background_mean_umis": [mixtures[g].background_mean for g in table["guide"]],
             "signal_median_umis": [float(np.expm1(mixtures[g].signal_mean)) for g in table["guide"]],
             "signal_log_sd": [mixtures[g].signal_sd for g in table["guide"]],
@@ -126,12 +127,14 @@ def guides_without_knockdown(
     counts = sp.vstack([chunk.counts for chunk in screen.subset(genes=genes).chunks()], format="csr")
     label = screen.obs[schema.perturbation_key or PERTURBATION].astype(str).to_numpy()
     controls = np.isin(np.char.lower(label.astype(str)), [c.lower() for c in schema.control_labels]) & kept
-    identity = np.where(kept & (screen.obs["n_guides"].to_numpy() == 1), screen.obs["guide_identity"], "")
+    target_of = dict(zip(table["guide"], table["target"], strict=True))
+    identity = guides.targeting_guide(screen.obs["guide_identity"].astype(str), target_of, schema.control_labels)
+    single = np.char.find(label.astype(str), schema.double_separator) < 0
     knockdown = guides.knockdown_table(
         screen.subset(genes=genes),
         counts,
-        np.asarray(identity, dtype=object),
-        dict(zip(table["guide"], table["target"], strict=True)),
+        np.where(kept & single, identity, ""),
+        target_of,
         controls,
         schema.modality,
     )

@@ -110,10 +110,11 @@ def _knockdown(
 ) -> pd.DataFrame:
     obs = screen.obs
     single = obs["n_perturbed_genes"].to_numpy() == 1
-    if "guide_identity" in obs and "n_guides" in obs and guides.GUIDES in screen.uns:
-        guide = np.where(single & (obs["n_guides"].to_numpy() == 1), obs["guide_identity"].astype(str), "")
+    if "guide_identity" in obs and guides.GUIDES in screen.uns:
         table = guides.guide_table(screen)
         target_of = dict(zip(table["guide"], table["target"], strict=True))
+        guide = guides.targeting_guide(obs["guide_identity"].astype(str), target_of, schema.control_labels)
+        guide = np.where(single, guide, "")
     else:  # cells labelled by perturbation: one "guide" per single perturbation, its gene the target
         labels = obs[PERTURBATION].astype(str).to_numpy()
         guide = np.where(single, labels, "")

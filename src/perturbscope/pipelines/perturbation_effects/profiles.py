@@ -10,7 +10,9 @@ A perturbation's *profile* is what it did relative to the controls, in one of th
     the shift of the mean LDVAE factor values (``obsm["X_ldvae"]``).
 
 Where contrastiveVI called escapers, each perturbed cell counts by its probability of having been perturbed
-(``perturbed_probability``), so cells the perturbation did not reach do not dilute its profile. Perturbations
+(``perturbed_probability``), so cells the perturbation did not reach do not dilute its profile; a perturbation
+with less than ``min_cells`` cells' worth of that probability (the mixture found no responders) counts all
+its cells equally. Perturbations
 are compared by the Pearson correlation of their profiles (and, in the pseudobulk space, by the E-distance of
 their cells, scPerturb's statistic, :mod:`.energy`), clustered by average linkage on ``1 - correlation`` with
 the number of clusters that maximises the silhouette; perturbations the effect test found no effect for are
@@ -78,10 +80,23 @@ def perturbation_profiles(
     counts = pd.Series(labels[perturbed]).value_counts()
     names = sorted(counts.index[counts >= int(min_cells)])
     weights = np.ones(screen.n_obs)
+    groups = np.where(control, "__control__", np.where(perturbed, labels, "__other__"))
     if probability is not None and len(probability):
         p = probability.reindex(obs.index).to_numpy(dtype=float)
         weights = np.where(control | ~np.isfinite(p), 1.0, p)
-    groups = np.where(control, "__control__", np.where(perturbed, labels, "__other__"))
+        # a perturbation the escape mixture found (almost) no perturbed cell of has no weighted mean: its cells
+        # count equally, so its profile is its plain shift (about 0 for a perturbation that did nothing)
+        mass = pd.Series(weights).groupby(groups).sum()
+        unweighted = [name for name in names if mass.get(name, 0.0) < int(min_cells)]
+        if unweighted:
+            logger.info(
+                "Profiles of %d perturbation(s) with fewer than %d cells' worth of perturbed probability use all "
+                "their cells unweighted: %s",
+                len(unweighted),
+                int(min_cells),
+                ", ".join(unweighted[:10]) + (" ..." if len(unweighted) > 10 else ""),
+            )
+            weights = np.where(np.isin(groups, unweighted), 1.0, weights)
     spaces: dict[str, tuple[Any, list[str]]] = {"pseudobulk": (screen.X, list(map(str, screen.var_names)))}
     if embedded is not None and SALIENT_KEY in embedded.obsm:
         salient = pd.DataFrame(np.asarray(embedded.obsm[SALIENT_KEY]), index=embedded.obs_names).reindex(obs.index)
