@@ -10,7 +10,9 @@ from different programs). The data_processing nodes and the perturbation_effects
 * ``ari``: the map summary's ``ari_vs_program``, the adjusted Rand index of the clusters of the perturbations
   the effect test found an effect for against their planted programs;
 * ``nulls_apart``: null perturbations in no program's cluster;
-* ``interactions_right``: doubles called with their planted class, and per class.
+* ``interactions_right``: doubles called with their planted class, and per class;
+* ``synergy>additive>buffering``: every synergy double's fitted magnitude above every additive one's, and
+  every additive one's above every buffering one's.
 
 Usage::
 
@@ -84,6 +86,11 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     for kind in sorted(set(planted)):
         members = planted[planted == kind].index
         row[kind] = f"{int((called[members] == kind).sum())}/{len(members)}"
+    magnitude = table["magnitude"].reindex(planted.index)
+    by_class = {kind: magnitude[planted == kind] for kind in ("synergy", "additive", "buffering")}
+    row["magnitudes"] = ", ".join(f"{k} {v.min():.2f}-{v.max():.2f}" for k, v in by_class.items() if len(v))
+    synergy, additive, buffering = by_class["synergy"], by_class["additive"], by_class["buffering"]
+    row["synergy>additive>buffering"] = bool(synergy.min() > additive.max() and additive.min() > buffering.max())
     wrong = planted[called != planted]
     row["misses"] = "; ".join(f"{d}: {planted[d]} called {called[d]}" for d in wrong.index)
     return row

@@ -16,6 +16,16 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEMO = PROJECT / "data" / "01_raw" / "norman2019_subset.h5ad"
+# a small simulated screen that trains in seconds (the retrain and Airflow tests register a few of them)
+SMALL_SCREEN = dict(
+    n_cells=600,
+    n_genes=300,
+    n_programs=3,
+    perturbations_per_program=2,
+    n_null_perturbations=1,
+    genes_per_program=15,
+    n_heterogeneity_genes=10,
+)
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -23,21 +23,12 @@ from mlflow import MlflowClient
 
 from perturbscope.ops.retrain import main
 from perturbscope.simulation import simulate_screen
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, SMALL_SCREEN
 
 pytest.importorskip("kedro_airflow", reason="kedro-airflow (the `airflow` extra) is not installed")
 
 DAG_FILE = "perturbscope_airflow_dag.py"
 AIRFLOW = Path(os.environ.get("PERTURBSCOPE_AIRFLOW", PROJECT / ".venv-airflow" / "bin" / "airflow"))
-SIM = dict(
-    n_cells=600,
-    n_genes=300,
-    n_programs=3,
-    perturbations_per_program=2,
-    n_null_perturbations=1,
-    genes_per_program=15,
-    n_heterogeneity_genes=10,
-)
 
 
 def generate(target: Path, params: str | None = None) -> Path:
@@ -132,7 +123,7 @@ def test_airflow_runs_one_task_per_screen(tmp_path: Path) -> None:
     root = tmp_path / "root"
     raw = root / "data" / "01_raw"
     raw.mkdir(parents=True)
-    simulate_screen(**SIM, seed=0).write_h5ad(raw / "sim_a.h5ad")
+    simulate_screen(**SMALL_SCREEN, seed=0).write_h5ad(raw / "sim_a.h5ad")
     (raw / "sim_b.h5ad").write_bytes((raw / "sim_a.h5ad").read_bytes()[:5000])  # a half-copied file
     dags = tmp_path / "dags"
     dags.mkdir()

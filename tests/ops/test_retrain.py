@@ -25,23 +25,14 @@ from perturbscope.models.model import ContrastiveVI
 from perturbscope.ops.registry import load_registered_model
 from perturbscope.ops.retrain import main, retrain
 from perturbscope.simulation import simulate_screen
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, SMALL_SCREEN
 
 NAME = "perturbscope-contrastive-{}"
-SIM = dict(
-    n_cells=600,
-    n_genes=300,
-    n_programs=3,
-    perturbations_per_program=2,
-    n_null_perturbations=1,
-    genes_per_program=15,
-    n_heterogeneity_genes=10,
-)
 
 
 def write_screen(root: Path, screen: str, seed: int) -> Path:
     """A simulated screen in data/01_raw; sim_b's labels are in ``guide`` with ``NTC`` controls."""
-    adata = simulate_screen(**SIM, seed=seed)
+    adata = simulate_screen(**SMALL_SCREEN, seed=seed)
     if screen == "sim_b":
         adata.obs["guide"] = adata.obs.pop("perturbation").astype(str).replace({"control": "NTC"})
     path = root / "data" / "01_raw" / f"{screen}.h5ad"
@@ -229,7 +220,7 @@ def test_the_default_retrain_config_registers_and_promotes_only_after_the_whole_
 def test_bad_screens_are_reported_and_skipped_before_any_session(test_root: Path, client: MlflowClient) -> None:
     raw = test_root / "data" / "01_raw"
     (raw / "sim_a.h5ad").write_bytes(b"not an h5ad file" * 64)  # unreadable
-    adata = simulate_screen(**SIM, seed=0)  # default columns, but sim_b's schema wants `guide`
+    adata = simulate_screen(**SMALL_SCREEN, seed=0)  # default columns, but sim_b's schema wants `guide`
     adata.write_h5ad(raw / "sim_b.h5ad")
     before = files(test_root / "data")
 
