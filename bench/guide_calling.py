@@ -119,10 +119,12 @@ else:
     import pertpy as pt
     ga = pt.pp.GuideAssignment()
     ga.assign_mixture_model(adata)
-    assigned = adata.obs["assigned_guide"].astype(str)
+    assigned = adata.obs["assigned_guide"].astype(str)  # "negative": none; "multiple": more than 5 guides
     pairs = []
     for cell, value in assigned.items():
-        if value not in ("Negative", "nan", "None", ""):
+        if value == "multiple":
+            pairs += [(cell, f"multiple-{i}") for i in range(6)]
+        elif value not in ("negative", "nan", "None", ""):
             pairs += [(cell, g) for g in value.split("+")]
 json.dump({"seconds": time.perf_counter() - start, "pairs": pairs}, open(out, "w"))
 """
