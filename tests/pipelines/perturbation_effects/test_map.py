@@ -78,6 +78,26 @@ def test_every_planted_interaction_class_is_called(screen) -> None:
     # "additive" is the prediction's additive baseline: c_A = c_B = 1 on the same shifts
     additive = table[planted.loc[table.index] == "additive"]
     assert (additive["magnitude"].between(0.8, 1.2)).all()
+    assert (table["note"] == "").all() and (table["n_genes"] >= 10).all()
+
+
+def test_a_double_without_its_singles_is_listed_with_the_reason(screen) -> None:
+    """Every double gets a row: one whose single is missing or thin says which, with no scores."""
+    raw, processed = screen
+    doubles = raw.uns["perturbation_truth"]["interaction"]
+    first = sorted(doubles[doubles != ""].index)[0]
+    gone = first.split("+")[0]
+    second = next(d for d in sorted(doubles[doubles != ""].index) if gone not in d.split("+"))
+    thin = second.split("+")[1]
+    labels = processed.obs["perturbation"].astype(str)
+    keep = (labels != gone).to_numpy()
+    keep &= ~((labels == thin) & (processed.obs.groupby("perturbation", observed=True).cumcount() >= 5)).to_numpy()
+    table = nodes.call_interactions(processed[keep].copy(), {"n_bootstrap": 0}, {}, 0).set_index("double")
+    assert set(table.index) == set(doubles[doubles != ""].index)
+    skipped = table[table["interaction"] == "not fitted"]
+    assert skipped["magnitude"].isna().all() and skipped.loc[first, "note"].endswith(gone)
+    assert f"{thin} (5)" in skipped.loc[second, "note"]
+    assert (table.drop(skipped.index)["note"] == "").all()
 
 
 def test_enrichment_reads_a_gmt_file(tmp_path, screen) -> None:

@@ -133,6 +133,7 @@ def interactions_figure(table: pd.DataFrame, synergy: float = 1.3, buffering: fl
     """Norman et al.'s view of the doubles: magnitude of the fitted coefficients against the fit of the model,
     coloured by class, with the bootstrap intervals."""
     fig, ax = plt.subplots(figsize=(5.8, 4.4), dpi=int(dpi))
+    table = table[table["magnitude"].notna()] if "magnitude" in table else table  # the doubles that were fitted
     if table.empty:
         ax.text(0.5, 0.5, "no double with both singles measured", ha="center", va="center")
         ax.set_axis_off()

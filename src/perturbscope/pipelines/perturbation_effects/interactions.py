@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from perturbscope.schema import IS_CONTROL, PERTURBATION, PERTURBED_GENES
 
-__all__ = ["INTERACTION_COLUMNS", "classify", "genetic_interactions", "shifts"]
+__all__ = ["INTERACTION_COLUMNS", "NOT_FITTED", "classify", "genetic_interactions", "shifts"]
 
 INTERACTION_COLUMNS = [
     "double",
@@ -55,8 +55,11 @@ INTERACTION_COLUMNS = [
     "fit_low",
     "fit_high",
     "additive_error",
+    "n_genes",
     "interaction",
+    "note",
 ]
+NOT_FITTED = "not fitted"
 
 
 def _mean(x, rows: np.ndarray) -> np.ndarray:
@@ -118,19 +121,26 @@ def _variance(x, rows: np.ndarray) -> np.ndarray:
 
 
 def _informative(
-    x, groups: dict[str, np.ndarray], control: np.ndarray, delta: dict[str, np.ndarray], n_genes: int, min_z: float
+    x,
+    groups: dict[str, np.ndarray],
+    control: np.ndarray,
+    delta: dict[str, np.ndarray],
+    n_genes: int,
+    min_z: float,
+    min_genes: int,
 ) -> np.ndarray:
     """The genes A, B or A+B clearly move: a shift above ``min_z`` standard errors in any of the three, the
-    ``n_genes`` largest. Noise in the singles' shifts would pull the fitted coefficients towards 0 (errors in
-    the regressors), so genes that only look moved by chance stay out."""
+    ``n_genes`` largest; the ``min_genes`` strongest when fewer pass (two coefficients fitted on a handful of
+    genes would fit anything). Noise in the singles' shifts would pull the fitted coefficients towards 0
+    (errors in the regressors), so genes that only look moved by chance stay out."""
     var_c = _variance(x, control) / control.size
     z = np.zeros(x.shape[1])
     for name, rows in groups.items():
         se = np.sqrt(_variance(x, rows) / rows.size + var_c)
         z = np.maximum(z, np.abs(delta[name]) / np.maximum(se, 1e-9))
     chosen = np.flatnonzero(z >= min_z)
-    if chosen.size < 3:  # nothing clearly moved: the strongest genes all the same
-        chosen = np.argsort(z)[::-1][:3]
+    if chosen.size < int(min_genes):  # few genes clearly moved: the strongest genes all the same
+        chosen = np.argsort(z)[::-1][: int(min_genes)]
     return chosen[np.argsort(z[chosen])[::-1][: int(n_genes)]]
 
 
@@ -139,6 +149,7 @@ def genetic_interactions(
     min_cells: int = 20,
     n_genes: int = 200,
     min_z: float = 5.0,
+    min_genes: int = 10,
     n_bootstrap: int = 100,
     confidence: float = 0.9,
     synergy_magnitude: float = 1.3,
@@ -151,7 +162,8 @@ def genetic_interactions(
     """One row per double ``A+B`` with both singles measured (``min_cells`` cells each): the fit over the genes
     A, B or A+B clearly moves (a shift above ``min_z`` standard errors; ``n_genes`` at most), its scores,
     ``confidence`` bootstrap intervals (``n_bootstrap`` resamples of the cells; 0: none), the error of the
-    additive prediction (``c + ΔA + ΔB``, root mean square over genes) and the class."""
+    additive prediction (``c + ΔA + ΔB``, root mean square over genes) and the class. Every other double gets
+    a row too, ``not fitted``, with the reason in ``note`` (a single not in the screen, too few cells)."""
     obs = screen.obs
     labels = obs[PERTURBATION].astype(str).to_numpy()
     control = np.flatnonzero(obs[IS_CONTROL].to_numpy(dtype=bool))
@@ -165,16 +177,25 @@ def genetic_interactions(
     rows = []
     for label in sorted(genes_of.index):
         parts = [p for p in str(genes_of[label]).split(separator) if p]
-        if len(parts) != 2 or not all(p in singles for p in parts):
+        if len(parts) != 2:
+            continue
+        skipped = {"double": label, "perturbation_a": parts[0], "perturbation_b": parts[1], "interaction": NOT_FITTED}
+        skipped["n_cells"] = int(counts.get(label, 0))
+        missing = [p for p in parts if p not in singles]
+        if missing:
+            rows.append({**skipped, "note": f"single(s) not in the screen: {', '.join(missing)}"})
             continue
         a, b = singles[parts[0]], singles[parts[1]]
-        if min(counts.get(label, 0), counts.get(a, 0), counts.get(b, 0)) < int(min_cells) or control.size < int(
-            min_cells
-        ):
+        thin = {n: int(counts.get(n, 0)) for n in (label, a, b) if counts.get(n, 0) < int(min_cells)}
+        if control.size < int(min_cells):
+            thin["controls"] = int(control.size)
+        if thin:
+            listed = ", ".join(f"{n} ({k})" for n, k in thin.items())
+            rows.append({**skipped, "note": f"fewer than {int(min_cells)} cells: {listed}"})
             continue
         groups = {name: np.flatnonzero(labels == name) for name in (a, b, label)}
         delta = shifts(x, groups, control)
-        genes = _informative(x, groups, control, delta, n_genes, min_z)
+        genes = _informative(x, groups, control, delta, n_genes, min_z, min_genes)
         c_a, c_b, fit = _fit(delta[a][genes], delta[b][genes], delta[label][genes])
         magnitude, dominance, equality = _scores(c_a, c_b)
         row = {
@@ -189,6 +210,8 @@ def genetic_interactions(
             "dominance": dominance,
             "equality": equality,
             "additive_error": float(np.sqrt(np.mean((delta[a] + delta[b] - delta[label]) ** 2))),
+            "n_genes": int(genes.size),
+            "note": "",
         }
         if n_bootstrap:
             draws = []

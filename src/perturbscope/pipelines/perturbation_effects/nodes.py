@@ -267,7 +267,7 @@ def interaction_metrics(table: pd.DataFrame) -> dict[str, dict[str, float | int]
     out: dict[str, dict[str, float | int]] = {"n_doubles": {"value": len(table), "step": 0}}
     for kind, n in table["interaction"].value_counts().items() if len(table) else []:
         out[metric_name("n", str(kind))] = {"value": int(n), "step": 0}
-    for row in table.itertuples(index=False):
+    for row in table[table["interaction"] != interactions.NOT_FITTED].itertuples(index=False):
         out[metric_name("magnitude", row.double)] = {"value": float(row.magnitude), "step": 0}
         out[metric_name("fit", row.double)] = {"value": float(row.fit), "step": 0}
     return out
