@@ -15,6 +15,7 @@ import pytest
 import torch
 from kedro.config import OmegaConfigLoader
 
+from perturbscope import guides
 from perturbscope.models import ConditionalVAE, ContrastiveVAE, LinearVAE, TrainConfig
 from perturbscope.models.model import CVAE, LDVAE, ContrastiveVI, call_escapers, fit_escapers
 from perturbscope.pipelines.contrastive_model import evaluation as contrastive_evaluation
@@ -28,7 +29,6 @@ from perturbscope.pipelines.linear_model import nodes as linear
 from perturbscope.pipelines.perturbation_effects import de, effect_tests
 from perturbscope.pipelines.perturbation_effects import figures as effect_figures
 from perturbscope.pipelines.perturbation_effects import interactions as effect_interactions
-from perturbscope.pipelines.perturbation_effects import nodes as effect_nodes
 from perturbscope.pipelines.perturbation_effects import profiles as effect_profiles
 from perturbscope.pipelines.perturbation_prediction import evaluation as prediction_evaluation
 from perturbscope.pipelines.perturbation_prediction import figures as prediction_figures
@@ -60,7 +60,7 @@ SIGNATURES: dict[str, Callable[..., Any]] = {
     "linear_model.figure": linear_figures.plot_factor_effects,
     "perturbation_effects.effect_test": effect_tests.effect_tests,
     "perturbation_effects.figure": effect_figures.effect_tests_figure,
-    "perturbation_effects.knockdown": effect_nodes._knockdown,
+    "perturbation_effects.knockdown": guides.knockdown_table,
     "perturbation_effects.map.profiles": effect_profiles.perturbation_profiles,
     "perturbation_effects.map.similarity": effect_profiles.similarity_table,
     "perturbation_effects.map.clusters": effect_profiles.cluster_perturbations,

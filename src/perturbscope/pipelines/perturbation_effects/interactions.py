@@ -215,10 +215,11 @@ def genetic_interactions(
         }
         if n_bootstrap:
             draws = []
+            fitted = x[:, genes]  # the resamples only need the fitted genes' shifts
             for _ in range(int(n_bootstrap)):
                 resampled = {name: rng.choice(rows_, size=rows_.size) for name, rows_ in groups.items()}
-                boot = shifts(x, resampled, rng.choice(control, size=control.size))
-                ba, bb, bf = _fit(boot[a][genes], boot[b][genes], boot[label][genes])
+                boot = shifts(fitted, resampled, rng.choice(control, size=control.size))
+                ba, bb, bf = _fit(boot[a], boot[b], boot[label])
                 draws.append((ba, bb, _scores(ba, bb)[0], bf))
             draws = np.asarray(draws)
             tail = (1.0 - float(confidence)) / 2.0 * 100.0

@@ -99,40 +99,20 @@ def compare_with_salient_genes(de_table: pd.DataFrame, salient_genes: pd.DataFra
     return de.salient_agreement(de_table, salient_genes, alpha)
 
 
-def _knockdown(
-    screen: ad.AnnData,
-    schema: ScreenSchema,
-    alpha: float = 0.05,
-    max_remaining: float = 0.7,
-    min_fold_up: float = 1.5,
-    min_cells: int = 10,
-    min_detection: float = 0.02,
-) -> pd.DataFrame:
+def _guide_of_cell(screen: ad.AnnData, schema: ScreenSchema) -> tuple[np.ndarray, dict[str, str]]:
+    """Per cell the guide whose knockdown it measures ("" for none: controls, doubles) and each guide's target;
+    a screen labelled by perturbation has one "guide" per single perturbation, its gene the target."""
     obs = screen.obs
     single = obs["n_perturbed_genes"].to_numpy() == 1
     if "guide_identity" in obs and guides.GUIDES in screen.uns:
         table = guides.guide_table(screen)
         target_of = dict(zip(table["guide"], table["target"], strict=True))
         guide = guides.targeting_guide(obs["guide_identity"].astype(str), target_of, schema.control_labels)
-        guide = np.where(single, guide, "")
-    else:  # cells labelled by perturbation: one "guide" per single perturbation, its gene the target
-        labels = obs[PERTURBATION].astype(str).to_numpy()
-        guide = np.where(single, labels, "")
-        target_of = {label: obs.loc[labels == label, "perturbed_genes"].iloc[0] for label in set(guide) - {""}}
-    counts = screen.layers.get("counts", screen.X)
-    return guides.knockdown_table(
-        screen,
-        counts,
-        np.asarray(guide, dtype=object),
-        target_of,
-        obs["is_control"].to_numpy(dtype=bool),
-        schema.modality,
-        alpha=alpha,
-        max_remaining=max_remaining,
-        min_fold_up=min_fold_up,
-        min_cells=min_cells,
-        min_detection=min_detection,
-    )
+        return np.where(single, guide, ""), target_of
+    labels = obs[PERTURBATION].astype(str).to_numpy()
+    guide = np.where(single, labels, "")
+    target_of = {label: obs.loc[labels == label, "perturbed_genes"].iloc[0] for label in set(guide) - {""}}
+    return np.asarray(guide, dtype=object), target_of
 
 
 def check_knockdown(screen: ad.AnnData, params: dict[str, Any], schema_params: dict[str, Any]) -> pd.DataFrame:
@@ -140,9 +120,13 @@ def check_knockdown(screen: ad.AnnData, params: dict[str, Any], schema_params: d
     its cells against the controls, in the direction of ``schema.modality``
     (:func:`perturbscope.guides.knockdown_table`): remaining fraction, log2 fold change, p and BH q, and a call
     (knocked down / activated, no knockdown, not measurable)."""
-    section = f"{SECTION}.knockdown"
-    settings = options(_knockdown, params, section, exclude={"screen", "schema"})
-    return _knockdown(screen, ScreenSchema.from_params(schema_params), **settings)
+    exclude = {"adata", "counts", "guide_of_cell", "target_of_guide", "is_control", "modality"}
+    settings = options(guides.knockdown_table, params, f"{SECTION}.knockdown", exclude=exclude)
+    schema = ScreenSchema.from_params(schema_params)
+    guide, target_of = _guide_of_cell(screen, schema)
+    counts = screen.layers.get("counts", screen.X)
+    is_control = screen.obs["is_control"].to_numpy(dtype=bool)
+    return guides.knockdown_table(screen, counts, guide, target_of, is_control, schema.modality, **settings)
 
 
 def knockdown_metrics(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
