@@ -13,10 +13,17 @@ timed), then two processes run under ``/usr/bin/time -v`` (wall clock, peak RSS)
 Rows are appended to ``bench/results/scale.csv`` and the table ``bench/results/scale.md`` is
 rewritten from it. A GPU column is added when the training ran on CUDA.
 
+``--in-memory``: the same screens on the in-memory path instead (their counts are under
+``on_disk_above_gb``), as one process: ``kedro run --env e2e --pipelines data_processing,contrastive_model``
+with one epoch of contrastiveVI, outputs under a temporary folder. Peak RSS is compared with the counts'
+size as CSR (float32 values + int32 indices + row pointers); rows go to ``bench/results/scale_in_memory.csv``,
+shown in ``scale.md`` too.
+
 Usage::
 
     .venv/bin/python bench/scale.py --cells 100000 500000 2000000 --genes 2000
     .venv/bin/python bench/scale.py --cells 300000 --genes 8000
+    .venv/bin/python bench/scale.py --in-memory --cells 500000
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ RESULTS = ROOT / "bench" / "results"
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def _timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GB) and output of ``cmd`` under /usr/bin/time -v."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True)
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB) and output of ``cmd`` under /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, env=env or ENV, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
         raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
@@ -82,26 +89,7 @@ def _latest(folder: Path) -> Path:
 
 def run_size(n_cells: int, n_genes: int) -> dict:
     screen = f"scale_{n_cells}x{n_genes}"
-    raw = ROOT / "data" / "01_raw" / f"{screen}.h5ad"
-    if not raw.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "perturbscope.simulation",
-                "--out",
-                str(raw),
-                "--n-cells",
-                str(n_cells),
-                "--n-genes",
-                str(n_genes),
-                "--seed",
-                "0",
-            ],
-            cwd=ROOT,
-            env=ENV,
-            check=True,
-        )
+    raw = _raw_screen(n_cells, n_genes)
     kedro = str(Path(sys.executable).with_name("kedro"))
     load = os.getloadavg()[0]
     proc_s, proc_rss, _ = _timed(
@@ -130,14 +118,75 @@ def run_size(n_cells: int, n_genes: int) -> dict:
     }
 
 
-def write_table(rows: list[dict]) -> None:
+def _raw_screen(n_cells: int, n_genes: int) -> Path:
+    """The simulated screen of this size in data/01_raw/ (written once, not timed)."""
+    raw = ROOT / "data" / "01_raw" / f"scale_{n_cells}x{n_genes}.h5ad"
+    if not raw.exists():
+        subprocess.run(
+            [sys.executable, "-m", "perturbscope.simulation", "--out", str(raw), "--n-cells", str(n_cells)]
+            + ["--n-genes", str(n_genes), "--seed", "0"],
+            cwd=ROOT,
+            env=ENV,
+            check=True,
+        )
+    return raw
+
+
+def run_in_memory(n_cells: int, n_genes: int) -> dict:
+    """data_processing + contrastive_model (one epoch) on the in-memory path, one process, its own folder."""
+    import tempfile
+
+    import h5py
+
+    raw = _raw_screen(n_cells, n_genes)
+    with h5py.File(raw, "r") as f:
+        nnz = int(f["X"]["data"].shape[0])
+    csr_bytes = nnz * 8 + (n_cells + 1) * 4  # float32 values, int32 column indices and row pointers
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    with tempfile.TemporaryDirectory(prefix="perturbscope-scale-") as tmp:
+        (Path(tmp) / "data" / "01_raw").mkdir(parents=True)
+        (Path(tmp) / "data" / "01_raw" / raw.name).symlink_to(raw)
+        load = os.getloadavg()[0]
+        params = f"screen={raw.stem},contrastive_model.training.max_epochs=1"
+        wall, rss_gib, out = _timed(
+            [kedro, "run", "--env", "e2e", "--pipelines", "data_processing,contrastive_model", "--params", params],
+            {**ENV, "PERTURBSCOPE_TEST_ROOT": tmp},
+        )
+    slowest = " ".join(re.findall(r"Slowest nodes: ([^(]*)", out, flags=re.S)[:1])
+    slowest = re.sub(r"\s+", " ", re.sub(r"\S+\.py:\d+", "", slowest)).strip(" ,")
+    return {
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "cells": n_cells,
+        "genes": n_genes,
+        "nonzeros_m": round(nnz / 1e6, 1),
+        "counts_csr_gb": round(csr_bytes / 1e9, 3),
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(rss_gib * 1024**3 / 1e9, 2),
+        "peak_over_counts": round(rss_gib * 1024**3 / csr_bytes, 2),
+        "slowest_nodes": slowest,
+        "load_avg_at_start": round(load, 1),
+        "cores": os.cpu_count(),
+        "code": subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+    }
+
+
+def _rows(frame) -> list[str]:
+    """The lines of a markdown table of ``frame``, values as they are written."""
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.fillna("").itertuples(index=False)]
+    return ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns), *body]
+
+
+def write_table(rows: list[dict], name: str = "scale") -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    csv = RESULTS / "scale.csv"
+    csv = RESULTS / f"{name}.csv"
     if csv.exists():
         frame = pd.concat([pd.read_csv(csv), frame], ignore_index=True)
     frame.to_csv(csv, index=False)
+    frame = pd.read_csv(RESULTS / "scale.csv")
     lines = [
         "# Scale: data_processing from disk and one streamed contrastiveVI epoch",
         "",
@@ -147,10 +196,24 @@ def write_table(rows: list[dict]) -> None:
         "(`/usr/bin/time -v`). `train_process_s` includes loading, the control cells read into memory, the epoch "
         "(training + validation) and the escape embedding.",
         "",
-        "| " + " | ".join(frame.columns) + " |",
-        "|" + "---|" * len(frame.columns),
+        *_rows(frame),
     ]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.fillna("").itertuples(index=False)]
+    memory = RESULTS / "scale_in_memory.csv"
+    if memory.exists():
+        frame = pd.read_csv(memory)
+        lines += [
+            "",
+            "## The in-memory path",
+            "",
+            "`bench/scale.py --in-memory` (one row per run): screens whose counts are under `on_disk_above_gb`, "
+            "`kedro run --env e2e --pipelines data_processing,contrastive_model` with one epoch of contrastiveVI in "
+            "one process (`/usr/bin/time -v`). `peak_over_counts`: peak RSS over the counts' size as CSR (float32 "
+            "values, int32 indices). Issue 28's starting point, the same command on a 500,000 x 2,000 screen: "
+            "10:43 at 8.55 GB (116 M non-zeros); on this screen (98 M) before the changes of 2026-12-05: 519.7 s "
+            "at 7.92 GB (10.1x its counts); the goal: at most half the wall time, a peak at most 4x the counts.",
+            "",
+            *_rows(frame),
+        ]
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 
@@ -158,10 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000])
     parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--in-memory", action="store_true", help="the in-memory path (see the module docstring)")
     parser.add_argument("--train", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.train:
         print(json.dumps(train_one_epoch(args.train)), flush=True)
+        return 0
+    if args.in_memory:
+        for n in args.cells:
+            row = run_in_memory(n, args.genes)
+            print(json.dumps(row), flush=True)
+            write_table([row], "scale_in_memory")
         return 0
     for n in args.cells:
         row = run_size(n, args.genes)

@@ -381,9 +381,11 @@ class BlockScreen:
 
     def _normalise(self, counts: sp.csr_matrix, library: np.ndarray) -> sp.csr_matrix:
         scale = np.divide(self._target_sum, library, out=np.zeros_like(library), where=library > 0)
-        out = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ counts, dtype=np.float32)
-        np.log1p(out.data, out=out.data)
-        return out
+        # each row's values scaled in place of a diagonal product, which would reorder every row's column indices:
+        # X keeps the counts' non-zero positions (AnnDataDataset.load then holds them once)
+        values = counts.data.astype(np.float32) * np.repeat(scale.astype(np.float32), np.diff(counts.indptr))
+        np.log1p(values, out=values)
+        return sp.csr_matrix((values, counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
 
     # ----------------------------------------------------------------- writing
     def to_memory(self) -> ad.AnnData:
@@ -405,10 +407,16 @@ class BlockScreen:
         return out
 
     def write_h5ad(
-        self, path: str | os.PathLike, chunk_size: int | None = None, compression: str | None = None
+        self,
+        path: str | os.PathLike,
+        chunk_size: int | None = None,
+        compression: str | None = None,
+        compression_opts: int | None = None,
     ) -> None:
         """Write the screen to ``path`` block by block (same layout as ``AnnData.write_h5ad``)."""
-        kwargs = {"compression": compression} if compression else {}
+        kwargs: dict[str, Any] = {"compression": compression} if compression else {}
+        if compression and compression_opts is not None:
+            kwargs["compression_opts"] = compression_opts
         # h5py's default chunks for a growing dataset are tiny; appends want large ones
         sparse_kwargs = {**kwargs, "chunks": (1 << 18,)}
         with h5py.File(path, "w") as f:

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -278,6 +281,16 @@ def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | 
     return rows
 
 
+def _give_back_freed_memory() -> None:
+    """Collect unreachable objects (an AnnData holds reference cycles) and return the memory freed to the operating
+    system (glibc's ``malloc_trim``): freed blocks between live ones otherwise stay in the process, and the next
+    screen is loaded on top of them (a 500,000-cell run sat ~0.5 GB higher between nodes). About 0.2 s, so only
+    before a screen is loaded; the trim is a no-op where glibc is not the allocator."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _memory_gb() -> tuple[float, float]:
     """This process's resident memory now and at its peak, in GB (Linux ``/proc``; else the peak only)."""
     try:
@@ -311,6 +324,7 @@ class RunInfoHook:
         self._seconds: dict[str, float] = {}
         self._io_started: dict[tuple[str, str], float] = {}
         self._io_seconds: dict[str, float] = {}
+        self._screens: set[str] = set()
         self._ledger: RunLedger | None = None
         self._screen = ""
         self._tracking_uri = ""
@@ -341,6 +355,13 @@ class RunInfoHook:
         self._io_started, self._io_seconds = {}, {}
         self._run_params = dict(run_params)
         self._mlflow_run_id = ""
+        from perturbscope.datasets import AnnDataDataset  # (datasets import this module)
+
+        self._screens = set()  # the screens (AnnData files) among the run's datasets: the large loads
+        for name in pipeline.datasets():
+            with contextlib.suppress(Exception):  # a dataset the catalog cannot build is no screen
+                if isinstance(catalog.get(name), AnnDataDataset):
+                    self._screens.add(name)
         try:  # every dataset of the project, so a partial run still names the models on disk
             from kedro.framework.project import pipelines
 
@@ -374,6 +395,8 @@ class RunInfoHook:
 
     @hook_impl
     def before_dataset_loaded(self, dataset_name: str) -> None:
+        if dataset_name in self._screens:
+            _give_back_freed_memory()  # a screen is loaded onto the memory the last nodes freed, not beside it
         self._io_started[("load", dataset_name)] = time.perf_counter()
 
     @hook_impl

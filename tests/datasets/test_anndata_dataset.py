@@ -99,3 +99,28 @@ def test_preview_is_obs_head(tmp_path: Path) -> None:
     assert preview["columns"] == ["cell", "perturbation"]
     assert len(preview["data"]) == 5
     assert preview["data"][0][0] == "cell0"
+
+
+def test_a_processed_screen_loads_with_its_non_zero_positions_held_once(tmp_path: Path) -> None:
+    """X (log-normalised by data_processing) and layers["counts"] have the same non-zeros: loaded, they share the
+    positions and keep their values; a screen whose X has other positions loads as written."""
+    from perturbscope.pipelines.data_processing import nodes as dp
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(300, 40, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    counts.data = rng.integers(1, 20, counts.nnz).astype(np.float32)
+    processed = dp.normalise(ad.AnnData(counts), {"target_sum": 1e4}).to_memory()
+    dataset = AnnDataDataset(filepath=str(tmp_path / "processed.h5ad"))
+    dataset.save(processed)
+    loaded = dataset.load()
+    assert np.shares_memory(loaded.X.indices, loaded.layers["counts"].indices)
+    np.testing.assert_allclose(loaded.X.toarray(), processed.X.toarray(), rtol=1e-6)
+    np.testing.assert_array_equal(loaded.layers["counts"].toarray(), counts.toarray())
+    np.testing.assert_allclose(loaded.X.toarray(), np.log1p(counts.toarray() / counts.sum(1).A * 1e4), rtol=1e-5)
+    more = sp.csr_matrix(counts.toarray() + (rng.random((300, 40)) < 0.1))
+    other = ad.AnnData(counts.copy(), layers={"counts": more})
+    dataset = AnnDataDataset(filepath=str(tmp_path / "other.h5ad"))
+    dataset.save(other)
+    reloaded = dataset.load()
+    assert not np.shares_memory(reloaded.X.indices, reloaded.layers["counts"].indices)
+    np.testing.assert_array_equal(reloaded.X.toarray(), counts.toarray())

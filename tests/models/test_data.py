@@ -18,7 +18,26 @@ def test_celldata_keeps_csr(small_counts: sp.csr_matrix) -> None:
     assert d.values.numel() == small_counts.nnz == d.nnz
     assert d.indptr.numel() == small_counts.shape[0] + 1
     assert (d.n_cells, d.n_genes) == small_counts.shape
-    assert d.values.dtype == torch.float32 and d.indices.dtype == torch.int64
+    assert d.values.dtype == torch.float32 and d.indices.dtype == torch.int32
+
+
+def test_celldata_shares_a_canonical_float32_csr_and_copies_anything_else(small_counts: sp.csr_matrix) -> None:
+    """An AnnData's float32 counts are not held twice on the CPU; a matrix that needs cleaning is copied,
+    never changed."""
+    csr = sp.csr_matrix(small_counts, dtype=np.float32)
+    d = CellData(csr)
+    assert np.shares_memory(d.values.numpy(), csr.data) and np.shares_memory(d.indices.numpy(), csr.indices)
+    messy = csr.copy()
+    messy.data[:3] = 0  # explicit zeros
+    before = messy.data.copy()
+    m = CellData(messy)
+    assert not np.shares_memory(m.values.numpy(), messy.data)
+    np.testing.assert_array_equal(messy.data, before)
+    assert m.nnz == csr.nnz - 3 and (m.values > 0).all()
+    np.testing.assert_array_equal(m.batch(np.arange(5))["x"].numpy(), messy[:5].toarray())
+    wide = sp.csr_matrix(small_counts, dtype=np.float64)
+    w = CellData(wide)
+    assert w.values.dtype == torch.float32 and not np.shares_memory(w.values.numpy(), wide.data)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "dense"])

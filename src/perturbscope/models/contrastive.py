@@ -359,15 +359,13 @@ class ContrastiveVAE(BatchLibraryModel):
         (numpy.ndarray, numpy.ndarray)
             ``(n, n_background)`` and ``(n, n_salient)`` float32 arrays.
         """
-        was_training = self.training
-        self.eval()
-        zs, ss = [], []
-        for b in self.iter_batches(data, idx, batch_size):
-            q = self.inference(b, sample=False, library=False)
-            zs.append(q["z"])
-            ss.append(q["s"])
-        self.train(was_training)
-        return self._to_numpy(zs, self.n_background), self._to_numpy(ss, self.n_salient)
+
+        def means(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            q = self.inference(batch, sample=False, library=False)
+            return q["z"], q["s"]
+
+        background, salient = self._collect(data, idx, batch_size, means, (self.n_background, self.n_salient))
+        return background, salient
 
     @torch.no_grad()
     def salient_expression(
@@ -390,12 +388,11 @@ class ContrastiveVAE(BatchLibraryModel):
         (numpy.ndarray, numpy.ndarray)
             ``(n, n_genes)`` decoder proportions (rows sum to 1).
         """
-        was_training = self.training
-        self.eval()
-        with_s, without_s = [], []
-        for b in self.iter_batches(data, idx, batch_size):
-            q = self.inference(b, sample=False, library=False)
-            with_s.append(self.expression(q["z"], q["s"], q["cov"]).exp())
-            without_s.append(self.expression(q["z"], torch.zeros_like(q["s"]), q["cov"]).exp())
-        self.train(was_training)
-        return self._to_numpy(with_s, self.n_genes), self._to_numpy(without_s, self.n_genes)
+
+        def decoded(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            q = self.inference(batch, sample=False, library=False)
+            with_s = self.expression(q["z"], q["s"], q["cov"]).exp()
+            return with_s, self.expression(q["z"], torch.zeros_like(q["s"]), q["cov"]).exp()
+
+        with_salient, without_salient = self._collect(data, idx, batch_size, decoded, (self.n_genes, self.n_genes))
+        return with_salient, without_salient

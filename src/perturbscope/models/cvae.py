@@ -424,11 +424,10 @@ class ConditionalVAE(BaseModel):
     @torch.no_grad()
     def embed(self, data: CellData, idx: Any = None, batch_size: int = 1024) -> np.ndarray:
         """Posterior means ``E[z | x, c]`` under each cell's own condition, ``(n, n_latent)``."""
-        was_training = self.training
-        self.eval()
-        chunks = [self.inference(b, sample=False)["z"] for b in self.iter_batches(data, idx, batch_size)]
-        self.train(was_training)
-        return self._to_numpy(chunks, self.n_latent)
+        (latent,) = self._collect(
+            data, idx, batch_size, lambda batch: (self.inference(batch, sample=False)["z"],), (self.n_latent,)
+        )
+        return latent
 
     def _check_pools(
         self, n: int, library: np.ndarray | None, scale: np.ndarray | None, what: str
@@ -608,17 +607,15 @@ class ConditionalVAE(BaseModel):
             raise ValueError(f"data has {data.n_genes} genes, the model {self.n_genes}")
         n_cells = ctrl.size if n_cells is None else check_int("n_cells", n_cells, 1, "or None for one per control")
         rng = np.random.default_rng(seed)
+
+        def posterior(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            zero = torch.zeros(batch["x"].shape[0], self.n_conditions, device=self.device)
+            return self.encoder(self._encoder_input(batch["x"]), zero)
+
+        mean, variance = self._collect(data, ctrl, batch_size, posterior, (self.n_latent, self.n_latent))
+        sd = np.sqrt(variance)
         was_training = self.training
         self.eval()
-        means, variances = [], []
-        with torch.no_grad():
-            for b in self.iter_batches(data, ctrl, batch_size):
-                zero = torch.zeros(b["x"].shape[0], self.n_conditions, device=self.device)
-                m, v = self.encoder(self._encoder_input(b["x"]), zero)
-                means.append(m)
-                variances.append(v)
-        mean = self._to_numpy(means, self.n_latent)
-        sd = np.sqrt(self._to_numpy(variances, self.n_latent))
         lib_all = sc_all = None
         if self.likelihood == "nb":
             lib_all, sc_all = self._check_pools(ctrl.size, data.library[ctrl], scale, "Mode B")

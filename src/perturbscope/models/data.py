@@ -18,6 +18,7 @@ Both take a ``seed`` and own a CPU :class:`torch.Generator`;
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -84,11 +85,47 @@ def as_index(idx: Any, n: int, name: str = "idx") -> Tensor:
     return out
 
 
+_CHECK_CHUNK = 1 << 22  # values checked this many at a time (no temporaries the size of the counts)
+
+
+def _canonical_csr(counts: Any, dtype: np.dtype) -> sp.csr_matrix:
+    """``counts`` as a canonical CSR (sorted indices, no duplicates, no explicit zeros) of ``dtype`` values and
+    int32 column indices, checked finite and non-negative; the given arrays themselves when they already are
+    one (no copy), else a converted copy."""
+    if sp.issparse(counts):
+        csr = sp.csr_matrix(counts)
+    else:
+        arr = np.asarray(counts)
+        if arr.ndim != 2:
+            raise ValueError(f"counts must be 2-D (cells x genes), got shape {arr.shape}")
+        csr = sp.csr_matrix(arr)
+    data = csr.data
+    for start in range(0, data.size, _CHECK_CHUNK):
+        part = data[start : start + _CHECK_CHUNK]
+        if not np.all(np.isfinite(part)):
+            raise ValueError("counts contain NaN or inf; clean the matrix before building CellData")
+        if part.min() < 0:
+            raise ValueError("counts contain negative values; the count models need raw (non-negative) counts")
+    explicit_zeros = any(not np.all(data[start : start + _CHECK_CHUNK]) for start in range(0, data.size, _CHECK_CHUNK))
+    if explicit_zeros or not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
+    if csr.data.dtype != dtype:
+        csr = sp.csr_matrix((csr.data.astype(dtype), csr.indices, csr.indptr), shape=csr.shape)
+    if csr.indices.dtype != np.int32:
+        csr = sp.csr_matrix((csr.data, csr.indices.astype(np.int32), csr.indptr), shape=csr.shape)
+    return csr
+
+
 def _to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """``array`` as a tensor on ``device`` (converted to ``dtype`` on the host first). To a GPU the copy
-    goes from pinned (page-locked) host memory and does not block the host: a streamed block is uploaded
-    while the previous steps still run; the stream orders it before the kernels that read it."""
-    tensor = torch.as_tensor(array)
+    """``array`` as a tensor on ``device`` (converted to ``dtype`` on the host first; on the CPU the same
+    memory when no conversion is needed). To a GPU the copy goes from pinned (page-locked) host memory and
+    does not block the host: a streamed block is uploaded while the previous steps still run; the stream
+    orders it before the kernels that read it."""
+    with warnings.catch_warnings():  # a read-only array (e.g. memory-mapped) is only ever read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.as_tensor(array)
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     if device.type == "cuda":
@@ -101,8 +138,10 @@ class CellData:
 
     The counts are stored as CSR tensors (``indptr``, ``indices``, ``values``)
     and never densified as a whole; :meth:`batch` densifies one minibatch.
-    ``lgamma(x + 1)`` of every nonzero and each cell's log library size are
-    precomputed once.
+    Each cell's log library size is precomputed once. On the CPU, ``indices``
+    and ``values`` share memory with the given matrix when it already is a
+    canonical CSR of ``dtype`` values (an AnnData's ``layers["counts"]``):
+    the counts are not held twice. Nothing here writes to them.
 
     Parameters
     ----------
@@ -122,8 +161,8 @@ class CellData:
     Attributes
     ----------
     n_cells, n_genes : int
-    indptr, indices, values, lgamma_values : Tensor
-        CSR storage on ``device`` (``lgamma_values = lgamma(values + 1)``).
+    indptr, indices, values : Tensor
+        CSR storage on ``device`` (int64 ``indptr``, int32 ``indices``).
     log_library : Tensor
         ``(n_cells,)`` log total counts (library sizes < 1 are clamped to 1).
     obs : dict[str, Tensor]
@@ -140,33 +179,17 @@ class CellData:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if sp.issparse(counts):
-            csr = sp.csr_matrix(counts)
-        else:
-            arr = np.asarray(counts)
-            if arr.ndim != 2:
-                raise ValueError(f"counts must be 2-D (cells x genes), got shape {arr.shape}")
-            csr = sp.csr_matrix(arr)
-        csr = csr.astype(np.float64, copy=True)
-        csr.sum_duplicates()
-        csr.eliminate_zeros()
-        csr.sort_indices()
-        if csr.nnz and not np.all(np.isfinite(csr.data)):
-            raise ValueError("counts contain NaN or inf; clean the matrix before building CellData")
-        if csr.nnz and csr.data.min() < 0:
-            raise ValueError("counts contain negative values; the count models need raw (non-negative) counts")
+        csr = _canonical_csr(counts, torch.empty(0, dtype=dtype).numpy().dtype)
         self.device = torch.device(device)
         self.dtype = dtype
         self.n_cells, self.n_genes = (int(s) for s in csr.shape)
         self.row_nnz: np.ndarray = np.diff(csr.indptr).astype(np.int64)
-        from scipy.special import gammaln
-
         dev = self.device
         self.indptr = _to_device(csr.indptr.astype(np.int64), dev)
-        self.indices = _to_device(csr.indices.astype(np.int64), dev)
+        # on the CPU these share memory with ``csr`` (nothing writes to them): no second copy of the counts
+        self.indices = _to_device(csr.indices, dev)
         self.values = _to_device(csr.data, dev, dtype)
-        self.lgamma_values = _to_device(gammaln(csr.data + 1.0), dev, dtype)
-        lib = np.asarray(csr.sum(axis=1)).reshape(-1)
+        lib = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
         self.library = lib
         self.log_library = _to_device(np.log(np.maximum(lib, 1.0)), dev, dtype)
         self.obs: dict[str, Tensor] = {}
@@ -208,7 +231,7 @@ class CellData:
         device = torch.device(device)
         if device == self.device:
             return self
-        for name in ("indptr", "indices", "values", "lgamma_values", "log_library"):
+        for name in ("indptr", "indices", "values", "log_library"):
             setattr(self, name, getattr(self, name).to(device))
         self.obs = {k: v.to(device) for k, v in self.obs.items()}
         self.device = device
@@ -256,7 +279,7 @@ class CellData:
         src = torch.arange(nnz, device=self.device) + torch.repeat_interleave(
             starts - seg_start_out, counts, output_size=nnz
         )
-        nz_col = self.indices.index_select(0, src)
+        nz_col = self.indices.index_select(0, src).long()
         nz_val = self.values.index_select(0, src)
         x = torch.zeros(n * self.n_genes, device=self.device, dtype=self.dtype)
         x.index_copy_(0, nz_row * self.n_genes + nz_col, nz_val)
@@ -265,7 +288,7 @@ class CellData:
             "nz_row": nz_row,
             "nz_col": nz_col,
             "nz_val": nz_val,
-            "nz_lgamma": self.lgamma_values.index_select(0, src),
+            "nz_lgamma": torch.lgamma(nz_val + 1.0),
             "log_library": self.log_library.index_select(0, idx),
             "idx": idx,
         }
@@ -457,9 +480,9 @@ class RowsOf:
 
 
 def device_bytes(counts: Any) -> int:
-    """Bytes a count matrix takes on the device as :class:`CellData`: int64 column index, value and
-    ``lgamma(value + 1)`` per non-zero (16 bytes with float32 values) and the per-cell terms."""
-    return int(counts.nnz) * 16 + int(counts.shape[0]) * 16
+    """Bytes a count matrix takes on the device as :class:`CellData`: int32 column index and value per
+    non-zero (8 bytes with float32 values) and the per-cell terms."""
+    return int(counts.nnz) * 8 + int(counts.shape[0]) * 16
 
 
 def resident_or_streamed(

@@ -70,7 +70,7 @@ class Trained:
 
 def train_and_evaluate(screen: ad.AnnData, training: dict[str, Any] | None = None) -> Trained:
     model, history = nodes.train_contrastive_model(screen, MODEL, {**TRAINING, **(training or {})}, {}, SCHEMA, 0)
-    embedded = nodes.embed_cells(screen, model, {"umap": False}, 0)
+    _, embedded = nodes.embed_cells(screen, model, {"umap": False}, 0)  # the embeddings the pipeline passes on
     mixture = nodes.fit_escape_mixture(embedded, ESCAPE, 0)
     calls = nodes.call_perturbed_cells(embedded, mixture, ESCAPE)
     evaluation = nodes.evaluate_embeddings(embedded, calls, EVALUATION, SCHEMA, 0)

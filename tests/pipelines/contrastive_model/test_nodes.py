@@ -144,10 +144,12 @@ def test_normalised_matrix_without_counts_is_rejected(trained: Trained) -> None:
 def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
     screen = trained.screen[:200].copy()
     before_obs, before_obsm = screen.obs.copy(), set(screen.obsm)
-    embedded = nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
+    full, embedded = nodes.embed_cells(screen, trained.model, {"umap": False}, 0)
+    assert full.X is screen.X and full.layers["counts"] is screen.layers["counts"]  # shared, not copied
+    assert embedded.n_vars == 0 and set(embedded.obsm) == set(full.obsm) and embedded.obs.equals(full.obs)
     before_embedded = embedded.obs.copy()
     calls = nodes.call_perturbed_cells(embedded, trained.mixture, ESCAPE)
-    nodes.rank_salient_genes(embedded, calls, trained.model, {"top_genes": 5})
+    nodes.rank_salient_genes(screen, calls, trained.model, {"top_genes": 5})
     nodes.escape_table(embedded, calls, trained.mixture)
     assert embedded.obs.equals(before_embedded)
     assert set(screen.obsm) == before_obsm
@@ -155,12 +157,12 @@ def test_nodes_do_not_mutate_inputs(trained: Trained) -> None:
 
 
 def test_umap_switched_off_gives_an_explaining_figure(trained: Trained) -> None:
-    embedded = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": False}, 0)
+    _, embedded = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": False}, 0)
     assert "X_umap_salient" not in embedded.obsm
     fig = nodes.plot_embeddings(embedded, {"annotation_key": None}, SCHEMA)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("contrastive_model.embedding.umap is false" in t for t in texts)
-    with_umap = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": True, "n_neighbors": 10}, 0)
+    _, with_umap = nodes.embed_cells(trained.screen[:200].copy(), trained.model, {"umap": True, "n_neighbors": 10}, 0)
     assert len(nodes.plot_embeddings(with_umap, {"annotation_key": None}, SCHEMA).axes) >= 2
 
 
@@ -188,7 +190,7 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
     model, _ = nodes.train_contrastive_model(
         sim_screen, MODEL, {**TRAINING, "max_epochs": 8, "kl_warmup_epochs": 2}, {}, SCHEMA, 0
     )
-    embedded = nodes.embed_cells(sim_screen, model, {"umap": False}, 0)
+    _, embedded = nodes.embed_cells(sim_screen, model, {"umap": False}, 0)
     escape_params = {**ESCAPE, "mixture": {"min_cells": 10}}
     fitted = nodes.fit_escape_mixture(embedded, escape_params, 0)
     assert EscapeMixture.from_dict(fitted).perturbations == fitted["perturbations"]
@@ -240,8 +242,45 @@ def test_escape_mixture_outputs_through_the_nodes(sim_screen) -> None:
     with pytest.raises(ConfigError, match=r"contrastive_model\.escape\.mixture\.min_cell\b"):
         nodes.fit_escape_mixture(embedded, {**ESCAPE, "mixture": {"min_cell": 5}}, 0)
 
-    genes = nodes.rank_salient_genes(embedded, calls, model, {"top_genes": 5})
+    genes = nodes.rank_salient_genes(sim_screen, calls, model, {"top_genes": 5})
     called = escape.set_index("perturbation")["n_called_perturbed"]
     assert (
         genes.groupby("perturbation")["n_called_perturbed"].first() == called.reindex(genes["perturbation"].unique())
     ).all()
+
+
+# ------------------------------------------------------------------ large screens
+def test_pca_baseline_of_a_large_screen_is_fitted_on_a_sample_the_same_in_memory_and_on_disk(
+    trained: Trained, tmp_path
+) -> None:
+    """Above ``pca_max_cells`` the in-memory screen takes the on-disk path's PCA: fitted on the same drawn cells,
+    every cell projected; the space is that of the full PCA."""
+    from perturbscope.blocks import BlockScreen
+    from perturbscope.pipelines.contrastive_model.tables import pca_baseline
+
+    screen = trained.screen
+    full = pca_baseline(screen, 5, screen.n_obs, seed=0)
+    sampled = pca_baseline(screen, 5, 600, seed=0)
+    assert sampled.shape == full.shape and np.isfinite(sampled).all()
+    path = tmp_path / "screen.h5ad"
+    screen.write_h5ad(path)
+    on_disk = pca_baseline(BlockScreen.open(str(path), chunk_size=137), 5, 600, seed=0)
+    np.testing.assert_allclose(sampled, on_disk, rtol=1e-4, atol=1e-4)
+    # the sample's leading components span the full PCA's: each full component is explained by the sampled ones
+    coef, *_ = np.linalg.lstsq(sampled[:, :3].astype(np.float64), full[:, :3].astype(np.float64), rcond=None)
+    residual = full[:, :3] - sampled[:, :3] @ coef
+    assert (1 - residual.var(0) / full[:, :3].var(0)).min() > 0.9
+
+
+def test_salient_genes_decode_at_most_max_cells_per_perturbation(trained: Trained) -> None:
+    params = {"top_genes": None, "scale": 1e4, "pseudocount": 0.01, "min_cells": 1, "batch_size": 256}
+    everything = nodes.rank_salient_genes(trained.screen, trained.calls, trained.model, {**params, "max_cells": None})
+    capped = nodes.rank_salient_genes(trained.screen, trained.calls, trained.model, {**params, "max_cells": 60})
+    key = ["perturbation", "gene"]
+    a, b = everything.set_index(key).sort_index(), capped.set_index(key).sort_index()
+    assert a.index.equals(b.index)
+    np.testing.assert_array_equal(a["n_cells"], b["n_cells"])  # every cell counted
+    np.testing.assert_array_equal(a["n_called_perturbed"], b["n_called_perturbed"])
+    assert not np.allclose(a["mean_log2fc"], b["mean_log2fc"])  # ... but 60 of them decoded
+    assert np.corrcoef(a["mean_log2fc"], b["mean_log2fc"])[0, 1] > 0.9
+    assert (a["n_cells"] > 60).all()

@@ -235,7 +235,7 @@ class ContrastiveVI(ModelAPI):
         umap: bool = False,
         n_neighbors: int = 15,
         umap_min_dist: float = 0.5,
-        umap_max_cells: int | None = 100_000,
+        umap_max_cells: int | None = 50_000,
         seed: int = 0,
     ) -> ad.AnnData | BlockScreen:
         """A copy of ``adata`` with ``obsm["X_salient"]`` and ``obsm["X_background"]`` (posterior means).

@@ -22,6 +22,7 @@ from perturbscope.models.runtime import resolve_device
 from perturbscope.schema import COUNTS_LAYER
 
 logger = logging.getLogger(__name__)
+_CHECK_CHUNK = 1 << 22  # count values checked this many at a time
 
 __all__ = [
     "BATCH_OBS_KEY",
@@ -89,12 +90,14 @@ def raw_counts(adata: ad.AnnData, counts_layer: str | None = None, hint: str = "
         matrix, where = adata.layers[COUNTS_LAYER], "layers['counts']"
     else:
         matrix, where = adata.X, "X"
-    csr = sp.csr_matrix(matrix, dtype=np.float32)
+    csr = sp.csr_matrix(matrix, dtype=np.float32)  # the same arrays when they already are float32 CSR
     values = csr.data
-    if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values))):
-        raise ModelInputError(
-            f"{where} does not hold raw UMI counts (negative, non-integer or non-finite values). {hint}".rstrip()
-        )
+    for start in range(0, values.size, _CHECK_CHUNK):  # in parts: no temporaries the size of the counts
+        part = values[start : start + _CHECK_CHUNK]
+        if not np.all(np.isfinite(part)) or part.min() < 0 or np.any(part != np.round(part)):
+            raise ModelInputError(
+                f"{where} does not hold raw UMI counts (negative, non-integer or non-finite values). {hint}".rstrip()
+            )
     return csr
 
 
@@ -123,6 +126,8 @@ def align_counts(
             "The model reads cells by these genes (matched by name in var_names): give a screen that "
             f"measures them (same gene naming, e.g. symbols vs Ensembl ids){option}."
         )
+    if not missing and np.array_equal(position, np.arange(names.size)):
+        return counts  # the model's genes, in its order: nothing to reorder (no copy)
     counts = counts.tocsc()
     if missing:
         logger.warning("%d of %d model genes missing from the screen are filled with zeros.", len(missing), len(genes))

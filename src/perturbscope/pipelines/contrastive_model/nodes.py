@@ -86,17 +86,21 @@ def train_contrastive_model(
 
 def embed_cells(
     screen: ad.AnnData | BlockScreen, model: ContrastiveVAE, params: dict[str, Any], seed: int
-) -> ad.AnnData | BlockScreen:
+) -> tuple[ad.AnnData | BlockScreen, ad.AnnData]:
     """Salient and background embeddings, a PCA baseline and UMAPs of both spaces.
 
-    Adds to a copy of the screen: ``obsm["X_salient"]``, ``obsm["X_background"]``,
+    Returns the embedded screen and its embeddings alone (:func:`.tables.cell_embeddings`: ``obs``, ``obsm``,
+    ``uns``, no genes), which the nodes after this one read. Adds to a copy of the screen:
+    ``obsm["X_salient"]``, ``obsm["X_background"]``,
     ``obsm["X_pca_baseline"]`` (PCA of the log-normalised ``X`` with ``pca_components`` components, by
-    default as many as both latents together; a screen read from disk fits it on ``pca_max_cells``
-    cells), ``obsm["X_umap_salient"]``, ``obsm["X_umap_background"]`` (``umap_max_cells`` cells at most)
-    and ``uns["contrastive_model"]`` (hyperparameters and training summary).
+    default as many as both latents together; a screen of more than ``pca_max_cells`` cells, or read from
+    disk, fits it on that many cells and projects every cell), ``obsm["X_umap_salient"]``,
+    ``obsm["X_umap_background"]`` (``umap_max_cells`` cells at most) and ``uns["contrastive_model"]``
+    (hyperparameters and training summary).
     """
     settings = options(tables.embed_with_baseline, params, f"{SECTION}.embedding", exclude={"screen", "model", "seed"})
-    return tables.embed_with_baseline(screen, model, seed, **settings)
+    embedded = tables.embed_with_baseline(screen, model, seed, **settings)
+    return embedded, tables.cell_embeddings(embedded)
 
 
 # ---------------------------------------------------------------------------------- escapers
@@ -180,7 +184,7 @@ def evaluation_metrics(table: pd.DataFrame) -> dict[str, Any]:
 
 
 def rank_salient_genes(
-    embedded: ad.AnnData, calls: pd.DataFrame, model: ContrastiveVAE, params: dict[str, Any]
+    screen: ad.AnnData | BlockScreen, calls: pd.DataFrame, model: ContrastiveVAE, params: dict[str, Any]
 ) -> pd.DataFrame:
     """Genes each perturbation moves: decoded expression with the salient code vs ``s = 0``.
 
@@ -193,6 +197,6 @@ def rank_salient_genes(
     ``n_called_perturbed`` counts the cells above ``call_threshold``.
     """
     settings = options(
-        tables.salient_gene_table, params, f"{SECTION}.salient_expression", exclude={"embedded", "calls", "model"}
+        tables.salient_gene_table, params, f"{SECTION}.salient_expression", exclude={"screen", "calls", "model"}
     )
-    return tables.salient_gene_table(embedded, calls, model, **settings)
+    return tables.salient_gene_table(screen, calls, model, **settings)

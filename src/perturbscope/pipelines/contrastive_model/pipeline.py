@@ -43,28 +43,28 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 nodes.embed_cells,
                 inputs=["processed_screen", "contrastive_model", "params:contrastive_model.embedding", "params:seed"],
-                outputs="contrastive_embedded_screen",
+                outputs=["contrastive_embedded_screen", "contrastive_embeddings"],
                 name="embed_cells",
                 tags=STREAMS,
             ),
             # escapers: their own artifact, refitted without retraining (`--from-nodes fit_escape_mixture`)
             Node(
                 nodes.fit_escape_mixture,
-                inputs=["contrastive_embedded_screen", "params:contrastive_model.escape", "params:seed"],
+                inputs=["contrastive_embeddings", "params:contrastive_model.escape", "params:seed"],
                 outputs="contrastive_escape_mixture",
                 name="fit_escape_mixture",
                 tags=STREAMS,
             ),
             Node(
                 nodes.call_perturbed_cells,
-                inputs=["contrastive_embedded_screen", "contrastive_escape_mixture", "params:contrastive_model.escape"],
+                inputs=["contrastive_embeddings", "contrastive_escape_mixture", "params:contrastive_model.escape"],
                 outputs="contrastive_cell_calls",
                 name="call_perturbed_cells",
                 tags=STREAMS,
             ),
             Node(
                 nodes.escape_table,
-                inputs=["contrastive_embedded_screen", "contrastive_cell_calls", "contrastive_escape_mixture"],
+                inputs=["contrastive_embeddings", "contrastive_cell_calls", "contrastive_escape_mixture"],
                 outputs="contrastive_escape",
                 name="tabulate_escape",
                 tags=STREAMS,
@@ -72,7 +72,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 nodes.evaluate_embeddings,
                 inputs=[
-                    "contrastive_embedded_screen",
+                    "contrastive_embeddings",
                     "contrastive_cell_calls",
                     "params:contrastive_model.evaluation",
                     "params:schema",
@@ -91,7 +91,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 nodes.rank_salient_genes,
                 inputs=[
-                    "contrastive_embedded_screen",
+                    "processed_screen",
                     "contrastive_cell_calls",
                     "contrastive_model",
                     "params:contrastive_model.salient_expression",
@@ -102,7 +102,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 nodes.plot_embeddings,
-                inputs=["contrastive_embedded_screen", "params:contrastive_model.evaluation", "params:schema"],
+                inputs=["contrastive_embeddings", "params:contrastive_model.evaluation", "params:schema"],
                 outputs="contrastive_umaps",
                 name="plot_contrastive_umaps",
                 tags=STREAMS,

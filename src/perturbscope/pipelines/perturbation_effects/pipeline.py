@@ -57,7 +57,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 nodes.compute_profiles,
                 inputs=[
                     "processed_screen",
-                    "contrastive_embedded_screen",
+                    "contrastive_embeddings",
                     "contrastive_cell_calls",
                     "linear_embedded_screen",
                     "params:perturbation_effects.map.profiles",

@@ -35,8 +35,8 @@ PIPELINE = "contrastive_model"
 FIGURES = ("contrastive_story", "contrastive_training_curves")
 
 # Catalog outputs of the contrastive_model pipeline read here.
-EMBEDDING = "contrastive_embedded_screen"
-"""The processed screen with the salient posterior means in ``obsm[SALIENT_KEY]``."""
+EMBEDDING = "contrastive_embeddings"
+"""The cells' annotations and embeddings, the salient posterior means in ``obsm[SALIENT_KEY]``."""
 HISTORY = "contrastive_training_history"
 """``History.to_frame()`` of the training run."""
 METRICS = "contrastive_evaluation"
