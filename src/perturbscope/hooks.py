@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import gc
 import logging
 import os
 import time
@@ -282,11 +281,10 @@ def dataset_versions(catalog: Any, touched: dict[str, str], project_path: str | 
 
 
 def _give_back_freed_memory() -> None:
-    """Collect unreachable objects (an AnnData holds reference cycles) and return the memory freed to the operating
-    system (glibc's ``malloc_trim``): freed blocks between live ones otherwise stay in the process, and the next
-    screen is loaded on top of them (a 500,000-cell run sat ~0.5 GB higher between nodes). About 0.2 s, so only
-    before a screen is loaded; the trim is a no-op where glibc is not the allocator."""
-    gc.collect()
+    """Return the memory freed so far to the operating system (glibc's ``malloc_trim``, under a millisecond): freed
+    blocks between live ones otherwise stay in the process, and the next screen is loaded on top of them (a
+    500,000-cell run sat ~0.5 GB higher between nodes). A loaded AnnData is freed by reference counting, so no
+    ``gc.collect()`` (0.2 s and more in a large process). A no-op where glibc is not the allocator."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -358,7 +356,7 @@ class RunInfoHook:
         from perturbscope.datasets import AnnDataDataset  # (datasets import this module)
 
         self._screens = set()  # the screens (AnnData files) among the run's datasets: the large loads
-        for name in pipeline.datasets():
+        for name in pipeline.datasets() if pipeline is not None else ():
             with contextlib.suppress(Exception):  # a dataset the catalog cannot build is no screen
                 if isinstance(catalog.get(name), AnnDataDataset):
                     self._screens.add(name)
