@@ -39,6 +39,7 @@ __all__ = [
     "as_index",
     "device_bytes",
     "resident_or_streamed",
+    "value_chunks",
     "RESERVED_KEYS",
 ]
 
@@ -85,7 +86,10 @@ def as_index(idx: Any, n: int, name: str = "idx") -> Tensor:
     return out
 
 
-_CHECK_CHUNK = 1 << 22  # values checked this many at a time (no temporaries the size of the counts)
+def value_chunks(values: np.ndarray, size: int = 1 << 22) -> Iterator[np.ndarray]:
+    """``values`` in consecutive parts of ``size``: checks over them make no temporaries the size of the counts."""
+    for start in range(0, values.size, size):
+        yield values[start : start + size]
 
 
 def _canonical_csr(counts: Any, dtype: np.dtype) -> sp.csr_matrix:
@@ -99,14 +103,13 @@ def _canonical_csr(counts: Any, dtype: np.dtype) -> sp.csr_matrix:
         if arr.ndim != 2:
             raise ValueError(f"counts must be 2-D (cells x genes), got shape {arr.shape}")
         csr = sp.csr_matrix(arr)
-    data = csr.data
-    for start in range(0, data.size, _CHECK_CHUNK):
-        part = data[start : start + _CHECK_CHUNK]
+    explicit_zeros = False
+    for part in value_chunks(csr.data):
         if not np.all(np.isfinite(part)):
             raise ValueError("counts contain NaN or inf; clean the matrix before building CellData")
         if part.min() < 0:
             raise ValueError("counts contain negative values; the count models need raw (non-negative) counts")
-    explicit_zeros = any(not np.all(data[start : start + _CHECK_CHUNK]) for start in range(0, data.size, _CHECK_CHUNK))
+        explicit_zeros = explicit_zeros or not np.all(part)
     if explicit_zeros or not csr.has_canonical_format:
         csr = csr.copy()
         csr.sum_duplicates()

@@ -17,12 +17,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturbscope.blocks import BlockScreen, is_on_disk
-from perturbscope.models.data import CellData, StreamingCellData, device_bytes, resident_or_streamed
+from perturbscope.models.data import CellData, StreamingCellData, device_bytes, resident_or_streamed, value_chunks
 from perturbscope.models.runtime import resolve_device
 from perturbscope.schema import COUNTS_LAYER
 
 logger = logging.getLogger(__name__)
-_CHECK_CHUNK = 1 << 22  # count values checked this many at a time
 
 __all__ = [
     "BATCH_OBS_KEY",
@@ -92,8 +91,7 @@ def raw_counts(adata: ad.AnnData, counts_layer: str | None = None, hint: str = "
         matrix, where = adata.X, "X"
     csr = sp.csr_matrix(matrix, dtype=np.float32)  # the same arrays when they already are float32 CSR
     values = csr.data
-    for start in range(0, values.size, _CHECK_CHUNK):  # in parts: no temporaries the size of the counts
-        part = values[start : start + _CHECK_CHUNK]
+    for part in value_chunks(values):
         if not np.all(np.isfinite(part)) or part.min() < 0 or np.any(part != np.round(part)):
             raise ModelInputError(
                 f"{where} does not hold raw UMI counts (negative, non-integer or non-finite values). {hint}".rstrip()
