@@ -263,6 +263,7 @@ def run_ours(screen, args: argparse.Namespace, scorer: Scorer, target_ari: float
         "kl_warmup_epochs": args.kl_warmup,
         "early_stopping": False,
         "restore_best": False,
+        "reference_epoch_cells": None,  # the same epochs as scvi-tools at any size
         "progress": False,
         "device": "cpu",
         "precision": args.precision or defaults["training"].get("precision", "float32"),

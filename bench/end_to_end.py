@@ -5,7 +5,8 @@ Usage::
     python bench/end_to_end.py --n-cells 20000 --n-doubles 6 --n-batches 2          # default training, Cell Ranger .h5
     python bench/end_to_end.py --n-cells 12000 --epochs 3                           # what CI runs
 
-Simulates the screen into a temporary folder, registers only its schema (the ``e2e``
+Simulates the screen into a temporary folder (``--keep DIR``: a new folder that stays, for
+``bench/epoch_scaling.py`` to score), registers only its schema (the ``e2e``
 environment: conf/base with every output under that folder), runs
 ``kedro run --env e2e --params screen=<name>`` under ``/usr/bin/time -v`` and appends a row
 to bench/results/end_to_end.md: wall clock, peak RSS, epochs each model trained. Without
@@ -16,6 +17,7 @@ model's ``max_epochs`` is that number (conf/e2e uses 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -43,6 +45,22 @@ def _base_epochs() -> dict[str, int]:
     return out
 
 
+def bench_screen(n_cells: int, n_genes: int, n_doubles: int, n_batches: int, seed: int):  # -> AnnData
+    """The simulated screen of the bench (its truth for bench/epoch_scaling.py too)."""
+    from perturbscope.simulation import simulate_screen
+
+    return simulate_screen(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_doubles=n_doubles,
+        n_batches=n_batches,
+        n_programs=5,
+        perturbations_per_program=4,
+        seed=seed,
+        **({"guides_per_target": 2, "guides_per_cell": 2, "multiplet_rate": 0.02} if n_doubles else {}),
+    )
+
+
 def _latest(path: Path) -> Path:
     return sorted(path.iterdir())[-1] / path.name
 
@@ -55,25 +73,20 @@ def main() -> None:
     parser.add_argument("--n-batches", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs of every model (default: conf/base's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", type=Path, default=None, help="run in this (new) folder and keep it, for scoring")
     args = parser.parse_args()
-    from perturbscope.simulation import simulate_screen, write_cellranger_h5
+    from perturbscope.simulation import write_cellranger_h5
 
     screen = "sim_doubles_batch" if args.n_doubles else "sim_singles"  # the schemas in conf/e2e/screens.yml
     epochs = dict.fromkeys(_base_epochs(), args.epochs) if args.epochs else _base_epochs()
     params = ",".join(f"{p}.training.max_epochs={n}" for p, n in epochs.items())
-    with tempfile.TemporaryDirectory(prefix="perturbscope-e2e-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)  # a new folder: two runs never share one
+    keep = contextlib.nullcontext(str(args.keep.resolve())) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(prefix="perturbscope-e2e-") as tmp:
         root = Path(tmp)
         (root / "data" / "01_raw").mkdir(parents=True)
-        adata = simulate_screen(
-            n_cells=args.n_cells,
-            n_genes=args.n_genes,
-            n_doubles=args.n_doubles,
-            n_batches=args.n_batches,
-            n_programs=5,
-            perturbations_per_program=4,
-            seed=args.seed,
-            **({"guides_per_target": 2, "guides_per_cell": 2, "multiplet_rate": 0.02} if args.n_doubles else {}),
-        )
+        adata = bench_screen(args.n_cells, args.n_genes, args.n_doubles, args.n_batches, args.seed)
         if screen == "sim_singles":
             adata = adata[adata.obs["n_perturbed_genes"] <= 1].copy()
             adata.write_h5ad(root / "data" / "01_raw" / f"{screen}.h5ad")

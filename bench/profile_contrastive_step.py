@@ -58,7 +58,12 @@ def main() -> None:
     with seeded(0):
         model = ContrastiveVAE(args.genes, likelihood=args.likelihood, decoder=args.decoder)
     cfg = TrainConfig(
-        max_epochs=args.epochs, progress=False, early_stopping=False, device=args.device, precision=args.precision
+        max_epochs=args.epochs,
+        progress=False,
+        early_stopping=False,
+        device=args.device,
+        precision=args.precision,
+        reference_epoch_cells=None,
     )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -343,3 +343,47 @@ def test_training_error_names_the_python_arguments_to_change() -> None:
     assert (
         isinstance(renamed, TrainingError) and "(training.lr)" in str(renamed) and "(model.likelihood)" in str(renamed)
     )
+
+
+def test_epoch_counts_scale_to_the_reference_epoch() -> None:
+    cfg = TrainConfig(max_epochs=300, kl_warmup_epochs=40, patience=20, lr_patience=5, reference_epoch_cells=10_000)
+    assert cfg.scaled_to(10_000) is cfg and cfg.scaled_to(None) is cfg  # at or below the reference: unchanged
+    assert cfg.replace(reference_epoch_cells=None).scaled_to(10**6).max_epochs == 300
+    twice = cfg.scaled_to(20_000)  # twice the cells per epoch: half the epochs of every count
+    assert (twice.max_epochs, twice.kl_warmup_epochs, twice.patience, twice.lr_patience) == (150, 20, 10, 3)
+    assert cfg.epoch_scale(20_000) == 0.5
+    huge = cfg.scaled_to(2_000_000)  # rounded up, at least 1; a disabled warm-up or decay stays off
+    assert (huge.max_epochs, huge.kl_warmup_epochs, huge.patience, huge.lr_patience) == (2, 1, 1, 1)
+    off = cfg.replace(kl_warmup_epochs=0, lr_patience=None).scaled_to(2_000_000)
+    assert off.kl_warmup_epochs == 0 and off.lr_patience is None
+    with pytest.raises(ValueError, match="reference_epoch_cells"):
+        TrainConfig(reference_epoch_cells=0)
+
+
+def test_a_larger_epoch_trains_fewer_epochs_with_a_stepwise_warmup() -> None:
+    from perturbscope.models.data import MinibatchSampler
+
+    data = CellData(random_counts(100, 20, seed=3))
+    assert MinibatchSampler(data, np.arange(25), batch_size=10).cells_per_epoch == 25
+    assert MinibatchSampler(data, np.arange(25), batch_size=10, drop_last=True).cells_per_epoch == 20
+    cfg = TrainConfig(max_epochs=8, kl_warmup_epochs=4, lr=1e-2, progress=False, reference_epoch_cells=40)
+    runs = {}
+    for cells in (40, 80):  # at the reference, then twice its cells per epoch
+        with seeded(0):
+            model = ContrastiveVAE(20, n_hidden=8, n_background=2, n_salient=2)
+        weights: list[float] = []
+        loss = model.loss
+        model.loss = lambda batch, kl_weight, loss=loss, weights=weights: (
+            weights.append(kl_weight) or loss(batch, kl_weight)
+        )
+        train = PairedSampler(data, np.arange(80, 100), np.arange(cells), batch_size=10)
+        runs[cells] = (fit(model, train, None, cfg), weights)
+    same, same_weights = runs[40]
+    assert len(same) == 8 and same.epoch_scale == 1.0
+    assert same.kl_weight == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert same_weights[:4] == [0.25] * 4  # one weight per epoch at the reference
+    scaled, scaled_weights = runs[80]
+    assert len(scaled) == 4 and scaled.epoch_scale == 0.5  # the same cells trained: 4 epochs of 80 cells
+    assert scaled.kl_weight == [0.5, 1.0, 1.0, 1.0]  # warm-up of 2 epochs; each epoch's end weight
+    assert scaled_weights[:8] == pytest.approx([i / 16 for i in range(1, 9)])  # grows every step
+    assert scaled_weights[8:16] == pytest.approx([0.5 + i / 16 for i in range(1, 9)])

@@ -646,6 +646,12 @@ class MinibatchSampler:
         n = self.idx.numel()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    @property
+    def cells_per_epoch(self) -> int:
+        """Cells one pass yields (``TrainConfig.reference_epoch_cells`` compares it)."""
+        n = self.idx.numel()
+        return n - n % self.batch_size if self.drop_last else n
+
     def __iter__(self) -> Iterator[Batch]:
         order = self.idx
         if self.shuffle:
@@ -737,6 +743,11 @@ class PairedSampler:
 
     def __len__(self) -> int:
         return math.ceil(self.target_idx.numel() / self.batch_size)
+
+    @property
+    def cells_per_epoch(self) -> int:
+        """Target cells one pass yields, each with a control (``TrainConfig.reference_epoch_cells``)."""
+        return int(self.target_idx.numel())
 
     def _new_bg_perm(self) -> Tensor:
         if self.shuffle:

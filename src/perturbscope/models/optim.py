@@ -124,19 +124,20 @@ def run_epoch(
     loss: Callable[[Any, float], Mapping[str, Tensor]],
     sampler: Iterable[Mapping[str, Any]],
     device: torch.device,
-    kl_weight: float,
+    kl_weight: float | Callable[[int], float],
     optimisation: Optimisation | None = None,
 ) -> EpochTerms:
     """One pass over ``sampler``: ``loss(batch, kl_weight)`` per batch, a step of ``optimisation`` when given.
 
-    The per-step terms stay on the device and are read back once, at the end.
+    ``kl_weight`` is one weight for the pass or a function of the step (0, 1, ...). The per-step terms stay
+    on the device and are read back once, at the end.
     """
     names: list[str] | None = None
     rows: list[Tensor] = []
     sizes: list[int] = []
-    for batch in sampler:
+    for step, batch in enumerate(sampler):
         batch = batch_to(batch, device)
-        out = loss(batch, kl_weight)
+        out = loss(batch, kl_weight(step) if callable(kl_weight) else kl_weight)
         if names is None:
             if "loss" not in out:
                 owner = type(getattr(loss, "__self__", loss)).__name__

@@ -11,6 +11,7 @@ of a data-parallel fit).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +26,8 @@ from .distributed import LossForward, active_group, check_replicas, shard_sample
 from .modules import matmul_dtype
 from .optim import Optimisation, check_finite, epoch_means, run_epoch
 from .runtime import PRECISIONS, compute_context, resolve_device, resolve_precision, rng_devices
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["History", "TrainConfig", "fit", "kl_weight_at"]
 
@@ -101,6 +104,14 @@ class TrainConfig:
         Compile the training and validation loss with ``torch.compile`` (dynamic shapes: batches differ
         in their number of non-zeros). Off by default: it pays on a GPU with many epochs, and costs a
         compilation of tens of seconds first (bench/gpu.sh measures it).
+    reference_epoch_cells
+        The epoch counts above (``max_epochs``, ``kl_warmup_epochs``, ``patience``, ``lr_patience``) are
+        epochs of this many training cells. A screen whose epoch has more cells trains the same number of
+        cells, not of epochs: each count is multiplied by ``reference_epoch_cells / cells per epoch``
+        (rounded up, at least 1), and the KL warm-up then grows step by step, so that it still spans that
+        many reference epochs when it is shorter than one epoch (:meth:`scaled_to`). Every benchmark behind
+        the defaults ran on screens with at most 10,000 training cells per epoch, where nothing changes.
+        None = epochs are epochs at every size.
     """
 
     max_epochs: int = 100
@@ -126,6 +137,7 @@ class TrainConfig:
     memory_budget_gb: float | None = None
     stream_block_size: int = 16384
     compile: bool = False
+    reference_epoch_cells: int | None = 10_000
 
     def __post_init__(self) -> None:
         def bad(name: str, detail: str) -> ParameterError:
@@ -155,6 +167,7 @@ class TrainConfig:
         integer("num_threads", 1, optional=True)
         integer("stream_block_size", 1)
         integer("seed", 0)
+        integer("reference_epoch_cells", 1, optional=True)
         number("lr", lambda v: v > 0 and math.isfinite(v), "a positive finite number")
         number("weight_decay", lambda v: v >= 0, "a number >= 0")
         number("min_delta", lambda v: v >= 0, "a number >= 0")
@@ -195,6 +208,29 @@ class TrainConfig:
         """Plain dict of the fields (for logging)."""
         return asdict(self)
 
+    def epoch_scale(self, cells_per_epoch: int | None) -> float:
+        """``reference_epoch_cells / cells_per_epoch`` when an epoch has more cells than the reference, else 1."""
+        if self.reference_epoch_cells is None or not cells_per_epoch or cells_per_epoch <= self.reference_epoch_cells:
+            return 1.0
+        return self.reference_epoch_cells / cells_per_epoch
+
+    def scaled_to(self, cells_per_epoch: int | None) -> TrainConfig:
+        """The config in epochs of ``cells_per_epoch`` cells: the epoch counts times :meth:`epoch_scale`,
+        rounded up (at least 1; a KL warm-up or ``lr_patience`` of 0 stays 0). Unchanged at scale 1."""
+        scale = self.epoch_scale(cells_per_epoch)
+        if scale == 1.0:
+            return self
+
+        def scaled(value: int | None, minimum: int = 1) -> int | None:
+            return value if not value else max(minimum, math.ceil(value * scale - 1e-9))
+
+        return self.replace(
+            max_epochs=scaled(self.max_epochs),
+            patience=scaled(self.patience),
+            lr_patience=scaled(self.lr_patience),
+            kl_warmup_epochs=scaled(self.kl_warmup_epochs),
+        )
+
 
 @dataclass
 class History:
@@ -221,6 +257,9 @@ class History:
         Whether early stopping ended training.
     precision : str
         Precision the matrix products ran in: ``"float32"`` or ``"bfloat16"``.
+    epoch_scale : float
+        :meth:`TrainConfig.epoch_scale` of the fit: below 1 the epoch counts were scaled to the screen
+        (``TrainConfig.reference_epoch_cells``) and the KL warm-up grew step by step.
     """
 
     epoch: list[int] = field(default_factory=list)
@@ -234,6 +273,7 @@ class History:
     best_epoch: int | None = None
     stopped_early: bool = False
     precision: str = "float32"
+    epoch_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -265,11 +305,12 @@ class History:
         return asdict(self)
 
 
-def kl_weight_at(epoch: int, warmup_epochs: int) -> float:
-    """Linear warm-up weight: ``min(1, (epoch + 1) / warmup_epochs)`` (1 if no warm-up)."""
+def kl_weight_at(epoch: int, warmup_epochs: int, done: float = 1.0) -> float:
+    """Linear warm-up weight ``min(1, (epoch + done) / warmup_epochs)`` (1 if no warm-up), ``done`` the part of
+    the epoch trained when the weight is used: 1 (the default) gives every step of an epoch its end weight."""
     if warmup_epochs <= 0:
         return 1.0
-    return min(1.0, (epoch + 1) / warmup_epochs)
+    return min(1.0, (epoch + done) / warmup_epochs)
 
 
 def fit(
@@ -373,6 +414,25 @@ def _fit_one(
     callback: Callable[[int, History, nn.Module], bool | None] | None = None,
 ) -> History:
     """:func:`fit` in this process: alone, or as one rank of an initialised process group."""
+    cells = getattr(train_sampler, "cells_per_epoch", None)  # every rank's cells: read before sharding
+    scale = config.epoch_scale(cells)
+    if scale < 1.0:
+        scaled = config.scaled_to(cells)
+        if (active_group() or (0, 1))[0] == 0:
+            changed = ", ".join(
+                f"{name} {getattr(config, name)} -> {getattr(scaled, name)}"
+                for name in ("max_epochs", "kl_warmup_epochs", "patience", "lr_patience")
+                if getattr(config, name) != getattr(scaled, name)
+            )
+            logger.info(
+                "An epoch of %s is %d cells, %.2fx training.reference_epoch_cells (%d): %s.",
+                type(model).__name__,
+                cells,
+                1 / scale,
+                config.reference_epoch_cells,
+                changed or "no epoch count changes",
+            )
+        config = scaled
     dtype = resolve_precision(config.precision, device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -405,8 +465,16 @@ def _fit_one(
         if sampler is not None and hasattr(sampler, "manual_seed"):
             sampler.manual_seed(config.seed + offset + 7919 * rank)
 
-    history = History()
+    history = History(epoch_scale=scale)
     stopping = _EarlyStopping(config)
+    # a scaled screen: the warm-up grows every step (an epoch is several reference epochs), its epochs' end
+    # weights those of the epoch-wise warm-up
+    steps = len(train_sampler) if hasattr(train_sampler, "__len__") else 0
+    stepwise = scale < 1.0 and config.kl_warmup_epochs > 0 and steps > 0
+
+    def warmup(epoch: int) -> Callable[[int], float]:
+        return lambda step: kl_weight_at(epoch, config.kl_warmup_epochs, (step + 1) / steps)
+
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -421,7 +489,7 @@ def _fit_one(
             beta = kl_weight_at(epoch, config.kl_warmup_epochs)
             lr = optimisation.lr
             model.train()
-            terms = run_epoch(train_loss, train_sampler, device, beta, optimisation)
+            terms = run_epoch(train_loss, train_sampler, device, warmup(epoch) if stepwise else beta, optimisation)
             train_means = epoch_means(terms)
             check_finite(terms, epoch, "training", train_means)
             val_means: dict[str, float] = {}

@@ -17,13 +17,10 @@ def test_each_class_owns_its_training_defaults_over_train_config() -> None:
     contrastive = ContrastiveVI.train_config()
     assert (contrastive.max_epochs, contrastive.kl_warmup_epochs, contrastive.lr_patience) == (300, 40, 5)
     assert (contrastive.lr, contrastive.patience, contrastive.batch_size) == (base.lr, base.patience, base.batch_size)
+    assert contrastive.reference_epoch_cells == 50_000
     linear = LDVAE.train_config()
-    assert (linear.max_epochs, linear.kl_warmup_epochs, linear.num_threads, linear.precision) == (
-        400,
-        100,
-        1,
-        "float32",
-    )
+    assert (linear.max_epochs, linear.kl_warmup_epochs, linear.precision) == (400, 100, "float32")
+    assert linear.num_threads == base.num_threads and base.reference_epoch_cells == 10_000
     cvae = CVAE.train_config()
     assert (cvae.lr, cvae.patience, cvae.grad_clip, cvae.validation_batch_size) == (1e-3, 30, 10.0, 512)
     # the caller's settings go over the class's, key by key; the seed unless the settings name their own

@@ -120,11 +120,17 @@ class ContrastiveVI(ModelAPI):
     """contrastiveVI on AnnData: controls are the background, every other cell a target."""
 
     module_class = ContrastiveVAE
-    training_defaults = MappingProxyType({"max_epochs": 300, "kl_warmup_epochs": 40, "lr_patience": 5})
+    training_defaults = MappingProxyType(
+        {"max_epochs": 300, "kl_warmup_epochs": 40, "lr_patience": 5, "reference_epoch_cells": 50_000}
+    )
     """Over :class:`~perturbscope.models.TrainConfig`'s: an epoch is every training target once; the KL
     warm-up never stops training; the learning rate halves after 6 epochs without a validation improvement,
     because the salient space keeps sorting the programs while the ELBO is flat (simulated penetrance-0.6
-    screen: KMeans ARI on the responders 0.926 -> 0.959 at the restored epoch; bench/results/escape_seeds.md)."""
+    screen: KMeans ARI on the responders 0.926 -> 0.959 at the restored epoch; bench/results/escape_seeds.md).
+    For the same reason its epoch counts hold up to 50,000 training targets per epoch, not 10,000: on a
+    20,000-cell screen (13,365 training targets) epochs scaled to 10,000 cells trained 45-52 epochs instead
+    of 60-69, and the escape calls' AUROC fell from 0.857-0.862 to 0.817-0.861 (3 seeds;
+    bench/results/epoch_scaling.md)."""
     counts_hint = _COUNTS_HINT
 
     @classmethod

@@ -70,12 +70,12 @@ class LDVAE(ModelAPI):
     """The linearly decoded VAE on AnnData: factors whose loadings name the genes they move."""
 
     module_class = LinearVAE
-    training_defaults = MappingProxyType(
-        {"max_epochs": 400, "kl_warmup_epochs": 100, "num_threads": 1, "precision": "float32"}
-    )
-    """Over :class:`~perturbscope.models.TrainConfig`'s: an epoch is every training cell once; a long KL
-    warm-up (lower it for > 50,000 cells); one CPU thread, the fastest for this small model (2 threads were
-    5-10x slower on a busy 2-core machine); float32, in which its benchmark and tests ran."""
+    training_defaults = MappingProxyType({"max_epochs": 400, "kl_warmup_epochs": 100, "precision": "float32"})
+    """Over :class:`~perturbscope.models.TrainConfig`'s: an epoch is every training cell once (of
+    ``reference_epoch_cells`` cells at most: larger screens train fewer epochs); a long KL warm-up; float32,
+    in which its benchmark and tests ran. Torch's threads (on an idle 2-core machine 2 threads trained
+    1.4x faster than 1, 3 runs each on a 19,062-cell screen); on a busy machine ``num_threads: 1`` can be
+    much faster."""
     counts_hint = _COUNTS_HINT
 
     def cell_data(
