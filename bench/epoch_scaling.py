@@ -118,8 +118,8 @@ def score(root: Path, obs: pd.DataFrame) -> dict[str, object]:
                 row[f"{r['evaluation']} {r['method']}: energy distance"] = round(r["energy_distance_mean"], 3)
     interactions = _latest(root, "genetic_interactions.csv")
     if interactions is not None:
-        calls = pd.read_csv(interactions)["interaction"].value_counts()
-        row["interaction classes"] = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))
+        classes = pd.read_csv(interactions)["interaction"].value_counts()
+        row["interaction classes"] = ", ".join(f"{k} {v}" for k, v in sorted(classes.items()))
     return row
 
 

@@ -29,6 +29,9 @@ from .runtime import PRECISIONS, compute_context, resolve_device, resolve_precis
 
 logger = logging.getLogger(__name__)
 
+EPOCH_COUNTS = ("max_epochs", "kl_warmup_epochs", "patience", "lr_patience")
+"""The :class:`TrainConfig` fields counted in epochs, which ``reference_epoch_cells`` scales."""
+
 __all__ = ["History", "TrainConfig", "fit", "kl_weight_at"]
 
 
@@ -221,15 +224,10 @@ class TrainConfig:
         if scale == 1.0:
             return self
 
-        def scaled(value: int | None, minimum: int = 1) -> int | None:
-            return value if not value else max(minimum, math.ceil(value * scale - 1e-9))
+        def scaled(value: int | None) -> int | None:
+            return value if not value else max(1, math.ceil(value * scale - 1e-9))  # 1e-9: no 10.000...1 -> 11
 
-        return self.replace(
-            max_epochs=scaled(self.max_epochs),
-            patience=scaled(self.patience),
-            lr_patience=scaled(self.lr_patience),
-            kl_warmup_epochs=scaled(self.kl_warmup_epochs),
-        )
+        return self.replace(**{name: scaled(getattr(self, name)) for name in EPOCH_COUNTS})
 
 
 @dataclass
@@ -405,6 +403,25 @@ def _record(
         history.val_terms.setdefault(k, []).append(float(v))
 
 
+def _scaled_config(config: TrainConfig, cells: int | None, owner: str) -> TrainConfig:
+    """:meth:`TrainConfig.scaled_to` ``cells``, logged (by the first rank) when it changes an epoch count."""
+    scaled = config.scaled_to(cells)
+    if scaled is not config and (active_group() or (0, 1))[0] == 0:
+        changed = [
+            f"{n} {getattr(config, n)} -> {getattr(scaled, n)}"
+            for n in EPOCH_COUNTS
+            if getattr(config, n) != getattr(scaled, n)
+        ]
+        logger.info(
+            "An epoch of %s is %d cells, over training.reference_epoch_cells (%d): %s.",
+            owner,
+            cells,
+            config.reference_epoch_cells,
+            ", ".join(changed) or "no epoch count changes",
+        )
+    return scaled
+
+
 def _fit_one(
     model: nn.Module,
     train_sampler: Iterable[Mapping[str, Any]],
@@ -416,23 +433,7 @@ def _fit_one(
     """:func:`fit` in this process: alone, or as one rank of an initialised process group."""
     cells = getattr(train_sampler, "cells_per_epoch", None)  # every rank's cells: read before sharding
     scale = config.epoch_scale(cells)
-    if scale < 1.0:
-        scaled = config.scaled_to(cells)
-        if (active_group() or (0, 1))[0] == 0:
-            changed = ", ".join(
-                f"{name} {getattr(config, name)} -> {getattr(scaled, name)}"
-                for name in ("max_epochs", "kl_warmup_epochs", "patience", "lr_patience")
-                if getattr(config, name) != getattr(scaled, name)
-            )
-            logger.info(
-                "An epoch of %s is %d cells, %.2fx training.reference_epoch_cells (%d): %s.",
-                type(model).__name__,
-                cells,
-                1 / scale,
-                config.reference_epoch_cells,
-                changed or "no epoch count changes",
-            )
-        config = scaled
+    config = _scaled_config(config, cells, type(model).__name__)
     dtype = resolve_precision(config.precision, device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
