@@ -91,6 +91,57 @@ def test_two_runs_started_together_on_a_new_store_both_finish(test_root: Path) -
     assert set(statuses.values()) == {"FINISHED"}
 
 
+def _claim(folder: str, version: str, start: float) -> str:
+    while time.time() < start:  # every process claims at the same moment
+        pass
+    return RunLedger(Path(folder)).claim(version, {"screen": SCREEN})
+
+
+def test_runs_started_in_the_same_millisecond_claim_distinct_save_versions(tmp_path: Path) -> None:
+    """Kedro's save version is the start time to the millisecond: of runs racing for one, exactly one gets
+    it and each other run the next free millisecond, also once a run with that version has finished."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    version = "2026-12-05T07.45.02.999Z"
+    start = time.time() + 1.0
+    with ProcessPoolExecutor(6) as pool:
+        claimed = list(pool.map(_claim, [str(tmp_path)] * 6, [version] * 6, [start] * 6))
+    assert sorted(claimed) == [version] + [f"2026-12-05T07.45.03.00{i}Z" for i in range(5)]
+    ledger = RunLedger(tmp_path)
+    assert {run.save_version for run in ledger.unfinished()} == set(claimed)
+    second = sorted(claimed)[1]
+    ledger.finish(version, {"session_id": "s0", "mlflow_run_id": "r0"})  # its record stays, its marker goes
+    ledger.finish(second, {"session_id": "s0", "mlflow_run_id": "r1"})  # same session id, another MLflow run
+    assert ledger.claim(version, {}) == "2026-12-05T07.45.03.005Z"
+    assert ledger.version_of_session("s0", "r0") == version and ledger.version_of_session("s0", "r1") == second
+    assert ledger.version_of_session("s1") is None and ledger.version_of_session("s0") == second  # the latest
+    assert RunLedger(tmp_path / "other").claim("by-hand", {}) == "by-hand"
+    assert RunLedger(tmp_path / "other").claim("by-hand", {}) == "by-hand-2"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_run_given_a_finished_runs_save_version_writes_its_own(
+    run_kedro, test_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions with the same id (started in the same millisecond): the second writes the next
+    millisecond's version, reads its own outputs, and both runs stay complete."""
+    import kedro.framework.session.session as kedro_session
+
+    version = "2026-12-05T07.45.02.464Z"
+    monkeypatch.setattr(kedro_session, "generate_timestamp", lambda: version)
+    run_kedro(["data_processing"])
+    run_kedro(["data_processing"], seed=1)
+    later = "2026-12-05T07.45.02.465Z"
+    assert _processed_versions(test_root) == [version, later]
+    records = _records(test_root)
+    assert sorted(records) == [version, later] and {r["session_id"] for r in records.values()} == {version}
+    assert set(records[later]["saved"].values()) == {later}
+    assert RunLedger.of(test_root / "data", SCREEN).unfinished() == []
+    folder = test_root / "data/03_primary" / SCREEN / "processed_screen.h5ad"
+    first, second = (ad.read_h5ad(folder / v / "processed_screen.h5ad", backed="r") for v in (version, later))
+    assert (first.obs["split"] != second.obs["split"]).any()  # each file is its own run's (seeds 0 and 1)
+
+
 def test_a_half_migrated_store_is_refused_with_its_repair_and_repaired(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     open_store(uri, "perturbscope-x")

@@ -199,14 +199,17 @@ class RunOutputsHook:
     def on_pipeline_error(self, error: Exception) -> None:
         if self._catalog is None or not self._save_version:
             return
-        removed = 0
+        removed, versions = 0, set()
         for name, dataset in versioned_datasets(self._catalog, sorted(self._outputs)).items():
             try:
-                folder = str(PurePosixPath(str(dataset._get_versioned_path(self._save_version))).parent)
+                # the version RunInfoHook claimed for the run (the session's unless another run had it)
+                version = dataset._version.save or self._save_version
+                folder = str(PurePosixPath(str(dataset._get_versioned_path(version))).parent)
                 fs = getattr(dataset, "_fs", None) or fsspec.filesystem("file")
                 if fs.exists(folder):
                     fs.rm(folder, recursive=True)
                     removed += 1
+                    versions.add(version)
             except OSError as err:  # never hide the run's own error
                 logger.warning("Could not remove the output %s of the failed run: %s", name, err)
         if removed:
@@ -215,7 +218,7 @@ class RunOutputsHook:
                 "earlier runs' outputs are untouched.",
                 type(error).__name__,
                 removed,
-                self._save_version,
+                ", ".join(sorted(versions)),
             )
 
 
@@ -378,10 +381,8 @@ class RunInfoHook:
                 self._screen,
                 ", ".join(run.save_version for run in killed),
             )
-        outputs = set(pipeline.all_outputs())
-        reads = (set(pipeline.datasets()) | self._project_datasets) - outputs
-        self._inputs = pin_versions(catalog, outputs, reads, save_version, self._ledger, self._user_versions)
-        self._ledger.start(
+        # the session's save version, or the next free one if a run started in the same millisecond has it
+        save_version = self._ledger.claim(
             save_version,
             {
                 "screen": self._screen,
@@ -390,6 +391,10 @@ class RunInfoHook:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )
+        self._save_version = save_version
+        outputs = set(pipeline.all_outputs())
+        reads = (set(pipeline.datasets()) | self._project_datasets) - outputs
+        self._inputs = pin_versions(catalog, outputs, reads, save_version, self._ledger, self._user_versions)
 
     @hook_impl
     def before_dataset_loaded(self, dataset_name: str) -> None:

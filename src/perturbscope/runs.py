@@ -1,8 +1,10 @@
 """Each run's record, which makes it complete, and the versions a run reads.
 
 Every output of a run is a versioned file, ``<path>/<save version>/<file>``, the save version being the
-Kedro session id. Kedro's own rule, "load the newest version on disk", lets one run read another's outputs
-(two runs of one screen at once) and a killed run's half-set of outputs. The rule here instead:
+Kedro session id, its start time to the millisecond (a run started in the same millisecond as another run of
+the screen takes the next free millisecond: :meth:`RunLedger.claim`). Kedro's own rule, "load the newest
+version on disk", lets one run read another's outputs (two runs of one screen at once) and a killed run's
+half-set of outputs. The rule here instead:
 
 * **A run reads its own outputs**: a dataset the run writes is loaded at the run's save version.
 * **Its other inputs come from complete runs**: a dataset it only reads is loaded at the version the latest
@@ -28,10 +30,11 @@ import shutil
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io.core import AbstractVersionedDataset, Version
+from kedro.io.core import VERSION_FORMAT, AbstractVersionedDataset, Version
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ RUNS_FOLDER = "09_runs"
 
 _RUNNING = ".running.json"
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
+_MAX_CLAIMS = 10_000
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -59,6 +63,30 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def _create(path: Path, payload: Mapping[str, Any]) -> bool:
+    """Write ``payload`` to ``path`` unless ``path`` exists (atomically: False when it did)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.claim.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+    try:
+        os.link(tmp, path)  # fails if path exists, whoever made it
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    return True
+
+
+def _next_version(version: str) -> str:
+    """The save version 1 ms after ``version`` (Kedro's format), or ``version-2``, ``-3``... for another format."""
+    try:
+        stamp = datetime.strptime(version, VERSION_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        base, _, n = version.rpartition("-")
+        return f"{base}-{int(n) + 1}" if base and n.isdigit() else f"{version}-2"
+    later = (stamp + timedelta(milliseconds=1)).strftime(VERSION_FORMAT)
+    return later[:-4] + later[-1:]  # milliseconds, as kedro.io.core.generate_timestamp writes them
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -155,18 +183,51 @@ class RunLedger:
         record = self.records().get(version) or {}
         return str(record.get("mlflow_run_id") or "")
 
+    def version_of_session(self, session_id: str, mlflow_run_id: str = "") -> str | None:
+        """The save version of the complete run of Kedro session ``session_id`` (and MLflow run ``mlflow_run_id``,
+        if given): the session id, unless a run started in the same millisecond had it."""
+        self._records = None
+        for version, record in reversed(self.records().items()):
+            same_run = not mlflow_run_id or record.get("mlflow_run_id") in (None, "", mlflow_run_id)
+            if record.get("session_id") == session_id and same_run:
+                return version
+        return None
+
     # ------------------------------------------------------------------ writing
-    def start(self, save_version: str, payload: Mapping[str, Any]) -> None:
+    def claim(self, save_version: str, payload: Mapping[str, Any]) -> str:
+        """Start a run: its marker at ``save_version`` or, when another run has that version, the first free
+        version after it (1 ms later each); returns the version claimed.
+
+        Kedro's save version is the session's start time to the millisecond, so two runs started together can
+        get the same one, and would write each other's files. The marker is created only if it does not exist
+        (a hard link of a finished temporary file), so of runs that race for a version exactly one gets it.
+        """
         pid = os.getpid()
-        _write_json(
-            self.folder / f"{save_version}{_RUNNING}",
-            {
+        self.folder.mkdir(parents=True, exist_ok=True)
+        version = save_version
+        for _ in range(_MAX_CLAIMS):
+            body = {
                 **payload,
-                "save_version": save_version,
+                "save_version": version,
                 "pid": pid,
                 "process_start": _process_start(pid),
                 "host": socket.gethostname(),
-            },
+            }
+            if _create(self.folder / f"{version}{_RUNNING}", body):
+                # a run writes its record before it drops its marker: no record now, no run had this version
+                if not (self.folder / f"{version}.json").exists():
+                    if version != save_version:
+                        logger.info(
+                            "Save version %s is another run's: this run writes its outputs as version %s.",
+                            save_version,
+                            version,
+                        )
+                    return version
+                self.drop_marker(version)
+            version = _next_version(version)
+        raise RuntimeError(
+            f"No free save version in {_MAX_CLAIMS} tries after {save_version} in {self.folder}: "
+            "remove stale *.running.json markers there (`perturbscope clean`)."
         )
 
     def update_marker(self, save_version: str, **fields: Any) -> None:
@@ -211,8 +272,8 @@ def versioned_datasets(catalog: Any, names: Iterable[str]) -> dict[str, Abstract
     return out
 
 
-def _pin(dataset: AbstractVersionedDataset, load: str | None) -> None:
-    dataset._version = Version(load, dataset._version.save)
+def _pin(dataset: AbstractVersionedDataset, load: str | None, save: str | None = None) -> None:
+    dataset._version = Version(load, save or dataset._version.save)
     dataset._clear_version_cache()
 
 
@@ -224,7 +285,8 @@ def pin_versions(
     ledger: RunLedger,
     user_pinned: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Pin load versions: ``outputs`` at ``save_version``, ``inputs`` at the latest complete run's version.
+    """Pin versions: ``outputs`` saved and loaded at ``save_version``, ``inputs`` loaded at the latest complete
+    run's version.
 
     Versions the user pinned (``--load-versions``) are kept. Returns ``{dataset: version}`` of every input
     pinned and the run that wrote it (``"<version>"``); an input with no version anywhere is left alone
@@ -234,8 +296,8 @@ def pin_versions(
     unfinished = {run.save_version for run in ledger.unfinished()}
     chosen: dict[str, str] = {}
     for name, dataset in versioned_datasets(catalog, outputs).items():
-        if name not in pinned_by_user and save_version:
-            _pin(dataset, save_version)
+        if save_version:
+            _pin(dataset, dataset._version.load if name in pinned_by_user else save_version, save_version)
     for name, dataset in versioned_datasets(catalog, inputs).items():
         if name in pinned_by_user:
             continue

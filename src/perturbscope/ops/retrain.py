@@ -79,6 +79,7 @@ from perturbscope.ops.screens import (
     fingerprint,
     validate_registry,
 )
+from perturbscope.runs import ledger_of
 from perturbscope.schema import ScreenValidationError
 from perturbscope.store import open_store
 
@@ -96,6 +97,7 @@ STATUS_COLUMNS = [
     "data_sha256",
     "mlflow_run_id",
     "kedro_session_id",
+    "save_version",
     "registered",
     "promoted",
     "seconds",
@@ -277,6 +279,7 @@ class _Screen:
     data_sha256: str = ""
     mlflow_run_id: str = ""
     kedro_session_id: str = ""
+    save_version: str = ""  # of the run's outputs: the session id, unless a run started in the same ms had it
     registered: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -290,6 +293,7 @@ class _Screen:
             "data_sha256": self.data_sha256,
             "mlflow_run_id": self.mlflow_run_id,
             "kedro_session_id": self.kedro_session_id,
+            "save_version": self.save_version,
             "registered": "; ".join(self.registered),
             "promoted": "; ".join(self.promoted),
             "seconds": round(time.time() - self.started, 1),
@@ -302,7 +306,7 @@ def _description(screen: str, spec: ModelSpec, info: _Screen, table: pd.DataFram
         f"perturbscope `{spec.key}` model of screen `{screen}` (pipeline `{spec.pipeline}`, dataset `{spec.dataset}`).",
         "",
         f"Data: `{info.file}`, sha256 `{info.data_sha256}`; Kedro save version "
-        f"`{info.kedro_session_id}` (env `{env}`); MLflow run `{info.mlflow_run_id}`.",
+        f"`{info.save_version}` (env `{env}`); MLflow run `{info.mlflow_run_id}`.",
         "",
         f"Promotion: {decision}.",
     ]
@@ -338,7 +342,7 @@ def _compare(
     candidates, frames = [], []
     for spec in models:
         name = config.name(spec.key, info.screen)
-        model = context.catalog.load(spec.dataset, version=info.kedro_session_id)
+        model = context.catalog.load(spec.dataset, version=info.save_version)
         skipped = (getattr(model, "metadata", None) or {}).get("not_applicable")
         if skipped:  # e.g. the held-out-perturbation cVAE of a singles-only screen trains nothing
             logger.info("Model %s of screen %s is not applicable (%s): not registered.", spec.key, info.screen, skipped)
@@ -414,7 +418,7 @@ def _register(
                 "pipeline": spec.pipeline,
                 "kedro_dataset": spec.dataset,
                 "kedro_env": env,
-                "kedro_save_version": info.kedro_session_id,
+                "kedro_save_version": info.save_version,
                 "data_file": info.file,
                 "data_sha256": info.data_sha256,
                 "schema": context.params.get("schema"),
@@ -531,6 +535,8 @@ def _retrain_screen(
         try:
             with _orchestrated_run():
                 session.run(pipeline_names=trained)
+            ledger = ledger_of(context)
+            info.save_version = ledger.version_of_session(session.session_id, info.mlflow_run_id) or session.session_id
             if file_stamp(info.file) != stamp:
                 info.status = "failed"
                 info.detail = (
