@@ -120,6 +120,20 @@ def test_runs_started_in_the_same_millisecond_claim_distinct_save_versions(tmp_p
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_save_versions_are_claimed_on_a_file_system_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ledger = RunLedger(tmp_path)
+    version = "2026-12-05T07.45.02.464Z"
+    assert [ledger.claim(version, {"screen": SCREEN}) for _ in range(2)] == [version, "2026-12-05T07.45.02.465Z"]
+    assert [run.marker["screen"] for run in ledger.unfinished()] == [SCREEN, SCREEN]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_a_run_given_a_finished_runs_save_version_writes_its_own(
     run_kedro, test_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,12 +67,19 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 def _create(path: Path, payload: Mapping[str, Any]) -> bool:
     """Write ``payload`` to ``path`` unless ``path`` exists (atomically: False when it did)."""
+    text = json.dumps(payload, indent=1, sort_keys=True, default=str)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.claim.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+    tmp.write_text(text)
     try:
         os.link(tmp, path)  # fails if path exists, whoever made it
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: create it exclusively, then write it
+        try:
+            with open(path, "x") as out:
+                out.write(text)
+        except FileExistsError:
+            return False
     finally:
         tmp.unlink()
     return True
