@@ -61,13 +61,17 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+    tmp.write_text(_json_text(payload))
     os.replace(tmp, path)
+
+
+def _json_text(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, indent=1, sort_keys=True, default=str)
 
 
 def _create(path: Path, payload: Mapping[str, Any]) -> bool:
     """Write ``payload`` to ``path`` unless ``path`` exists (atomically: False when it did)."""
-    text = json.dumps(payload, indent=1, sort_keys=True, default=str)
+    text = _json_text(payload)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.claim.tmp")
     tmp.write_text(text)
     try:
@@ -210,17 +214,11 @@ class RunLedger:
         (a hard link of a finished temporary file), so of runs that race for a version exactly one gets it.
         """
         pid = os.getpid()
+        process = {**payload, "pid": pid, "process_start": _process_start(pid), "host": socket.gethostname()}
         self.folder.mkdir(parents=True, exist_ok=True)
         version = save_version
         for _ in range(_MAX_CLAIMS):
-            body = {
-                **payload,
-                "save_version": version,
-                "pid": pid,
-                "process_start": _process_start(pid),
-                "host": socket.gethostname(),
-            }
-            if _create(self.folder / f"{version}{_RUNNING}", body):
+            if _create(self.folder / f"{version}{_RUNNING}", {**process, "save_version": version}):
                 # a run writes its record before it drops its marker: no record now, no run had this version
                 if not (self.folder / f"{version}.json").exists():
                     if version != save_version:
